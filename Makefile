@@ -1,0 +1,26 @@
+# Two entry points on a fresh machine: `make demo` (main job on the synthetic default) and `make test`.
+PY ?= python3
+VENV ?= .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-quick install clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+	$(VENV)/bin/pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python rounds/run.py $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest tests $(ARGS)
+
+test-quick: $(STAMP)
+	$(VENV)/bin/python -m pytest tests -m "not slow" $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs data

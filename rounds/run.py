@@ -1,0 +1,29 @@
+"""Bring a run folder up to a round: `python rounds/run.py round=2 [overrides]`.
+
+Works the same under `accelerate launch --config_file configs/accelerate/<file>.yaml rounds/run.py ...`.
+"""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+log = logging.getLogger("birdrounds")
+
+
+@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from birdrounds.cli import config_errors
+    from birdrounds.rounds import run
+
+    try:
+        run(cfg)
+    except config_errors() as err:
+        # Bad config or bad tables: one line naming the key or file, no traceback.
+        log.error("%s", str(err).splitlines()[0])
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The `birdrounds` command: thin subcommands over the library, each taking Hydra overrides."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from omegaconf import DictConfig
+
+from birdrounds.config import ConfigError, compose, validate
+from birdrounds.data.layout import LayoutError
+
+log = logging.getLogger("birdrounds")
+
+
+def cmd_synth(cfg: DictConfig) -> None:
+    """Generate the synthetic mini-BirdCLEF at `data.root` (no-op when it is already there)."""
+    from birdrounds.data.prepare import synthesize
+
+    if cfg.data.synth is None:
+        raise ConfigError("data.synth: the selected data config has nothing to generate; use data=synthetic")
+    root = synthesize(cfg.data.synth, cfg.data.root, num_workers=cfg.data.num_workers)
+    print(root)
+
+
+COMMANDS: dict[str, tuple[Callable[[DictConfig], None], str]] = {
+    "synth": (cmd_synth, "generate the synthetic mini-BirdCLEF dataset (data=synthetic)"),
+}
+
+
+def config_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad config or bad input tables: reported in one line, no traceback."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return (ConfigError, LayoutError, HydraException, OmegaConfBaseException)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `birdrounds <command> [key=value ...]`, compose the config and run the command."""
+    parser = argparse.ArgumentParser(prog="birdrounds", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=smoke data.root=/data")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s %(levelname)s] %(message)s")
+    try:
+        cfg = compose(args.overrides)
+        validate(cfg)
+        COMMANDS[args.command][0](cfg)
+    except config_errors() as err:
+        print(f"birdrounds {args.command}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

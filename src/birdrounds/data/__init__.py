@@ -1,0 +1,1 @@
+"""Data layer: BirdCLEF layout, audio decoding and cache, datasets, splits, synthetic data."""

@@ -1,0 +1,70 @@
+"""From the `data` config to validated tables, a filled audio cache and CV folds, ready for training."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from birdrounds.data.audio import AudioCache, CacheBuildSummary
+from birdrounds.data.layout import BirdCLEFData, load_birdclef
+from birdrounds.data.split import assign_folds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """Everything the rounds need from the data folder, with what had to be skipped."""
+
+    data: BirdCLEFData
+    audio: AudioCache
+    folds: np.ndarray  # one fold id per train row; -1 = always in training
+    cache_summary: CacheBuildSummary
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def summary(self) -> dict:
+        """Counts for a run's summary: rows, files, and what was skipped and why."""
+        return {
+            "classes": len(self.data.classes),
+            "train_clips": len(self.data.train),
+            "train_soundscapes": len(self.data.soundscapes),
+            "val_soundscapes": len(self.data.val_soundscapes),
+            "missing_listed_files": len(self.data.missing_files),
+            "unreadable_audio_files": len(self.skipped),
+            "unreadable_audio": [p for p, _ in self.skipped],
+        }
+
+
+def synthesize(spec_cfg: DictConfig, root: str | Path, num_workers: int = 2) -> Path:
+    """Generate the synthetic dataset at `root` unless an identical one is already there."""
+    from birdrounds.data.synthetic import generate
+
+    return generate(Path(root), instantiate(spec_cfg), num_workers=num_workers)
+
+
+def prepare_data(data_cfg: DictConfig, seed: int = 0, progress: bool = True) -> PreparedData:
+    """Synthesize if configured, load and validate the folder, fill the cache, drop unreadable files."""
+    if data_cfg.get("synth") is not None:
+        synthesize(data_cfg.synth, data_cfg.root, num_workers=data_cfg.num_workers)
+    data = load_birdclef(
+        data_cfg.root, train_csv=data_cfg.train_csv, taxonomy_csv=data_cfg.taxonomy_csv,
+        sample_submission=data_cfg.sample_submission, train_audio_dir=data_cfg.train_audio_dir,
+        soundscapes_dir=data_cfg.soundscapes_dir, val_soundscapes_dir=data_cfg.val_soundscapes_dir,
+        val_solution=data_cfg.val_solution, on_missing_file=data_cfg.on_missing_file,
+    )
+    audio = AudioCache(data_cfg.cache_dir, data_cfg.sample_rate_hz, dtype=data_cfg.cache_dtype)
+    paths = [*data.train["path"], *map(str, data.soundscapes), *map(str, data.val_soundscapes)]
+    summary = audio.build(paths, num_workers=data_cfg.num_workers, progress=progress)
+    bad = {str(p) for p, _ in summary.skipped}
+    if bad:
+        # Unreadable files were named by the cache build; here they leave every list they were in.
+        data.train = data.train[~data.train["path"].isin(bad)].reset_index(drop=True)
+        data.soundscapes = [p for p in data.soundscapes if str(p) not in bad]
+        data.val_soundscapes = [p for p in data.val_soundscapes if str(p) not in bad]
+    folds = assign_folds(data.train, n_folds=data_cfg.n_folds, seed=seed, audio=audio)
+    return PreparedData(data=data, audio=audio, folds=folds, cache_summary=summary, skipped=list(summary.skipped))

@@ -1,0 +1,63 @@
+"""`python rounds/run.py` as a user runs it: smoke experiment, round records, reuse, bad audio skipped."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from birdrounds import cli
+from birdrounds.model import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_rounds(home: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BIRDROUNDS_HOME": str(home), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, str(REPO / "rounds" / "run.py"), "experiment=smoke", *overrides],
+                          capture_output=True, text=True, env=env, cwd=home, timeout=600)
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_round0_and_skips_bad_audio(home):
+    # Generate the data first so one focal clip and one soundscape can be broken before the run.
+    assert cli.main(["synth", "experiment=smoke"]) == 0
+    root = home / "data" / "synthetic_smoke"
+    train = pd.read_csv(root / "train.csv")
+    broken_clip = root / "train_audio" / train.loc[0, "filename"]
+    broken_clip.write_bytes(b"not audio at all")
+    broken_soundscape = sorted((root / "train_soundscapes").glob("*.ogg"))[0]
+    broken_soundscape.write_bytes(b"")
+
+    proc = run_rounds(home, "logger=none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    round_dir = home / "runs" / "smoke" / "round_0"
+    for name in ("model.pt", "metrics.json", "manifest.json", "config.yaml", "DONE"):
+        assert (round_dir / name).is_file(), name
+    manifest = json.loads((round_dir / "manifest.json").read_text())
+    assert set(manifest["data"]["unreadable_audio"]) == {str(broken_clip.resolve()), str(broken_soundscape.resolve())}
+    assert manifest["data"]["train_clips"] == len(train) - 1
+    assert broken_clip.name in proc.stdout + proc.stderr  # named in a warning
+    metrics = json.loads((round_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["val_soundscape_auc"] <= 1.0 and 0.0 <= metrics["val_clip_auc"] <= 1.0
+    model, ckpt = load_checkpoint(round_dir / "model.pt")
+    assert ckpt["classes"] == list(pd.read_csv(root / "sample_submission.csv").columns[1:])
+    assert "data" in ckpt["config"] and (round_dir / "config.yaml").read_text().count("experiment_name: smoke") == 1
+
+    # A second call finds round 0 complete and does not train again.
+    stamp = (round_dir / "model.pt").stat().st_mtime_ns
+    again = run_rounds(home, "logger=none", "round=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (round_dir / "model.pt").stat().st_mtime_ns == stamp
+    assert "already complete" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_bad_config_stops_before_work_with_one_line(home):
+    proc = run_rounds(home, "data.fold=5")
+    assert proc.returncode == 2
+    assert "data.fold: must be in [0, data.n_folds=3)" in proc.stdout + proc.stderr
+    assert not (home / "data").exists()
