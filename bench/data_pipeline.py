@@ -1,4 +1,4 @@
-"""Data-pipeline throughput: OGG decoding against the decoded-audio cache.
+"""Data-pipeline throughput: OGG decoding against the decoded-audio cache, and the training loader.
 
 Usage:
     python bench/data_pipeline.py                      # ~60 synthetic 10-s OGG files in a temp dir
@@ -6,7 +6,9 @@ Usage:
 
 Each measurement is one function returning `Measurement`s; `main` collects them into one table.
 Throughput is seconds of audio delivered per wall-clock second (x realtime) and files per second
-(one file per training sample). Exits 1 if warm cache reads are less than `--min-speedup` times
+(one file per training sample). The training-loader rows are samples/s of the real ClipDataset over the
+cache with the configured MixUp (and, in one row, the configured waveform augmentations), batch 32,
+`--num-workers` DataLoader workers. Exits 1 if warm cache reads are less than `--min-speedup` times
 faster than decoding; cold (disk-bound) reads are reported but not gated.
 """
 
@@ -120,6 +122,34 @@ def drop_from_page_cache(files) -> None:
             os.close(fd)
 
 
+def measure_training_loader(
+    paths: Sequence[Path], cache: AudioCache, window_s: float, num_workers: int, augment: bool, n_batches: int
+) -> Measurement:
+    """Samples/s out of a DataLoader over ClipDataset + MixUp collate, as training consumes them."""
+    import pandas as pd
+    from hydra.utils import instantiate
+    from torch.utils.data import DataLoader
+
+    from birdrounds.config import compose
+    from birdrounds.data.clips import ClipDataset, MixUpCollate, make_sampler
+
+    data_cfg = compose(["data.root=unused"]).data
+    classes = [f"sp{i:02d}" for i in range(10)]
+    table = pd.DataFrame({"path": [str(p) for p in paths], "primary_label": [classes[i % 10] for i in range(len(paths))],
+                          "secondary_labels": [[] for _ in paths], "rating": 4.0})
+    wave_aug = instantiate(data_cfg.augment, background_paths=[str(p) for p in paths], background_audio=cache) if augment else None
+    dataset = ClipDataset(table, classes, cache, window_s=window_s, augment=wave_aug)
+    batch_size = 32
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        sampler=make_sampler(table, num_samples=batch_size * n_batches),
+                        collate_fn=MixUpCollate(instantiate(data_cfg.mixup)), prefetch_factor=4 if num_workers else None)
+    start = time.perf_counter()
+    n = sum(len(batch["audio"]) for batch in loader)
+    wall = time.perf_counter() - start
+    name = f"training loader, MixUp{' + augment' if augment else ''}, {num_workers} workers"
+    return Measurement(name, n, n * window_s, wall)
+
+
 def print_table(rows: Sequence[Measurement]) -> None:
     """Print the measurements as a fixed-width table."""
     header = f"{'measurement':<46} {'files':>6} {'audio s':>9} {'wall s':>8} {'x realtime':>11} {'files/s':>9}"
@@ -143,6 +173,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="keep the fastest of this many runs")
     parser.add_argument("--min-speedup", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loader-batches", type=int, default=20, help="batches of 32 per loader measurement")
     return parser.parse_args(argv)
 
 
@@ -171,8 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         warm_reads, cold_reads = cache_reads(cold=False), cache_reads(cold=True)
         rows = [decode, build, *warm_reads, *cold_reads]
 
-        # Training loader throughput goes here: a `measure_training_loader(...)` returning
-        # Measurement(s) appended to `rows`; the table and speed-up lines below need no change.
+        for augment in (False, True):
+            rows.append(measure_training_loader(paths, cache, args.window_s, args.num_workers, augment, args.loader_batches))
 
         print_table(rows)
         return report_speedups(decode, gated=warm_reads, informational=cold_reads, min_speedup=args.min_speedup)

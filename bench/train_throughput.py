@@ -12,21 +12,28 @@ in `next(dataloader)`; the loop's data defaults are meant to keep that share bel
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import tempfile
-from pathlib import Path
+import os
 
-import numpy as np
-import pandas as pd
-import soundfile as sf
-from accelerate import Accelerator
-from hydra.utils import instantiate
+# Before torch loads OpenMP: with the default (spinning) wait policy, torch's compute threads and the
+# DataLoader workers (or any other busy process) fight over a few cores and a step can take 10-60x
+# longer; passive waiting yields the core instead. Export OMP_WAIT_POLICY=ACTIVE to measure without it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from birdrounds.config import compose
-from birdrounds.data.audio import AudioCache
-from birdrounds.data.clips import ClipDataset, MixUpCollate, make_sampler
-from birdrounds.train import fit
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import soundfile as sf  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from birdrounds.config import compose  # noqa: E402
+from birdrounds.data.audio import AudioCache  # noqa: E402
+from birdrounds.data.clips import ClipDataset, MixUpCollate, make_sampler  # noqa: E402
+from birdrounds.train import fit  # noqa: E402
 
 WAIT_SHARE_LIMIT = 0.10
 
@@ -96,7 +103,8 @@ def report(args: argparse.Namespace, cfg, history: list[dict]) -> None:
     """One line per epoch and a verdict on the last one (the first also pays one-off warm-up)."""
     print(f"model={args.model} ({cfg.model.backbone}, {cfg.model.n_mels} mels), window {cfg.data.window_s} s "
           f"@ {cfg.data.sample_rate_hz} Hz, batch {args.batch_size}, {args.num_workers} workers, "
-          f"MixUp p={cfg.data.mixup.prob}, augment={'on' if args.augment else 'off'}")
+          f"MixUp p={cfg.data.mixup.prob}, augment={'on' if args.augment else 'off'}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     for h in history:
         print(f"epoch {h['epoch']}: {h['samples_per_s']:.1f} samples/s, "
               f"waiting for data {100 * h['data_wait_share']:.1f}% of epoch time")

@@ -6,6 +6,7 @@ import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see rounds/run.py
 
 
 @pytest.fixture

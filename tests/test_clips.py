@@ -329,3 +329,16 @@ def test_reads_float16_memmaps_from_audio_cache(tmp_path, long_clip):
     audio = ds[0]["audio"]
     assert audio.dtype == torch.float32
     np.testing.assert_allclose(audio.numpy(), ramp(3000)[1000:2000], rtol=1e-3)
+
+
+def test_mixup_set_epoch_restarts_draws_reproducibly():
+    batch = {"audio": torch.arange(8, dtype=torch.float32).repeat(16, 1) * torch.arange(16.0)[:, None],
+             "target": torch.eye(16), "weight": torch.ones(16)}
+    mix = MixUp(prob=0.5, weight=0.5, seed=3)
+    mix.set_epoch(2)
+    first = mix(dict(batch))["audio"]
+    mix(dict(batch))  # draws move on within an epoch
+    mix.set_epoch(2)
+    assert torch.equal(mix(dict(batch))["audio"], first)
+    mix.set_epoch(3)
+    assert not torch.equal(mix(dict(batch))["audio"], first)

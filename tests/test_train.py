@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -35,7 +34,6 @@ from birdrounds.train import (
     TrainSettings,
     complete_checkpoints,
     cosine_with_warmup,
-    fit,
     write_json_atomic,
 )
 
@@ -72,8 +70,9 @@ def wandb_run(data, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def _env() -> dict[str, str]:
-    """Subprocess environment: offline wandb (inherited), processes on the CPU even where GPUs exist."""
-    return {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    """Subprocess environment: offline wandb (inherited), processes on the CPU even where GPUs exist,
+    OpenMP threads that yield their core when idle (spinning ones crawl on a busy 2-core machine)."""
+    return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -126,7 +125,7 @@ def test_configs_build_settings_and_optimizer():
     settings = instantiate(cfg.train)
     assert isinstance(settings, TrainSettings) and settings.max_steps_per_epoch == 3 and settings.seed == cfg.seed
     assert instantiate(cfg.logger).log_with is None
-    default = instantiate(compose([]).train)
+    default = instantiate(compose(["train=default"]).train)
     optimizer = default.optimizer(torch.nn.Linear(2, 2).parameters())
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["weight_decay"] == pytest.approx(1e-4)
     scheduler = default.scheduler(optimizer, steps_per_epoch=10, epochs=default.epochs)

@@ -104,6 +104,9 @@ class _Slow:
     def __init__(self, collate, delay_s: float) -> None:
         self.collate, self.delay_s = collate, delay_s
 
+    def set_epoch(self, epoch: int) -> None:
+        self.collate.set_epoch(epoch)
+
     def __call__(self, samples):
         time.sleep(self.delay_s)
         return self.collate(samples)

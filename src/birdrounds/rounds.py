@@ -55,6 +55,7 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int) -> d
     if data.val_solution is not None and data.val_soundscapes:
         val_soundscapes = SoundscapeChunks(data.val_soundscapes, audio, window_s=SCORED_CHUNK_S, stride_s=SCORED_CHUNK_S)
     sampler = make_sampler(train_table, temperature=data_cfg.sampler.temperature,
+                           num_samples=data_cfg.sampler.samples_per_epoch,
                            rating_weight=data_cfg.clips.rating_weight, seed=seed)
     return {"train_set": train_set, "val_clips": val_set if len(val_set) else None, "sampler": sampler,
             "collate_fn": MixUpCollate(instantiate(data_cfg.mixup) if data_cfg.mixup else None),
@@ -109,4 +110,6 @@ def run(cfg: DictConfig) -> Path:
         accelerator.wait_for_everyone()
     if cfg.round > 0:
         log.warning("round=%d asked, but pseudo-labeling rounds are not built yet; stopped after round 0", cfg.round)
+    # Closes trackers and the process group once, after every round has used this Accelerator.
+    accelerator.end_training()
     return run_dir

@@ -212,6 +212,7 @@ class MixUp:
         self.prob, self.alpha, self.weight = prob, alpha, weight
         self.target_mode = target_mode
         self.seed = int(seed)
+        self.epoch = 0
         self._generator: torch.Generator | None = None
         self._generator_worker_seed: int | None = None
 
@@ -219,11 +220,16 @@ class MixUp:
         # Generators do not pickle; each process seeds its own on first use.
         return {**self.__dict__, "_generator": None, "_generator_worker_seed": None}
 
+    def set_epoch(self, epoch: int) -> None:
+        """Restart the draws from (seed, epoch), so a resumed run mixes exactly as an uninterrupted one."""
+        self.epoch = int(epoch)
+        self._generator = None
+
     def _rng(self) -> torch.Generator:
         info = get_worker_info()
         worker_seed = None if info is None else int(info.seed)
         if self._generator is None or worker_seed != self._generator_worker_seed:
-            entropy = [self.seed] if worker_seed is None else [self.seed, worker_seed]
+            entropy = [self.seed, self.epoch] if worker_seed is None else [self.seed, self.epoch, worker_seed]
             state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
             self._generator = torch.Generator().manual_seed(int(state) % 2**63)
             self._generator_worker_seed = worker_seed
@@ -284,6 +290,11 @@ class MixUpCollate:
 
     def __init__(self, mixup: MixUp | None) -> None:
         self.mixup = mixup
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch on to MixUp (called by the training loop at each epoch start)."""
+        if self.mixup is not None:
+            self.mixup.set_epoch(epoch)
 
     def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         batch = default_collate(samples)
