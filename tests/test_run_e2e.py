@@ -61,3 +61,19 @@ def test_bad_config_stops_before_work_with_one_line(home):
     assert proc.returncode == 2
     assert "data.fold: must be in [0, data.n_folds=3)" in proc.stdout + proc.stderr
     assert not (home / "data").exists()
+
+
+@pytest.mark.slow
+def test_two_process_launch_of_the_entry_point(home):
+    """`accelerate launch` with the shipped CPU config runs rounds/run.py as 2 DDP processes over gloo."""
+    env = {**os.environ, "BIRDROUNDS_HOME": str(home), "ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline"}
+    launcher = Path(sys.executable).parent / "accelerate"
+    proc = subprocess.run([str(launcher), "launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
+                           str(REPO / "rounds/run.py"), "experiment=smoke", "logger=none"],
+                          capture_output=True, text=True, env=env, cwd=home, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    round_dir = home / "runs" / "smoke" / "round_0"
+    metrics = json.loads((round_dir / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and (round_dir / "DONE").is_file()
+    model, ckpt = load_checkpoint(round_dir / "model.pt")
+    assert ckpt["extra"]["num_processes"] == 2
