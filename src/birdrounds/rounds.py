@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from accelerate import Accelerator
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -21,7 +20,8 @@ from birdrounds.config import validate
 from birdrounds.data.clips import ClipDataset, MixUpCollate, make_sampler
 from birdrounds.data.prepare import PreparedData, prepare_data
 from birdrounds.data.soundscapes import SoundscapeChunks
-from birdrounds.train import fit, write_json_atomic
+from birdrounds.artifacts import write_json_atomic
+from birdrounds.train import fit
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from birdrounds.artifacts import json_safe, write_json_atomic
 from birdrounds.metrics import macro_roc_auc
 from birdrounds.model import save_checkpoint
 
@@ -533,32 +533,6 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temporary file in the same folder and os.replace (NaN becomes null)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from other users
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(data), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf floats to None, recursively, so the file is strict JSON."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _plain_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The resolved config as plain dicts (OmegaConf containers are converted)."""
     if config is None:
@@ -585,7 +559,7 @@ def _finish(
     if acc.is_main_process:
         model = run.eval_model()
         extra = {**final, "window_s": window_s, "sample_rate_hz": getattr(model, "sample_rate_hz", None)}
-        save_checkpoint(out_dir / MODEL_FILE, model, list(classes), config, extra=_json_safe(extra))
+        save_checkpoint(out_dir / MODEL_FILE, model, list(classes), config, extra=json_safe(extra))
         write_json_atomic(out_dir / METRICS_FILE, result)
         if logger is not None and logger.log_model_artifact:
             _log_model_artifact(acc, out_dir / MODEL_FILE, final)
@@ -606,7 +580,7 @@ def _log_model_artifact(acc: Accelerator, path: Path, metrics: dict[str, Any]) -
     import wandb
 
     run = acc.get_tracker("wandb", unwrap=True)
-    artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=_json_safe(metrics))
+    artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=json_safe(metrics))
     # "immutable": reference the finished file in place instead of copying it to wandb's staging area.
     artifact.add_file(str(path), policy="immutable")
     run.log_artifact(artifact)

@@ -22,7 +22,6 @@ import hashlib
 import logging
 import multiprocessing
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 from tqdm.auto import tqdm
+
+from birdrounds.artifacts import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -299,16 +300,9 @@ def _decode_to_entry(path: str | os.PathLike, entry: Path, sample_rate_hz: int, 
 
 def _save_npy_atomic(entry: Path, array: np.ndarray) -> None:
     """Write `array` to `entry` via a temp file in the same folder and a rename."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.stem}.", suffix=".tmp")
-    try:
-        # No fsync: a cache entry lost or cut by a power failure is detected and rebuilt on read.
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, entry)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # No fsync: a cache entry lost or cut by a power failure is detected and rebuilt on read.
+    with atomic_open(entry, "wb", fsync=False) as f:
+        np.save(f, array)
 
 
 def _build_job(job: _BuildJob) -> tuple[int, str | None]:

@@ -1,0 +1,51 @@
+"""Atomic artifact writes: a crash never leaves a half-written file under its final name."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
+    """Write to a temporary file beside `path`, then rename it over `path`; on error remove it.
+
+    `fsync=False` for artifacts whose damage is detected and rebuilt on read (cache entries).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from other users
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf floats to None, recursively, so the file is strict JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write strict JSON (NaN becomes null) atomically."""
+    with atomic_open(path, "w") as f:
+        json.dump(json_safe(data), f, indent=2)
