@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from birdrounds.data.layout import LayoutError, load_birdclef, parse_label_list
+from birdrounds.data.layout import LayoutError, load_birdclef, load_external, parse_label_list
 
 CLASSES = ["aaa1", "bbb1", "ccc1"]
 
@@ -107,3 +107,17 @@ def test_missing_root_and_optional_validation(tmp_path):
 ])
 def test_parse_label_list(cell, expected):
     assert parse_label_list(cell) == expected
+
+
+def test_external_rows_resolve_against_their_folder_and_are_capped(tmp_path):
+    root = write_layout(tmp_path / "d", [row("aaa1", "XC1")])
+    ext = write_layout(tmp_path / "ext", [row("ccc1", "XC7"), row("ccc1", "XC8"), row("ccc1", "XC9"), row("bbb1", "XC6")])
+    (ext / "train_audio").rename(tmp_path / "audio")  # xc-download layout: <label>/XC<id>.ogg beside train.csv
+    for folder in (tmp_path / "audio").iterdir():
+        folder.rename(ext / folder.name)
+    data = load_birdclef(root)
+    extra = load_external([ext, tmp_path / "nothing_here"], data.classes, max_per_class=2)
+    assert list(extra["filename"]) == ["ccc1/XC7.ogg", "ccc1/XC8.ogg", "bbb1/XC6.ogg"]
+    assert all(Path(p).is_file() and Path(p).parent.parent == ext for p in extra["path"])
+    assert set(extra["source"]) == {str(ext)}
+    assert load_external([tmp_path / "nothing_here"], data.classes).empty

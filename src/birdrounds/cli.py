@@ -30,8 +30,18 @@ def cmd_synth(cfg: DictConfig) -> None:
     print(root)
 
 
+def cmd_xc_download(cfg: DictConfig) -> None:
+    """Download Xeno-canto recordings of minority classes into `xc.out_dir` (xc.dry_run=true: list only)."""
+    from hydra.utils import instantiate
+
+    from birdrounds.xeno_canto import download_xeno_canto
+
+    download_xeno_canto(instantiate(cfg.xc, _convert_="all"))
+
+
 COMMANDS: dict[str, tuple[Callable[[DictConfig], None], str]] = {
     "synth": (cmd_synth, "generate the synthetic mini-BirdCLEF dataset (data=synthetic)"),
+    "xc-download": (cmd_xc_download, "download Xeno-canto recordings for minority classes (--dry-run: list only)"),
 }
 
 
@@ -50,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=smoke data.root=/data")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--dry-run` is shorthand for the xc.dry_run=true override.
+    if argv[:1] == ["xc-download"] and "--dry-run" in argv:
+        argv = [a for a in argv if a != "--dry-run"] + ["xc.dry_run=true"]
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s %(levelname)s] %(message)s")
     try:

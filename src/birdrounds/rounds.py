@@ -90,6 +90,9 @@ def write_round_record(round_dir: Path, cfg: DictConfig, round_idx: int, metrics
 def run(cfg: DictConfig) -> Path:
     """Bring `cfg.run_dir` up to round `cfg.round`; returns the run folder."""
     validate(cfg)
+    # Accelerate logs every file of every epoch checkpoint at INFO; the loop reports checkpoints itself.
+    for name in ("accelerate.accelerator", "accelerate.checkpointing"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     mixed_precision = cfg.train.get("mixed_precision")
     accelerator = Accelerator(log_with=cfg.logger.log_with, **({"mixed_precision": mixed_precision} if mixed_precision else {}))
     run_dir = Path(cfg.run_dir)

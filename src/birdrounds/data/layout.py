@@ -168,3 +168,25 @@ def load_birdclef(
         val_soundscapes=list_audio(val_dir) if solution is not None else [],
         val_solution=solution, missing_files=missing, unknown_secondary=n_unknown,
     )
+
+
+def load_external(dirs: list[str | Path], classes: list[str], max_per_class: int | None = None) -> pd.DataFrame:
+    """Extra labeled rows (train.csv schema, audio paths relative to their folder), e.g. from xc-download.
+
+    Folders without a train.csv are skipped; at most `max_per_class` rows per primary label are kept,
+    in file order. Rows get a `source` column naming their folder.
+    """
+    tables = []
+    for folder in map(Path, dirs):
+        table_path = folder / "train.csv"
+        if not table_path.is_file():
+            continue
+        table, _, _ = prepare_train_table(read_table(table_path, TRAIN_REQUIRED, "external train.csv"),
+                                          folder, classes, table_path)
+        if max_per_class is not None:
+            table = table.groupby("primary_label", sort=False).head(max_per_class)
+        tables.append(table.assign(source=str(folder)))
+        log.info("external data: %d rows from %s", len(tables[-1]), table_path)
+    if not tables:
+        return pd.DataFrame(columns=[*TRAIN_COLUMNS, "path", "source"])
+    return pd.concat(tables, ignore_index=True)

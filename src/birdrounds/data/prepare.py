@@ -7,14 +7,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from birdrounds.data.audio import AudioCache, CacheBuildSummary
-from birdrounds.data.layout import BirdCLEFData, load_birdclef
+from birdrounds.data.layout import BirdCLEFData, load_birdclef, load_external
 from birdrounds.data.split import assign_folds
 
 log = logging.getLogger(__name__)
+
+EXTERNAL_FOLD = -1  # external rows are never held out: validation stays on the competition's own clips
 
 
 @dataclass
@@ -26,12 +29,14 @@ class PreparedData:
     folds: np.ndarray  # one fold id per train row; -1 = always in training
     cache_summary: CacheBuildSummary
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    n_external: int = 0  # rows appended from data.external folders (fold -1)
 
     def summary(self) -> dict:
         """Counts for a run's summary: rows, files, and what was skipped and why."""
         return {
             "classes": len(self.data.classes),
             "train_clips": len(self.data.train),
+            "external_clips": self.n_external,
             "train_soundscapes": len(self.data.soundscapes),
             "val_soundscapes": len(self.data.val_soundscapes),
             "missing_listed_files": len(self.data.missing_files),
@@ -57,8 +62,11 @@ def prepare_data(data_cfg: DictConfig, seed: int = 0, progress: bool = True) -> 
         soundscapes_dir=data_cfg.soundscapes_dir, val_soundscapes_dir=data_cfg.val_soundscapes_dir,
         val_solution=data_cfg.val_solution, on_missing_file=data_cfg.on_missing_file,
     )
+    external = load_external(list(data_cfg.external.dirs), data.classes, data_cfg.external.max_per_class) \
+        if data_cfg.external.enabled else None
     audio = AudioCache(data_cfg.cache_dir, data_cfg.sample_rate_hz, dtype=data_cfg.cache_dtype)
-    paths = [*data.train["path"], *map(str, data.soundscapes), *map(str, data.val_soundscapes)]
+    external_paths = [] if external is None else list(external["path"])
+    paths = [*data.train["path"], *external_paths, *map(str, data.soundscapes), *map(str, data.val_soundscapes)]
     summary = audio.build(paths, num_workers=data_cfg.num_workers, progress=progress)
     bad = {str(p) for p, _ in summary.skipped}
     if bad:
@@ -67,4 +75,11 @@ def prepare_data(data_cfg: DictConfig, seed: int = 0, progress: bool = True) -> 
         data.soundscapes = [p for p in data.soundscapes if str(p) not in bad]
         data.val_soundscapes = [p for p in data.val_soundscapes if str(p) not in bad]
     folds = assign_folds(data.train, n_folds=data_cfg.n_folds, seed=seed, audio=audio)
-    return PreparedData(data=data, audio=audio, folds=folds, cache_summary=summary, skipped=list(summary.skipped))
+    n_external = 0
+    if external is not None and len(external):
+        external = external[~external["path"].isin(bad)]
+        n_external = len(external)
+        data.train = pd.concat([data.train, external], ignore_index=True)
+        folds = np.concatenate([folds, np.full(n_external, EXTERNAL_FOLD)])
+    return PreparedData(data=data, audio=audio, folds=folds, cache_summary=summary,
+                        skipped=list(summary.skipped), n_external=n_external)

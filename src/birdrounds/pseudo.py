@@ -1,0 +1,371 @@
+"""Pseudo-labels for soundscapes: teacher inference, de-noising transforms, the Parquet table, weights.
+
+Transforms act on a probability matrix [n_chunks, n_classes] plus a boolean keep-mask [n_chunks]
+(chunks a transform drops are marked False; the matrix keeps its shape so rows stay aligned with the
+chunk table). Every transform is called as `t(probs, keep, round_idx) -> (probs, keep)`, where
+`round_idx` is the student round the labels are made for (1 = first pseudo-labeling round).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from birdrounds.data.soundscapes import SoundscapeChunks
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_KEY = b"birdrounds.provenance"
+ROW_KEYS = ["row_id", "file", "start_s", "end_s"]
+
+
+# ---------------------------------------------------------------- de-noising transforms
+
+
+class Power:
+    """p ** k with k = exponents[round_idx - 1] (the last one for later rounds); 1st place 2025."""
+
+    def __init__(self, exponents: float | Sequence[float]) -> None:
+        self.exponents = [float(exponents)] if isinstance(exponents, (int, float)) else [float(e) for e in exponents]
+        if not self.exponents or min(self.exponents) <= 0:
+            raise ValueError(f"exponents must be positive, got {exponents!r}")
+
+    def exponent(self, round_idx: int) -> float:
+        """The exponent used for student round `round_idx` (>= 1)."""
+        return self.exponents[min(max(round_idx, 1), len(self.exponents)) - 1]
+
+    def __call__(self, probs: np.ndarray, keep: np.ndarray, round_idx: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        return np.power(probs, self.exponent(round_idx)), keep
+
+    def describe(self, round_idx: int = 1) -> str:
+        return f"power(k={self.exponent(round_idx):g})"
+
+
+class Threshold:
+    """Probabilities below `threshold` set to 0; optionally drop chunks whose max < `keep_threshold` (2nd 2025)."""
+
+    def __init__(self, threshold: float = 0.1, keep_threshold: float | None = None) -> None:
+        self.threshold = float(threshold)
+        self.keep_threshold = None if keep_threshold is None else float(keep_threshold)
+
+    def __call__(self, probs: np.ndarray, keep: np.ndarray, round_idx: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        if self.keep_threshold is not None and probs.shape[1]:
+            # Decided on the probabilities before trimming, as the write-up describes.
+            keep = keep & (probs.max(axis=1) >= self.keep_threshold)
+        return np.where(probs < self.threshold, 0.0, probs).astype(probs.dtype), keep
+
+    def describe(self, round_idx: int = 1) -> str:
+        return f"threshold(t={self.threshold:g}, keep>={self.keep_threshold})"
+
+
+class TopK:
+    """Keep each chunk's `k` largest probabilities (ties: lower class index first); others set to 0."""
+
+    def __init__(self, k: int) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = int(k)
+
+    def __call__(self, probs: np.ndarray, keep: np.ndarray, round_idx: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(-probs, axis=1, kind="stable")[:, : self.k]
+        out = np.zeros_like(probs)
+        np.put_along_axis(out, order, np.take_along_axis(probs, order, axis=1), axis=1)
+        return out, keep
+
+    def describe(self, round_idx: int = 1) -> str:
+        return f"topk(k={self.k})"
+
+
+class MinMax:
+    """Per-class min-max rescale to [0, 1] over all chunks (4th 2025); a constant class column becomes 0."""
+
+    def __call__(self, probs: np.ndarray, keep: np.ndarray, round_idx: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        if len(probs) == 0:
+            return probs, keep
+        low, high = probs.min(axis=0), probs.max(axis=0)
+        span = high - low
+        scaled = (probs - low) / np.where(span > 0, span, 1.0)
+        return np.where(span > 0, scaled, 0.0).astype(probs.dtype), keep
+
+    def describe(self, round_idx: int = 1) -> str:
+        return "minmax"
+
+
+class DropLowest:
+    """Drop the `fraction` of chunks with the smallest label sum (4th 2025: 0.2)."""
+
+    def __init__(self, fraction: float = 0.2) -> None:
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+        self.fraction = float(fraction)
+
+    def __call__(self, probs: np.ndarray, keep: np.ndarray, round_idx: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        n_drop = int(np.floor(self.fraction * len(probs)))
+        order = np.argsort(probs.sum(axis=1), kind="stable")
+        keep = keep.copy()
+        keep[order[:n_drop]] = False
+        return probs, keep
+
+    def describe(self, round_idx: int = 1) -> str:
+        return f"drop_lowest({self.fraction:g})"
+
+
+class Compose:
+    """Apply transforms in order; returns (probs float32, keep mask)."""
+
+    def __init__(self, transforms: Sequence[Any] = ()) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, probs: np.ndarray, round_idx: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        probs = np.asarray(probs, dtype=np.float32)
+        keep = np.ones(len(probs), dtype=bool)
+        for transform in self.transforms:
+            probs, keep = transform(probs, keep, round_idx)
+        return probs.astype(np.float32), keep
+
+    def describe(self, round_idx: int = 1) -> str:
+        """Human-readable chain for the provenance record, e.g. 'power(k=1.54)'; 'identity' when empty."""
+        return " -> ".join(t.describe(round_idx) for t in self.transforms) or "identity"
+
+
+# ---------------------------------------------------------------- teacher inference
+
+
+def chunk_rows(dataset: SoundscapeChunks, chunk_s: float = 5.0) -> pd.DataFrame:
+    """The scored chunk table (row_id, file, start_s, end_s) for the files of `dataset`."""
+    if not is_framewise(dataset, chunk_s):
+        return dataset.rows[ROW_KEYS].reset_index(drop=True)
+    files = list(dict.fromkeys(dataset.rows["file"]))
+    min_last_s = dataset.min_last / dataset.audio.sample_rate_hz
+    chunks = SoundscapeChunks(files, dataset.audio, window_s=chunk_s, stride_s=chunk_s, min_last_s=min_last_s)
+    return chunks.rows[ROW_KEYS].reset_index(drop=True)
+
+
+def _model_probs(models: Sequence[nn.Module], audio: torch.Tensor, framewise: bool) -> np.ndarray:
+    """Mean sigmoid over the ensemble: clip probs [B, C], or framewise probs [B, T', C]."""
+    key = "framewise_logits" if framewise else "logits"
+    total = None
+    for model in models:
+        outputs = model(audio)
+        if key not in outputs:
+            raise ValueError("windows longer than the scored chunk need a model with framewise_logits (SED head)")
+        out = torch.sigmoid(outputs[key].float())
+        total = out if total is None else total + out
+    return (total / len(models)).cpu().numpy().astype(np.float32)
+
+
+def _save_part(folder: Path, first: int, outputs: np.ndarray) -> None:
+    """Atomically store the outputs of windows first..first+len-1 as one part file (temp + os.replace)."""
+    path = folder / f"part_{first:09d}.npy"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=folder)
+    os.close(fd)
+    try:
+        np.save(tmp, outputs)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_parts(folder: Path, n_windows: int) -> list[np.ndarray]:
+    """The contiguous run of saved parts from window 0 (a gap or overflow means a different job: refuse)."""
+    parts, done = [], 0
+    for path in sorted(folder.glob("part_*.npy")):
+        if int(path.stem.split("_")[1]) != done:
+            raise ValueError(f"{folder} has a gap before {path.name}; delete the folder to recompute")
+        parts.append(np.load(path))
+        done += len(parts[-1])
+    if done > n_windows:
+        raise ValueError(f"{folder} holds {done} windows but this job has {n_windows}; delete the folder")
+    return parts
+
+
+def shard_range(n_windows: int, rank: int, world_size: int) -> range:
+    """Contiguous slice of window indices for process `rank` of `world_size` (sizes differ by <= 1)."""
+    bounds = np.linspace(0, n_windows, world_size + 1).round().astype(int)
+    return range(int(bounds[rank]), int(bounds[rank + 1]))
+
+
+def is_framewise(dataset: SoundscapeChunks, chunk_s: float = 5.0) -> bool:
+    """Whether the windows differ from the scored chunks, so framewise outputs are needed."""
+    return not (abs(dataset.window_s - chunk_s) < 1e-9 and dataset.stride == dataset.n_samples)
+
+
+def predict_windows(
+    models: Sequence[nn.Module],
+    dataset: SoundscapeChunks,
+    framewise: bool,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    partial_dir: str | os.PathLike | None = None,
+    save_every: int = 10,
+) -> np.ndarray:
+    """Ensemble-mean sigmoid per window of `indices` (default all): clip [n, C] or framewise [n, T', C].
+
+    With `partial_dir`, outputs are saved every `save_every` batches as part files there, and a later
+    call skips the windows already saved (use one folder per job / process rank; delete it when the
+    models or inputs change).
+    """
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    folder = Path(partial_dir) if partial_dir is not None else None
+    parts: list[np.ndarray] = []
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        parts = _load_parts(folder, len(indices))
+    done = sum(len(p) for p in parts)
+    if done:
+        log.info("resuming pseudo-labeling: %d of %d windows already done", done, len(indices))
+    for model in models:
+        model.eval().to(device)
+    loader = DataLoader(Subset(dataset, indices[done:]), batch_size=batch_size, num_workers=num_workers)
+    pending: list[np.ndarray] = []
+    with torch.inference_mode():
+        for batch_idx, batch in enumerate(loader, start=1):
+            pending.append(_model_probs(models, batch["audio"].to(device), framewise))
+            if folder is not None and (batch_idx % save_every == 0 or done + sum(map(len, pending)) == len(indices)):
+                block = np.concatenate(pending)
+                _save_part(folder, done, block)
+                parts.append(block)
+                done, pending = done + len(block), []
+    parts += pending
+    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+
+def windows_to_chunks(outputs: np.ndarray, dataset: SoundscapeChunks, chunk_s: float = 5.0) -> np.ndarray:
+    """Chunk probabilities aligned with `chunk_rows(dataset, chunk_s)` from all windows' outputs."""
+    if not is_framewise(dataset, chunk_s):
+        return outputs
+    return _overlap_average(outputs, dataset.rows, chunk_rows(dataset, chunk_s), dataset.window_s)
+
+
+def _overlap_average(frames: np.ndarray, windows: pd.DataFrame, chunks: pd.DataFrame, window_s: float) -> np.ndarray:
+    """Chunk probs from framewise window probs: average overlapping frames on a per-file grid, max per chunk.
+
+    Frame f of a window starting at s covers [s + f*d, s + (f+1)*d) with d = window_s / T'. Frames are
+    placed on the grid of step d from the file start (exact when the stride is a multiple of d, else
+    snapped to the nearest step); a chunk takes the max over the grid cells whose centre lies in it.
+    """
+    n_frames, n_classes = frames.shape[1], frames.shape[2]
+    step = window_s / n_frames
+    out = np.zeros((len(chunks), n_classes), dtype=np.float32)
+    chunks_of = chunks.groupby("file", sort=False).indices
+    starts, ends = chunks["start_s"].to_numpy(), chunks["end_s"].to_numpy()
+    for file, win_idx in windows.groupby("file", sort=False).indices.items():
+        offsets = np.rint(windows["start_s"].to_numpy()[win_idx] / step).astype(int)
+        size = offsets.max() + n_frames
+        total = np.zeros((size, n_classes), dtype=np.float64)
+        count = np.zeros(size, dtype=np.int64)
+        for offset, w in zip(offsets, win_idx):
+            total[offset : offset + n_frames] += frames[w]
+            count[offset : offset + n_frames] += 1
+        mean = total / np.maximum(count, 1)[:, None]
+        centres = (np.arange(size) + 0.5) * step
+        for c in chunks_of.get(file, ()):
+            inside = (centres >= starts[c]) & (centres < ends[c]) & (count > 0)
+            if inside.any():
+                out[c] = mean[inside].max(axis=0)
+    return out
+
+
+def predict_chunks(
+    models: Sequence[nn.Module],
+    dataset: SoundscapeChunks,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    chunk_s: float = 5.0,
+    partial_path: str | os.PathLike | None = None,
+    save_every: int = 10,
+) -> np.ndarray:
+    """Ensemble-mean sigmoid probabilities [len(chunk_rows(dataset, chunk_s)), C] of the teacher models.
+
+    When the dataset's windows are the scored chunks (window_s == stride_s == chunk_s) the clip
+    probabilities are used directly. Longer windows (e.g. 20 s, stride 5 s) use the SED head's
+    framewise logits with overlap averaging (see `_overlap_average`). `partial_path` is a folder for
+    resumable progress (see `predict_windows`). Multi-process: run `predict_windows` on
+    `shard_range(len(dataset), rank, world)` per process, gather and concatenate in rank order, then
+    `windows_to_chunks`.
+    """
+    framewise = is_framewise(dataset, chunk_s)
+    outputs = predict_windows(models, dataset, framewise, None, batch_size, num_workers, device,
+                              partial_path, save_every)
+    if len(dataset) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    return windows_to_chunks(outputs, dataset, chunk_s)
+
+
+# ---------------------------------------------------------------- the pseudo-label table
+
+
+def write_pseudo_labels(path: str | os.PathLike, rows: pd.DataFrame, probs: np.ndarray,
+                        classes: Sequence[str], provenance: dict[str, Any]) -> None:
+    """Atomically write rows + one float32 column per class to Parquet, provenance in schema metadata."""
+    path = Path(path)
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.shape != (len(rows), len(classes)):
+        raise ValueError(f"probs shape {probs.shape} does not match {len(rows)} rows x {len(classes)} classes")
+    table = rows[ROW_KEYS].reset_index(drop=True).copy()
+    table = pd.concat([table, pd.DataFrame(probs, columns=list(classes))], axis=1)
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    meta = dict(arrow.schema.metadata or {})
+    meta[PROVENANCE_KEY] = json.dumps({**provenance, "classes": list(classes)}).encode()
+    arrow = arrow.replace_schema_metadata(meta)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(arrow, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_pseudo_labels(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The table written by `write_pseudo_labels` and its provenance (with the class list under 'classes')."""
+    arrow = pq.read_table(path)
+    provenance = json.loads((arrow.schema.metadata or {}).get(PROVENANCE_KEY, b"{}"))
+    return arrow.to_pandas(), provenance
+
+
+def split_table(table: pd.DataFrame, classes: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """(rows, probs float32 [n, C]) from a pseudo-label table."""
+    return table[ROW_KEYS].copy(), table[list(classes)].to_numpy(dtype=np.float32)
+
+
+def pseudo_stats(probs: np.ndarray, classes: Sequence[str] | None = None) -> dict[str, Any]:
+    """chunks, coverage_above_0.5 (share of chunks with max > 0.5), mean_max_prob, positives per class (> 0.5)."""
+    probs = np.asarray(probs, dtype=np.float32)
+    n = len(probs)
+    top = probs.max(axis=1) if n and probs.shape[1] else np.zeros(n, dtype=np.float32)
+    positives = (probs > 0.5).sum(axis=0).astype(int).tolist()
+    names = list(classes) if classes is not None else [str(i) for i in range(probs.shape[1] if probs.ndim == 2 else 0)]
+    return {
+        "chunks": int(n),
+        "coverage_above_0.5": float((top > 0.5).mean()) if n else 0.0,
+        "mean_max_prob": float(top.mean()) if n else 0.0,
+        "positives_per_class": dict(zip(names, positives)),
+    }
+
+
+def file_weights(rows: pd.DataFrame, probs: np.ndarray) -> np.ndarray:
+    """Per-row sampling weight: sum over classes of the row's file's max probability (1st 2025)."""
+    frame = pd.DataFrame(np.asarray(probs, dtype=np.float64))
+    frame["file"] = rows["file"].to_numpy()
+    per_file = frame.groupby("file", sort=False).max().sum(axis=1)
+    return per_file.reindex(rows["file"].to_numpy()).to_numpy(dtype=np.float64)

@@ -1,0 +1,512 @@
+"""Extend a training set with Xeno-canto recordings of under-represented species (API v3).
+
+Layout written under `out_dir`: `<label>/XC<id>.ogg` (32 kHz mono Vorbis), `train.csv` in the
+competition schema, `summary.json`, and `.api_cache/<hash>.json` (raw API pages, reused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+from tqdm.auto import tqdm
+
+from birdrounds.artifacts import atomic_open
+from birdrounds.config import ConfigError
+from birdrounds.data.audio import AudioDecodeError, load_audio
+from birdrounds.data.layout import TRAIN_COLUMNS
+
+log = logging.getLogger(__name__)
+
+KEY_HELP = ("register at https://xeno-canto.org, then copy the API key from your account page "
+            "(https://xeno-canto.org/account) into the XC_API_KEY environment variable or xc.api_key")
+QUALITY_RATING = {"A": 5.0, "B": 4.0, "C": 3.0, "D": 2.0, "E": 1.0}
+# Names Xeno-canto (IOC taxonomy) spells differently from the eBird/Clements taxonomy used by BirdCLEF.
+DEFAULT_SYNONYMS: dict[str, str] = {"Regulus calendula": "Corthylio calendula"}
+_CHUNK_BYTES = 1 << 16
+
+
+class XCFetchError(RuntimeError):
+    """A request that still failed after all retries (or returned an unusable body)."""
+
+
+class _Retryable(Exception):
+    """One attempt failed in a way worth retrying; `retry_after_s` overrides the backoff when set."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class XCSettings:
+    """Everything `download_xeno_canto` needs; built by Hydra from configs/xc/default.yaml."""
+
+    data_root: str
+    out_dir: str
+    train_csv: str | None = None
+    taxonomy_csv: str | None = None
+    api_url: str = "https://xeno-canto.org/api/3/recordings"
+    api_key: str | None = None
+    min_recordings: int = 20
+    species: list[str] | None = None
+    synonyms: dict[str, str] = field(default_factory=dict)
+    quality: str | None = None
+    length: str | None = None
+    group: str | None = None
+    per_page: int = 100
+    max_pages: int = 20
+    qualities: list[str] | None = None
+    max_per_species: int = 50
+    exclude_licenses: list[str] = field(default_factory=lambda: ["nd"])
+    min_length_s: float | None = None
+    max_length_s: float | None = None
+    sample_rate_hz: int = 32000
+    min_interval_s: float = 1.0
+    max_retries: int = 4
+    backoff_base_s: float = 1.0
+    timeout_s: float = 60.0
+    dry_run: bool = False
+    progress: bool = True
+
+    def key(self) -> str:
+        """The API key from XC_API_KEY or the config; ConfigError explaining how to get one if absent."""
+        key = os.environ.get("XC_API_KEY") or self.api_key
+        if not key:
+            raise ConfigError(f"xc.api_key: no Xeno-canto API key; {KEY_HELP}")
+        return str(key)
+
+
+# ---------------------------------------------------------------- HTTP with retries and caching
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds form only; dates fall back to backoff)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _error_message(body: bytes) -> str:
+    """The API's message from an error body (v3 flat or nested form), else the raw text."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace")[:200]
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict):
+        return str(err.get("message", err))
+    return str(data.get("message", data)) if isinstance(data, dict) else str(data)
+
+
+class XCClient:
+    """Polite HTTP access to the v3 API and its audio files: rate limit, retries, page cache."""
+
+    def __init__(self, settings: XCSettings, sleep: Callable[[float], None] = time.sleep):
+        self.settings = settings
+        self.sleep = sleep
+        self.cache_dir = Path(settings.out_dir) / ".api_cache"
+        self._last_request = -float("inf")
+
+    def _wait_turn(self) -> None:
+        wait = self._last_request + self.settings.min_interval_s - time.monotonic()
+        if wait > 0:
+            self.sleep(wait)
+        self._last_request = time.monotonic()
+
+    def _attempts(self, what: str, attempt: Callable[[], object]) -> object:
+        """Run `attempt` until it succeeds, retrying _Retryable with exponential backoff."""
+        s = self.settings
+        for n in range(s.max_retries + 1):
+            self._wait_turn()
+            try:
+                return attempt()
+            except _Retryable as err:
+                if n == s.max_retries:
+                    raise XCFetchError(f"{what}: {err} (gave up after {n + 1} attempts)") from None
+                delay = err.retry_after_s if err.retry_after_s is not None else s.backoff_base_s * 2**n
+                log.warning("%s: %s; retrying in %.1f s", what, err, delay)
+                self.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _open(self, url: str, query: str | None):
+        """Open a URL; map HTTP errors to key/query errors (fatal) or _Retryable."""
+        try:
+            return urllib.request.urlopen(url, timeout=self.settings.timeout_s)
+        except urllib.error.HTTPError as err:
+            body = err.read()
+            if err.code == 429 or err.code >= 500:
+                raise _Retryable(f"HTTP {err.code}", _retry_after_s(err.headers.get("Retry-After"))) from None
+            if query is None:  # an audio file: fails alone (e.g. 404, restricted recording)
+                raise XCFetchError(f"{url}: HTTP {err.code}") from None
+            if err.code in (401, 403):
+                raise ConfigError(f"xc.api_key: Xeno-canto rejected the API key (HTTP {err.code}: "
+                                  f"{_error_message(body)}); {KEY_HELP}") from None
+            raise ConfigError(f"xc: Xeno-canto refused query {query!r} (HTTP {err.code}: "
+                              f"{_error_message(body)})") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+            raise _Retryable(f"connection error: {err}") from None
+
+    def _cache_path(self, params: dict[str, str]) -> Path:
+        public = json.dumps({"url": self.settings.api_url, **params}, sort_keys=True)
+        return self.cache_dir / f"{hashlib.sha256(public.encode()).hexdigest()[:24]}.json"
+
+    def page(self, query: str, page: int) -> dict:
+        """One page of search results, from the cache when present."""
+        params = {"query": query, "page": str(page), "per_page": str(self.settings.per_page)}
+        cached = self._cache_path(params)
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        url = f"{self.settings.api_url}?{urllib.parse.urlencode({**params, 'key': self.settings.key()})}"
+
+        def attempt() -> dict:
+            with self._open(url, query) as resp:
+                body = resp.read()
+            try:
+                data = json.loads(body)
+            except ValueError as err:
+                raise _Retryable(f"malformed JSON page: {err}") from None
+            if not isinstance(data, dict) or not isinstance(data.get("recordings"), list):
+                raise _Retryable("malformed JSON page: no 'recordings' list")
+            return data
+
+        data = self._attempts(f"query {query!r} page {page}", attempt)
+        _atomic_write_text(cached, json.dumps(data))
+        return data
+
+    def search(self, query: str) -> list[dict]:
+        """All recordings matching `query`, following numPages (capped at `max_pages`)."""
+        first = self.page(query, 1)
+        records = list(first["recordings"])
+        num_pages = min(int(first.get("numPages", 1) or 1), self.settings.max_pages)
+        for page in range(2, num_pages + 1):
+            records.extend(self.page(query, page)["recordings"])
+        return records
+
+    def download(self, url: str, dest: Path) -> int:
+        """Stream `url` to `dest`, retrying until the byte count matches Content-Length; returns bytes."""
+
+        def attempt() -> int:
+            n_bytes, expected = 0, None
+            try:
+                with self._open(url, None) as resp, open(dest, "wb") as out:
+                    length = resp.headers.get("Content-Length")
+                    expected = int(length) if length else None
+                    while chunk := resp.read(_CHUNK_BYTES):
+                        out.write(chunk)
+                        n_bytes += len(chunk)
+            except (http.client.HTTPException, OSError) as err:
+                dest.unlink(missing_ok=True)
+                raise _Retryable(f"download broken after {n_bytes} bytes: {err}") from None
+            if n_bytes == 0 or (expected is not None and n_bytes != expected):
+                dest.unlink(missing_ok=True)
+                raise _Retryable(f"truncated download: {n_bytes} of {expected} bytes")
+            return n_bytes
+
+        return self._attempts(f"download {url}", attempt)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write text atomically (temp file beside `path`, then rename)."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+# ---------------------------------------------------------------- species selection and queries
+
+
+@dataclass
+class SpeciesPlan:
+    """One class to extend: its label, the name Xeno-canto knows it by, and how many clips it has."""
+
+    label: str
+    xc_name: str
+    n_train: int
+
+
+def read_tables(settings: XCSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train.csv, taxonomy.csv) of the data folder, honouring table overrides."""
+    root = Path(settings.data_root)
+    train_path = Path(settings.train_csv) if settings.train_csv else root / "train.csv"
+    tax_path = Path(settings.taxonomy_csv) if settings.taxonomy_csv else root / "taxonomy.csv"
+    for path in (train_path, tax_path):
+        if not path.is_file():
+            raise ConfigError(f"xc: table not found: {path} (set data.root or data.train_csv/taxonomy_csv)")
+    return pd.read_csv(train_path), pd.read_csv(tax_path)
+
+
+def select_species(train: pd.DataFrame, taxonomy: pd.DataFrame, settings: XCSettings) -> list[SpeciesPlan]:
+    """Classes with fewer than `min_recordings` train rows (or the explicit list), named for Xeno-canto."""
+    counts = train["primary_label"].astype(str).value_counts()
+    names = dict(zip(taxonomy["primary_label"].astype(str), taxonomy["scientific_name"].astype(str)))
+    synonyms = {**DEFAULT_SYNONYMS, **(settings.synonyms or {})}
+    if settings.species:
+        unknown = sorted(set(map(str, settings.species)) - set(names))
+        if unknown:
+            raise ConfigError(f"xc.species: not in taxonomy.csv: {unknown[:10]}")
+        labels = [str(s) for s in settings.species]
+    else:
+        labels = sorted(lab for lab in names if counts.get(lab, 0) < settings.min_recordings)
+    # The synonym table maps either the label or the taxonomy name to Xeno-canto's spelling.
+    return [SpeciesPlan(lab, synonyms.get(lab, synonyms.get(names[lab], names[lab])), int(counts.get(lab, 0)))
+            for lab in labels]
+
+
+def build_query(scientific_name: str, settings: XCSettings) -> str:
+    """A tagged v3 query: sp:"genus species" plus the configured quality, length and group tags."""
+    parts = [f'sp:"{scientific_name}"']
+    for tag, value in (("q", settings.quality), ("len", settings.length), ("grp", settings.group)):
+        if value:
+            parts.append(f"{tag}:{value}" if " " not in str(value) else f'{tag}:"{value}"')
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------- filters
+
+
+def parse_length_s(text: str | None) -> float | None:
+    """Seconds from Xeno-canto's "m:ss" / "h:mm:ss" length, None when unparseable."""
+    try:
+        total = 0.0
+        for part in str(text).split(":"):
+            total = total * 60 + float(part)
+        return total
+    except ValueError:
+        return None
+
+
+def known_xc_ids(train: pd.DataFrame) -> set[str]:
+    """XC ids already used by train.csv, from `XC123` in filenames and xeno-canto.org/123 in urls."""
+    ids: set[str] = set()
+    for col, pattern in (("filename", r"XC(\d+)"), ("url", r"xeno-canto\.org/(\d+)")):
+        if col in train.columns:
+            for value in train[col].dropna().astype(str):
+                ids.update(re.findall(pattern, value))
+    return ids
+
+
+def licence_tokens(lic: str | None) -> set[str]:
+    """Licence parts from a CC URL, e.g. //creativecommons.org/licenses/by-nc-nd/4.0/ -> {by, nc, nd}."""
+    match = re.search(r"licenses/([a-z-]+)", str(lic or "").lower())
+    return set(match.group(1).split("-")) if match else set()
+
+
+def skip_reason(rec: dict, settings: XCSettings, known: set[str]) -> str | None:
+    """Why a recording is not used (None = keep it)."""
+    if str(rec.get("id")) in known:
+        return "already_in_train"
+    if licence_tokens(rec.get("lic")) & {t.lower() for t in settings.exclude_licenses or []}:
+        return "license"
+    if settings.qualities and str(rec.get("q", "")) not in {str(q) for q in settings.qualities}:
+        return "quality"
+    length = parse_length_s(rec.get("length"))
+    if settings.min_length_s is not None and (length is None or length < settings.min_length_s):
+        return "too_short"
+    if settings.max_length_s is not None and (length is None or length > settings.max_length_s):
+        return "too_long"
+    if not rec.get("file"):
+        return "no_file"
+    return None
+
+
+def choose_recordings(records: list[dict], settings: XCSettings, known: set[str]) -> tuple[list[dict], dict[str, int]]:
+    """Apply filters, duplicates and the per-species cap; returns (kept, skip counts by reason)."""
+    kept, skipped, seen = [], {}, set()
+    for rec in records:
+        reason = "duplicate" if str(rec.get("id")) in seen else skip_reason(rec, settings, known)
+        if reason is None and len(kept) >= settings.max_per_species:
+            reason = "cap"
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        seen.add(str(rec.get("id")))
+        kept.append(rec)
+    return kept, skipped
+
+
+# ---------------------------------------------------------------- conversion and table rows
+
+
+def write_ogg(audio: np.ndarray, path: Path, sample_rate_hz: int) -> None:
+    """Write mono Vorbis in ~1-s blocks (libsndfile can crash writing long OGG arrays in one call)."""
+    with sf.SoundFile(str(path), "w", samplerate=sample_rate_hz, channels=1, format="OGG", subtype="VORBIS") as f:
+        for start in range(0, len(audio), sample_rate_hz):
+            f.write(audio[start:start + sample_rate_hz])
+
+
+def convert(raw: Path, final: Path, sample_rate_hz: int) -> None:
+    """Decode `raw` to mono at the project rate and write `final` atomically; raises AudioDecodeError."""
+    audio = load_audio(raw, sample_rate_hz)
+    tmp = final.with_name(f".{final.stem}.tmp.ogg")
+    try:
+        write_ogg(np.clip(audio, -1.0, 1.0), tmp, sample_rate_hz)
+        load_audio(tmp, sample_rate_hz)  # never publish an Ogg that does not read back
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _https(url: object) -> str:
+    text = str(url or "")
+    return f"https:{text}" if text.startswith("//") else text
+
+
+def _float(value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def train_row(rec: dict, label: str, name_to_label: dict[str, str]) -> dict:
+    """A competition-schema train.csv row for one downloaded recording."""
+    also = [name_to_label[a.lower()] for a in rec.get("also") or [] if a and a.lower() in name_to_label]
+    return {
+        "primary_label": label, "secondary_labels": str(sorted(set(also) - {label})),
+        "type": str([t.strip() for t in str(rec.get("type") or "").split(",") if t.strip()]),
+        "filename": f"{label}/XC{rec['id']}.ogg", "collection": "XC",
+        "rating": QUALITY_RATING.get(str(rec.get("q", "")), 0.0), "url": _https(rec.get("url")),
+        "latitude": _float(rec.get("lat")), "longitude": _float(rec.get("lon", rec.get("lng"))),
+        "scientific_name": f"{rec.get('gen', '')} {rec.get('sp', '')}".strip(),
+        "common_name": rec.get("en", ""), "author": rec.get("rec", ""), "license": _https(rec.get("lic")),
+    }
+
+
+def label_lookup(taxonomy: pd.DataFrame, synonyms: dict[str, str]) -> dict[str, str]:
+    """Lower-case scientific name (taxonomy's and Xeno-canto's spelling) -> class label."""
+    lookup = {str(n).lower(): str(lab) for lab, n in zip(taxonomy["primary_label"], taxonomy["scientific_name"])}
+    for ours, theirs in {**DEFAULT_SYNONYMS, **synonyms}.items():
+        label = lookup.get(ours.lower(), ours if ours in set(taxonomy["primary_label"].astype(str)) else None)
+        if label:
+            lookup[theirs.lower()] = label
+    return lookup
+
+
+# ---------------------------------------------------------------- the command
+
+
+@dataclass
+class SpeciesSummary:
+    """What happened to one species."""
+
+    label: str
+    xc_name: str
+    n_train: int
+    query: str = ""
+    found: int = 0
+    selected: int = 0
+    downloaded: int = 0
+    existing: int = 0
+    failed: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _fetch_one(client: XCClient, rec: dict, label: str, out_dir: Path, rate_hz: int) -> int:
+    """Download and convert one recording; returns bytes fetched. Raises XCFetchError/AudioDecodeError."""
+    folder = out_dir / label
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = Path(str(rec.get("file-name") or "x.mp3")).suffix.lower() or ".mp3"
+    part = folder / f".XC{rec['id']}{suffix}.part"
+    raw = folder / f".XC{rec['id']}.raw{suffix}"
+    try:
+        n_bytes = client.download(str(rec["file"]), part)
+        os.replace(part, raw)
+        convert(raw, folder / f"XC{rec['id']}.ogg", rate_hz)
+        return n_bytes
+    finally:
+        part.unlink(missing_ok=True)
+        raw.unlink(missing_ok=True)
+
+
+def _download_all(client: XCClient, jobs: list[tuple[SpeciesSummary, dict]], settings: XCSettings) -> None:
+    out_dir = Path(settings.out_dir)
+    total_bytes = 0
+    bar = tqdm(jobs, desc="xeno-canto", unit="file", disable=not settings.progress)
+    for summary, rec in bar:
+        try:
+            total_bytes += _fetch_one(client, rec, summary.label, out_dir, settings.sample_rate_hz)
+            summary.downloaded += 1
+        except (XCFetchError, AudioDecodeError) as err:
+            log.warning("XC%s (%s) failed: %s", rec.get("id"), summary.label, err)
+            summary.failed += 1
+        bar.set_postfix(MB=f"{total_bytes / 1e6:.1f}")
+
+
+def _print_plan(jobs: list[tuple[SpeciesSummary, dict]]) -> None:
+    """Print the recordings a real run would download, one per line."""
+    print(f"{'label':<12} {'xc_id':<10} {'q':<9} {'length':<8} license")
+    for summary, rec in jobs:
+        xc_id, quality, length = f"XC{rec['id']}", str(rec.get("q", "")), str(rec.get("length", ""))
+        licence = "-".join(sorted(licence_tokens(rec.get("lic"))))
+        print(f"{summary.label:<12} {xc_id:<10} {quality:<9} {length:<8} {licence}")
+    print(f"{len(jobs)} recording(s) would be downloaded")
+
+
+def _plan(client: XCClient, species: list[SpeciesPlan], known: set[str], settings: XCSettings,
+          ) -> Iterator[tuple[SpeciesSummary, list[dict]]]:
+    for sp in species:
+        summary = SpeciesSummary(sp.label, sp.xc_name, sp.n_train, query=build_query(sp.xc_name, settings))
+        if len(sp.xc_name.split()) != 2:
+            summary.error = f"no binomial scientific name ({sp.xc_name!r}); add one to xc.synonyms"
+            yield summary, []
+            continue
+        try:
+            records = client.search(summary.query)
+        except XCFetchError as err:
+            log.warning("%s: %s", sp.label, err)
+            summary.error = str(err)
+            yield summary, []
+            continue
+        kept, summary.skipped = choose_recordings(records, settings, known)
+        summary.found, summary.selected = len(records), len(kept)
+        yield summary, kept
+
+
+def download_xeno_canto(settings: XCSettings, sleep: Callable[[float], None] = time.sleep) -> list[SpeciesSummary]:
+    """Select species, query Xeno-canto, download/convert audio and write train.csv + summary.json."""
+    settings.key()  # fail before any work when there is no key
+    train, taxonomy = read_tables(settings)
+    out_dir = Path(settings.out_dir)
+    client = XCClient(settings, sleep=sleep)
+    species = select_species(train, taxonomy, settings)
+    log.info("xeno-canto: %d species to extend", len(species))
+    planned = list(_plan(client, species, known_xc_ids(train), settings))
+    jobs, done = [], []
+    for summary, kept in planned:
+        for rec in kept:
+            if (out_dir / summary.label / f"XC{rec['id']}.ogg").is_file():
+                summary.existing += 1
+                done.append((summary, rec))
+            else:
+                jobs.append((summary, rec))
+    if settings.dry_run:
+        _print_plan(jobs)
+        return [s for s, _ in planned]
+    _download_all(client, jobs, settings)
+    lookup = label_lookup(taxonomy, settings.synonyms or {})
+    rows = [train_row(rec, s.label, lookup) for s, rec in done + jobs
+            if (out_dir / s.label / f"XC{rec['id']}.ogg").is_file()]
+    table = pd.DataFrame(rows, columns=list(TRAIN_COLUMNS)).sort_values("filename", kind="stable")
+    _atomic_write_text(out_dir / "train.csv", table.to_csv(index=False))
+    summaries = [s for s, _ in planned]
+    _atomic_write_text(out_dir / "summary.json", json.dumps([s.__dict__ for s in summaries], indent=1))
+    log.info("xeno-canto: %d downloaded, %d already present, %d failed -> %s",
+             sum(s.downloaded for s in summaries), sum(s.existing for s in summaries),
+             sum(s.failed for s in summaries), out_dir / "train.csv")
+    return summaries
