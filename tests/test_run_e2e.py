@@ -77,3 +77,29 @@ def test_two_process_launch_of_the_entry_point(home):
     assert metrics["num_processes"] == 2 and (round_dir / "DONE").is_file()
     model, ckpt = load_checkpoint(round_dir / "model.pt")
     assert ckpt["extra"]["num_processes"] == 2
+
+
+def test_round0_data_picks_up_external_rows_in_training_folds_only(home):
+    """Rows under external_data/xeno_canto (xc-download's layout) join training, never validation."""
+    from birdrounds.config import compose
+    from birdrounds.data.prepare import EXTERNAL_FOLD, prepare_data
+
+    cfg = compose(["experiment=smoke"])
+    assert cli.main(["synth", "experiment=smoke"]) == 0
+    root = home / "data" / "synthetic_smoke"
+    train = pd.read_csv(root / "train.csv")
+    ext = home / "external_data" / "xeno_canto"
+    rows = train.iloc[:3].copy()
+    rows["filename"] = [f"{label}/XC99900{i}.ogg" for i, label in enumerate(rows["primary_label"])]
+    for src, dst in zip(train.iloc[:3]["filename"], rows["filename"]):
+        (ext / dst).parent.mkdir(parents=True, exist_ok=True)
+        (ext / dst).write_bytes((root / "train_audio" / src).read_bytes())
+    rows.to_csv(ext / "train.csv", index=False)
+
+    prepared = prepare_data(cfg.data, progress=False)
+    assert prepared.summary()["external_clips"] == 3 and len(prepared.data.train) == len(train) + 3
+    is_external = prepared.data.train["path"].str.startswith(str(ext))
+    assert is_external.sum() == 3 and (prepared.folds[is_external.to_numpy()] == EXTERNAL_FOLD).all()
+
+    cfg.data.external.enabled = False
+    assert prepare_data(cfg.data, progress=False).summary()["external_clips"] == 0
