@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from birdrounds import cli
-from birdrounds.model import load_checkpoint
+from birdrounds.model import checkpoint_hash, load_checkpoint
+from birdrounds.pseudo import read_pseudo_labels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,12 +48,21 @@ def test_smoke_run_writes_round0_and_skips_bad_audio(home):
     assert ckpt["classes"] == list(pd.read_csv(root / "sample_submission.csv").columns[1:])
     assert "data" in ckpt["config"] and (round_dir / "config.yaml").read_text().count("experiment_name: smoke") == 1
 
-    # A second call finds round 0 complete and does not train again.
+    # A second call finds round 0 complete, does not train it again, and adds two student rounds.
     stamp = (round_dir / "model.pt").stat().st_mtime_ns
     again = run_rounds(home, "logger=none", "round=2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert (round_dir / "model.pt").stat().st_mtime_ns == stamp
-    assert "already complete" in again.stdout + again.stderr
+    assert "round 0 already complete" in again.stdout + again.stderr
+    for k in (1, 2):
+        student_dir = round_dir.parent / f"round_{k}"
+        table, provenance = read_pseudo_labels(student_dir / "pseudo_labels.parquet")
+        teacher = round_dir.parent / f"round_{k - 1}" / "model.pt"
+        assert provenance["round"] == k and provenance["teacher_hash"] == checkpoint_hash(teacher)
+        assert len(table) > 0 and set(ckpt["classes"]) <= set(table.columns)
+        metrics = json.loads((student_dir / "metrics.json").read_text())
+        assert metrics["round"] == k and metrics["pseudo"]["chunks"] == len(table)
+        assert (student_dir / "DONE").is_file() and load_checkpoint(student_dir / "model.pt")[1]["classes"] == ckpt["classes"]
 
 
 @pytest.mark.slow

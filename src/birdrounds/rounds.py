@@ -1,7 +1,8 @@
 """The orchestrator: bring a run folder up to `round=N`, reusing rounds already complete.
 
-Round 0 is the teacher, trained on the labeled clips. Rounds >= 1 (pseudo-labeling and students) are
-not built yet: asking for them trains round 0 and stops with a warning.
+Round 0 is the teacher, trained on the labeled clips. Round k >= 1: the round k-1 model pseudo-labels
+`train_soundscapes/` (`configs/pseudo/`: window, de-noising transform, mixing strategy), then a student,
+initialised from the teacher or from scratch, is trained on labeled + pseudo-labeled data.
 """
 
 from __future__ import annotations
@@ -12,20 +13,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from birdrounds.config import validate
-from birdrounds.data.clips import ClipDataset, MixUpCollate, make_sampler
+from birdrounds.data.clips import ClipDataset, MixUpCollate, class_sample_weights, make_sampler
 from birdrounds.data.prepare import PreparedData, prepare_data
 from birdrounds.data.soundscapes import SoundscapeChunks
+from birdrounds.mixing import ConcatPseudoDataset, PseudoChunkDataset
+from birdrounds.model import checkpoint_hash, load_checkpoint
+from birdrounds.pseudo import chunk_rows, predict_chunks, pseudo_stats, read_pseudo_labels, split_table, write_pseudo_labels
 from birdrounds.artifacts import write_json_atomic
 from birdrounds.train import fit
 
 log = logging.getLogger(__name__)
 
 DONE_FILE = "DONE"
+PSEUDO_FILE = "pseudo_labels.parquet"
 # Kaggle scores soundscapes in 5-s rows, whatever window the model was trained on.
 SCORED_CHUNK_S = 5.0
 
@@ -59,21 +65,71 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int) -> d
                            rating_weight=data_cfg.clips.rating_weight, seed=seed)
     return {"train_set": train_set, "val_clips": val_set if len(val_set) else None, "sampler": sampler,
             "collate_fn": MixUpCollate(instantiate(data_cfg.mixup) if data_cfg.mixup else None),
-            "val_soundscapes": val_soundscapes,
+            "val_soundscapes": val_soundscapes, "train_table": train_table,
             "val_solution": data.val_solution if val_soundscapes is not None else None,
             "class_counts": train_table["primary_label"].value_counts().reindex(data.classes, fill_value=0).tolist()}
 
 
-def train_round0(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerator, round_dir: Path) -> dict[str, Any]:
-    """Train the teacher on the labeled clips of the training folds."""
+def pseudo_label(cfg: DictConfig, prepared: PreparedData, teacher_path: Path, round_idx: int,
+                 round_dir: Path, accelerator: Accelerator) -> Path:
+    """The teacher's de-noised soft labels for every train soundscape chunk, written once (main process)."""
+    path = round_dir / PSEUDO_FILE
+    if accelerator.is_main_process and not path.is_file():
+        teacher, _ = load_checkpoint(teacher_path)
+        chunks = SoundscapeChunks(prepared.data.soundscapes, prepared.audio, window_s=cfg.pseudo.window_s,
+                                  stride_s=cfg.pseudo.stride_s)
+        # Finished batches are kept under partial/, so a killed pseudo-labeling resumes where it stopped.
+        probs = predict_chunks([teacher], chunks, batch_size=cfg.train.batch_size, chunk_s=SCORED_CHUNK_S,
+                               partial_path=round_dir / "pseudo_partial")
+        transform = instantiate(cfg.pseudo.transform)
+        probs, keep = transform(probs, round_idx=round_idx)
+        rows = chunk_rows(chunks, SCORED_CHUNK_S)
+        provenance = {"round": round_idx, "teacher": str(teacher_path), "teacher_hash": checkpoint_hash(teacher_path),
+                      "transform": transform.describe(round_idx), "window_s": cfg.pseudo.window_s,
+                      "stride_s": cfg.pseudo.stride_s, "kept_chunks": int(keep.sum())}
+        write_pseudo_labels(path, rows[keep].reset_index(drop=True), probs[keep], prepared.data.classes, provenance)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def student_parts(cfg: DictConfig, prepared: PreparedData, pseudo_path: Path, parts: dict[str, Any]) -> dict[str, Any]:
+    """Swap the labeled training set for labeled + pseudo-labeled data, as `cfg.pseudo.mixing` says."""
+    table, _ = read_pseudo_labels(pseudo_path)
+    rows, probs = split_table(table, prepared.data.classes)
+    pseudo = PseudoChunkDataset(rows, probs, prepared.audio, window_s=cfg.data.window_s)
+    labeled = parts["train_set"]
+    mixed = instantiate(cfg.pseudo.mixing)(labeled=labeled, pseudo=pseudo, seed=cfg.seed)
+    if isinstance(mixed, ConcatPseudoDataset):
+        # Concatenation is longer than the labeled set: sample labeled items class-flattened, pseudo uniformly.
+        labels = parts["train_table"]["primary_label"].tolist()
+        weights = mixed.sample_weights(class_sample_weights(labels, cfg.data.sampler.temperature))
+        parts["sampler"] = torch.utils.data.WeightedRandomSampler(
+            torch.as_tensor(weights), num_samples=len(parts["sampler"]), replacement=True,
+            generator=torch.Generator().manual_seed(cfg.seed))
+    parts["train_set"] = mixed
+    return {**parts, "pseudo_stats": pseudo_stats(probs, prepared.data.classes)}
+
+
+def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerator, round_dir: Path,
+                round_idx: int = 0, teacher_path: Path | None = None) -> dict[str, Any]:
+    """Round 0: the teacher on the labeled clips; round k: pseudo-label with the teacher, train the student."""
     parts = build_datasets(prepared, cfg.data, cfg.seed)
+    stats = None
+    if round_idx > 0:
+        parts = student_parts(cfg, prepared, pseudo_label(cfg, prepared, teacher_path, round_idx, round_dir,
+                                                         accelerator), parts)
+        stats = parts.pop("pseudo_stats")
+    parts.pop("train_table")
     model = instantiate(cfg.model)(num_classes=len(prepared.data.classes))
+    if round_idx > 0 and cfg.pseudo.student_init == "teacher":
+        model.load_state_dict(load_checkpoint(teacher_path)[0].state_dict())
     loss_fn = instantiate(cfg.loss)(class_counts=parts.pop("class_counts"))
-    return fit(
+    metrics = fit(
         accelerator, model, parts.pop("train_set"), loss_fn, prepared.data.classes, round_dir,
         instantiate(cfg.train), config=OmegaConf.to_container(cfg, resolve=True),
         logger=instantiate(cfg.logger) if cfg.logger.log_with else None, window_s=cfg.data.window_s, **parts,
     )
+    return {**metrics, "round": round_idx, **({"pseudo": stats} if stats is not None else {})}
 
 
 def write_round_record(round_dir: Path, cfg: DictConfig, round_idx: int, metrics: dict, started: float,
@@ -96,23 +152,26 @@ def run(cfg: DictConfig) -> Path:
     mixed_precision = cfg.train.get("mixed_precision")
     accelerator = Accelerator(log_with=cfg.logger.log_with, **({"mixed_precision": mixed_precision} if mixed_precision else {}))
     run_dir = Path(cfg.run_dir)
-    round_dir = run_dir / "round_0"
-    if (round_dir / DONE_FILE).is_file():
-        log.info("round 0 already complete in %s", round_dir)
-    else:
+    prepared = None
+    for round_idx in range(cfg.round + 1):
+        round_dir = run_dir / f"round_{round_idx}"
+        if (round_dir / DONE_FILE).is_file():
+            log.info("round %d already complete in %s", round_idx, round_dir)
+            continue
         started = time.time()
-        # The main process generates data and fills the cache; the others then find it ready.
-        with accelerator.main_process_first():
-            prepared = prepare_data(cfg.data, seed=cfg.seed, progress=accelerator.is_local_main_process)
-        summary = prepared.summary()
-        log.info("data: %s", {k: v for k, v in summary.items() if k != "unreadable_audio"})
-        metrics = train_round0(cfg, prepared, accelerator, round_dir)
+        if prepared is None:
+            # The main process generates data and fills the cache; the others then find it ready.
+            with accelerator.main_process_first():
+                prepared = prepare_data(cfg.data, seed=cfg.seed, progress=accelerator.is_local_main_process)
+            log.info("data: %s", {k: v for k, v in prepared.summary().items() if k != "unreadable_audio"})
+        teacher = run_dir / f"round_{round_idx - 1}" / "model.pt" if round_idx else None
+        metrics = train_round(cfg, prepared, accelerator, round_dir, round_idx, teacher)
         if accelerator.is_main_process:
-            write_round_record(round_dir, cfg, 0, metrics, started, summary)
-            log.info("round 0 done: %s", {k: metrics.get(k) for k in ("val_clip_auc", "val_soundscape_auc")})
+            write_json_atomic(round_dir / "metrics.json", metrics)
+            write_round_record(round_dir, cfg, round_idx, metrics, started, prepared.summary())
+            log.info("round %d done: %s", round_idx,
+                     {k: metrics.get(k) for k in ("val_clip_auc", "val_soundscape_auc")})
         accelerator.wait_for_everyone()
-    if cfg.round > 0:
-        log.warning("round=%d asked, but pseudo-labeling rounds are not built yet; stopped after round 0", cfg.round)
     # Closes trackers and the process group once, after every round has used this Accelerator.
     accelerator.end_training()
     return run_dir
