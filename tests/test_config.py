@@ -69,10 +69,12 @@ def test_smoke_experiment_shrinks_everything():
     ("data.window_s=0", "data.window_s"),
     ("data.on_missing_file=ignore", "data.on_missing_file"),
     ("round=-1", "round"),
+    ("round=1 pseudo.student_init=warm", "pseudo.student_init"),
+    ("round=2 pseudo.window_s=2", "pseudo.window_s"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match=rf"^{key}:"):
-        validate(compose([override]))
+        validate(compose(override.split()))
 
 
 def test_real_data_config_needs_a_root():

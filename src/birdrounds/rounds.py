@@ -25,7 +25,7 @@ from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.mixing import ConcatPseudoDataset, PseudoChunkDataset
 from birdrounds.model import checkpoint_hash, load_checkpoint
 from birdrounds.pseudo import chunk_rows, predict_chunks, pseudo_stats, read_pseudo_labels, split_table, write_pseudo_labels
-from birdrounds.artifacts import write_json_atomic
+from birdrounds.artifacts import atomic_open, write_json_atomic
 from birdrounds.train import fit
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,8 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
 def write_round_record(round_dir: Path, cfg: DictConfig, round_idx: int, metrics: dict, started: float,
                        data_summary: dict) -> None:
     """Resolved config, manifest and the completion marker (written last) of a finished round."""
-    (round_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    with atomic_open(round_dir / "config.yaml", "w") as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
     write_json_atomic(round_dir / "manifest.json", {
         "round": round_idx, "code_version": code_version(), "seconds": round(time.time() - started, 1),
         "data": data_summary, "final_metrics": {k: v for k, v in metrics.items() if k != "history"},
