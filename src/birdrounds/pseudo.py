@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from birdrounds.artifacts import atomic_open
 from birdrounds.data.soundscapes import SoundscapeChunks
 
 log = logging.getLogger(__name__)
@@ -169,15 +169,8 @@ def _model_probs(models: Sequence[nn.Module], audio: torch.Tensor, framewise: bo
 
 def _save_part(folder: Path, first: int, outputs: np.ndarray) -> None:
     """Atomically store the outputs of windows first..first+len-1 as one part file (temp + os.replace)."""
-    path = folder / f"part_{first:09d}.npy"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=folder)
-    os.close(fd)
-    try:
-        np.save(tmp, outputs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(folder / f"part_{first:09d}.npy", "wb") as f:
+        np.save(f, outputs)
 
 
 def _load_parts(folder: Path, n_windows: int) -> list[np.ndarray]:
@@ -325,15 +318,8 @@ def write_pseudo_labels(path: str | os.PathLike, rows: pd.DataFrame, probs: np.n
     meta = dict(arrow.schema.metadata or {})
     meta[PROVENANCE_KEY] = json.dumps({**provenance, "classes": list(classes)}).encode()
     arrow = arrow.replace_schema_metadata(meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(arrow, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        pq.write_table(arrow, f)
 
 
 def read_pseudo_labels(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]:
