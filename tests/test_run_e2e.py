@@ -64,6 +64,18 @@ def test_smoke_run_writes_round0_and_skips_bad_audio(home):
         assert metrics["round"] == k and metrics["pseudo"]["chunks"] == len(table)
         assert (student_dir / "DONE").is_file() and load_checkpoint(student_dir / "model.pt")[1]["classes"] == ckpt["classes"]
 
+    # A changed student setting: round 0 is still reused, round 1 is refused in one line naming the way out.
+    changed = run_rounds(home, "logger=none", "round=2", "pseudo.stride_s=10")
+    assert changed.returncode == 2
+    assert "recompute_from: round 1" in changed.stdout + changed.stderr and "Traceback" not in changed.stderr
+    redo = run_rounds(home, "logger=none", "round=2", "pseudo.stride_s=10", "recompute_from=1")
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    assert (round_dir / "model.pt").stat().st_mtime_ns == stamp
+    assert len(list(round_dir.parent.glob("round_1.replaced-*"))) == 1
+    assert len(list(round_dir.parent.glob("round_2.replaced-*"))) == 1
+    provenance = read_pseudo_labels(round_dir.parent / "round_1" / "pseudo_labels.parquet")[1]
+    assert provenance["stride_s"] == 10
+
 
 @pytest.mark.slow
 def test_bad_config_stops_before_work_with_one_line(home):

@@ -51,6 +51,8 @@ def validate(cfg: DictConfig) -> None:
     require(cfg, "data.fold", lambda v: isinstance(v, int) and 0 <= v < cfg.data.n_folds, f"must be in [0, data.n_folds={cfg.data.n_folds})")
     require(cfg, "data.on_missing_file", lambda v: v in ("warn", "error"), "must be 'warn' or 'error'")
     require(cfg, "round", lambda v: isinstance(v, int) and v >= 0, "must be a non-negative integer")
+    require(cfg, "recompute_from", lambda v: v is None or (isinstance(v, int) and v >= 0),
+            "must be null or a round number")
     if cfg.round > 0:
         require(cfg, "pseudo.student_init", lambda v: v in ("teacher", "scratch"), "must be 'teacher' or 'scratch'")
         require(cfg, "pseudo.window_s", lambda v: isinstance(v, (int, float)) and v >= 5.0,

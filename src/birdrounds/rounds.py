@@ -7,6 +7,8 @@ initialised from the teacher or from scratch, is trained on labeled + pseudo-lab
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import subprocess
 import time
@@ -18,7 +20,7 @@ from accelerate import Accelerator
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from birdrounds.config import validate
+from birdrounds.config import ConfigError, validate
 from birdrounds.data.clips import ClipDataset, MixUpCollate, class_sample_weights, make_sampler
 from birdrounds.data.prepare import PreparedData, prepare_data
 from birdrounds.data.soundscapes import SoundscapeChunks
@@ -132,13 +134,46 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
     return {**metrics, "round": round_idx, **({"pseudo": stats} if stats is not None else {})}
 
 
+# Keys that do not change what a round computes: where things live, how it is tracked, how far to go.
+NON_RESULT_KEYS = ("round", "recompute_from", "logger", "paths", "xc", "run_dir")
+
+
+def config_hash(cfg: DictConfig, round_idx: int) -> str:
+    """Hash of the resolved config minus the keys that do not change this round's result."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    # The teacher never reads the pseudo-labeling settings.
+    for key in (*NON_RESULT_KEYS, *(("pseudo",) if round_idx == 0 else ())):
+        plain.pop(key, None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_unchanged(round_dir: Path, round_idx: int, current_hash: str) -> None:
+    """Refuse to reuse a completed round whose config differs from the one asked for now."""
+    manifest = json.loads((round_dir / "manifest.json").read_text())
+    if manifest.get("config_hash") != current_hash:
+        raise ConfigError(
+            f"recompute_from: round {round_idx} in {round_dir} was completed with another config "
+            f"(hash {manifest.get('config_hash')}, now {current_hash}); pass recompute_from={round_idx} to "
+            f"redo it and the rounds after it (their folders are kept, renamed *.replaced-<time>)")
+
+
+def set_aside(run_dir: Path, first_round: int) -> None:
+    """Rename round folders from `first_round` on, so they are recomputed and nothing is deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for folder in sorted(run_dir.glob("round_*")):
+        suffix = folder.name.removeprefix("round_")
+        if suffix.isdigit() and int(suffix) >= first_round:
+            folder.rename(folder.with_name(f"{folder.name}.replaced-{stamp}"))
+            log.warning("set aside %s for recomputation", folder)
+
+
 def write_round_record(round_dir: Path, cfg: DictConfig, round_idx: int, metrics: dict, started: float,
                        data_summary: dict) -> None:
     """Resolved config, manifest and the completion marker (written last) of a finished round."""
     with atomic_open(round_dir / "config.yaml", "w") as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True))
     write_json_atomic(round_dir / "manifest.json", {
-        "round": round_idx, "code_version": code_version(), "seconds": round(time.time() - started, 1),
+        "round": round_idx, "config_hash": config_hash(cfg, round_idx), "code_version": code_version(), "seconds": round(time.time() - started, 1),
         "data": data_summary, "final_metrics": {k: v for k, v in metrics.items() if k != "history"},
     })
     write_json_atomic(round_dir / DONE_FILE, {"round": round_idx, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -153,10 +188,14 @@ def run(cfg: DictConfig) -> Path:
     mixed_precision = cfg.train.get("mixed_precision")
     accelerator = Accelerator(log_with=cfg.logger.log_with, **({"mixed_precision": mixed_precision} if mixed_precision else {}))
     run_dir = Path(cfg.run_dir)
+    if cfg.recompute_from is not None and accelerator.is_main_process:
+        set_aside(run_dir, cfg.recompute_from)
+    accelerator.wait_for_everyone()
     prepared = None
     for round_idx in range(cfg.round + 1):
         round_dir = run_dir / f"round_{round_idx}"
         if (round_dir / DONE_FILE).is_file():
+            check_unchanged(round_dir, round_idx, config_hash(cfg, round_idx))
             log.info("round %d already complete in %s", round_idx, round_dir)
             continue
         started = time.time()
