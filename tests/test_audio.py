@@ -283,3 +283,12 @@ def test_build_remembers_failures_for_load(tmp_path, decoder):
     with pytest.raises(AudioDecodeError, match="cut.flac"):
         cache.load(bad)
     assert decoder.calls == calls
+
+
+def test_write_audio_in_blocks_round_trips(tmp_path):
+    from birdrounds.data.audio import write_audio
+
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(3.5 * 32000)) / 32000)).astype(np.float32)
+    write_audio(tmp_path / "t.ogg", tone, 32000)
+    back = load_audio(tmp_path / "t.ogg", 32000)
+    assert len(back) == len(tone) and np.abs(back - tone).max() < 0.05

@@ -20,14 +20,26 @@ from accelerate import Accelerator
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from birdrounds.artifacts import atomic_open, write_json_atomic
 from birdrounds.config import ConfigError, validate
-from birdrounds.data.clips import ClipDataset, MixUpCollate, class_sample_weights, make_sampler
+from birdrounds.data.clips import (
+    ClipDataset,
+    MixUpCollate,
+    class_sample_weights,
+    make_sampler,
+)
 from birdrounds.data.prepare import PreparedData, prepare_data
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.mixing import ConcatPseudoDataset, PseudoChunkDataset
 from birdrounds.model import checkpoint_hash, load_checkpoint
-from birdrounds.pseudo import chunk_rows, predict_chunks, pseudo_stats, read_pseudo_labels, split_table, write_pseudo_labels
-from birdrounds.artifacts import atomic_open, write_json_atomic
+from birdrounds.pseudo import (
+    chunk_rows,
+    predict_chunks,
+    pseudo_stats,
+    read_pseudo_labels,
+    split_table,
+    write_pseudo_labels,
+)
 from birdrounds.train import fit
 
 log = logging.getLogger(__name__)
@@ -173,7 +185,8 @@ def write_round_record(round_dir: Path, cfg: DictConfig, round_idx: int, metrics
     with atomic_open(round_dir / "config.yaml", "w") as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True))
     write_json_atomic(round_dir / "manifest.json", {
-        "round": round_idx, "config_hash": config_hash(cfg, round_idx), "code_version": code_version(), "seconds": round(time.time() - started, 1),
+        "round": round_idx, "config_hash": config_hash(cfg, round_idx), "code_version": code_version(),
+        "seconds": round(time.time() - started, 1),
         "data": data_summary, "final_metrics": {k: v for k, v in metrics.items() if k != "history"},
     })
     write_json_atomic(round_dir / DONE_FILE, {"round": round_idx, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import soundfile as sf
 from tqdm.auto import tqdm
 
 from birdrounds.artifacts import atomic_open
 from birdrounds.config import ConfigError
-from birdrounds.data.audio import AudioDecodeError, load_audio
+from birdrounds.data.audio import AudioDecodeError, load_audio, write_audio
 from birdrounds.data.layout import TRAIN_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -342,19 +341,12 @@ def choose_recordings(records: list[dict], settings: XCSettings, known: set[str]
 # ---------------------------------------------------------------- conversion and table rows
 
 
-def write_ogg(audio: np.ndarray, path: Path, sample_rate_hz: int) -> None:
-    """Write mono Vorbis in ~1-s blocks (libsndfile can crash writing long OGG arrays in one call)."""
-    with sf.SoundFile(str(path), "w", samplerate=sample_rate_hz, channels=1, format="OGG", subtype="VORBIS") as f:
-        for start in range(0, len(audio), sample_rate_hz):
-            f.write(audio[start:start + sample_rate_hz])
-
-
 def convert(raw: Path, final: Path, sample_rate_hz: int) -> None:
     """Decode `raw` to mono at the project rate and write `final` atomically; raises AudioDecodeError."""
     audio = load_audio(raw, sample_rate_hz)
     tmp = final.with_name(f".{final.stem}.tmp.ogg")
     try:
-        write_ogg(np.clip(audio, -1.0, 1.0), tmp, sample_rate_hz)
+        write_audio(tmp, np.clip(audio, -1.0, 1.0), sample_rate_hz)
         load_audio(tmp, sample_rate_hz)  # never publish an Ogg that does not read back
         os.replace(tmp, final)
     finally:

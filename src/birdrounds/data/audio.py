@@ -62,6 +62,16 @@ class AudioDecodeError(Exception):
     """Raised for corrupt, empty, truncated or unreadable audio files."""
 
 
+def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate_hz: int, format: str = "OGG",
+                subtype: str = "VORBIS", compression_level: float | None = None) -> None:
+    """Encode mono audio in ~1-s blocks: libsndfile 1.2.2 has crashed writing a long OGG array in one call."""
+    extra = {} if compression_level is None else {"compression_level": compression_level}
+    with sf.SoundFile(str(path), "w", samplerate=sample_rate_hz, channels=1, format=format, subtype=subtype,
+                      **extra) as f:
+        for start in range(0, len(audio), sample_rate_hz):
+            f.write(np.asarray(audio[start:start + sample_rate_hz], dtype=np.float32))
+
+
 def audio_info(path: str | os.PathLike) -> tuple[float, int, int]:
     """Read the header only: (duration_s, sample_rate_hz, channels); raises on unreadable or empty files."""
     _check_not_empty_file(path)

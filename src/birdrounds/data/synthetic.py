@@ -29,9 +29,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
-import soundfile as sf
 from scipy import signal
 from tqdm.auto import tqdm
+
+from birdrounds.data.audio import write_audio
 
 log = logging.getLogger(__name__)
 
@@ -472,8 +473,7 @@ def _render_and_write(job: FocalJob | SoundscapeJob) -> list[Event]:
     path = Path(job.path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt, subtype = ("MP3", "MPEG_LAYER_III") if path.suffix == ".mp3" else ("OGG", "VORBIS")
-    extra = {} if job.compression_level is None else {"compression_level": job.compression_level}
-    sf.write(path, audio.astype(np.float32), job.sample_rate_hz, format=fmt, subtype=subtype, **extra)
+    write_audio(path, audio, job.sample_rate_hz, fmt, subtype, job.compression_level)
     return events
 
 
