@@ -2,16 +2,21 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from birdrounds import cli
 from birdrounds.model import checkpoint_hash, load_checkpoint
 from birdrounds.pseudo import read_pseudo_labels
+from birdrounds.train import COMPLETE_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,3 +130,124 @@ def test_round0_data_picks_up_external_rows_in_training_folds_only(home):
 
     cfg.data.external.enabled = False
     assert prepare_data(cfg.data, progress=False).summary()["external_clips"] == 0
+
+
+HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: test-only delays so a run can be killed mid-step
+# Short pseudo windows with a 1-s stride and small batches: ~24 teacher batches to kill in between.
+RESUME_OVERRIDES = ("logger=none", "round=1", "pseudo.window_s=5", "pseudo.stride_s=1", "train.batch_size=2")
+
+
+def start_rounds(home: Path, env_extra: dict, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "BIRDROUNDS_HOME": str(home), "WANDB_MODE": "offline", "PYTHONPATH": str(HOOKS), **env_extra}
+    return subprocess.Popen([sys.executable, str(REPO / "rounds" / "run.py"), "experiment=smoke", *overrides],
+                            env=env, cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_when(process: subprocess.Popen, ready, timeout_s: float = 300) -> None:
+    """SIGKILL `process` as soon as `ready()` is true (fails if it ended or never got there)."""
+    deadline = time.monotonic() + timeout_s
+    while not ready() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before the kill point"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert ready()
+
+
+def train_soundscape_chunks(home: Path, window_s: float, stride_s: float):
+    """The smoke run's train soundscapes cut as the pseudo-labeling step cuts them."""
+    from birdrounds.config import compose
+    from birdrounds.data.audio import AudioCache
+    from birdrounds.data.soundscapes import SoundscapeChunks
+
+    cfg = compose(["experiment=smoke", f"paths.root={home}"])
+    audio = AudioCache(cfg.data.cache_dir, cfg.data.sample_rate_hz, dtype=cfg.data.cache_dtype)
+    soundscapes = sorted(str(p) for p in (home / "data" / "synthetic_smoke" / "train_soundscapes").glob("*.ogg"))
+    return SoundscapeChunks(soundscapes, audio, window_s=window_s, stride_s=stride_s)
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_round_killed_in_pseudo_labeling_and_in_training_resumes_to_the_same_result(tmp_path):
+    """SIGKILL during the teacher's inference, then during the student's second epoch; the rerun
+    recomputes neither finished batches nor the pseudo-label table and ends bitwise where an
+    uninterrupted run ends."""
+    home, reference = tmp_path / "killed", tmp_path / "straight"
+    home.mkdir(), reference.mkdir()
+    straight = run_rounds(reference, *RESUME_OVERRIDES)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    round_dir = home / "runs" / "smoke" / "round_1"
+    calls = tmp_path / "teacher_batches.log"
+    delays = {"BIRDROUNDS_TEST_PSEUDO_DELAY_S": "0.25", "BIRDROUNDS_TEST_PSEUDO_LOG": str(calls)}
+    # 1. Killed once the first part of the teacher's outputs (10 batches) is on disk.
+    parts_dir = round_dir / "pseudo_partial" / "rank_0of1"
+    kill_when(start_rounds(home, delays, *RESUME_OVERRIDES), lambda: any(parts_dir.glob("part_*.npy")))
+    assert not (round_dir / "pseudo_labels.parquet").exists()
+    saved = sum(len(np.load(p)) for p in parts_dir.glob("part_*.npy"))
+    calls_before = len(calls.read_text().split())
+    total = len(train_soundscape_chunks(reference, window_s=5.0, stride_s=1.0))
+    assert 0 < saved < total and sum(map(int, calls.read_text().split())) >= saved
+
+    # 2. Rerun: only the windows not saved are labeled; killed again once the student's epoch 0 is saved.
+    marker = round_dir / "checkpoints" / "epoch_000" / COMPLETE_MARKER
+    delays["BIRDROUNDS_TEST_COLLATE_DELAY_S"] = "0.5"
+    kill_when(start_rounds(home, delays, *RESUME_OVERRIDES), marker.exists)
+    batches_after = [int(n) for n in calls.read_text().split()[calls_before:]]
+    assert sum(batches_after) == total - saved
+    table_stamp = (round_dir / "pseudo_labels.parquet").stat().st_mtime_ns
+    assert not (round_dir / "model.pt").exists()
+
+    # 3. Rerun without delays: training resumes after epoch 0, the table is not rewritten.
+    done = run_rounds(home, *RESUME_OVERRIDES)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log_text = done.stdout + done.stderr
+    assert "round 0 already complete" in log_text and "resumed from" in log_text and "epoch_000" in log_text
+    assert "windows (process" not in log_text  # no teacher inference started
+    assert (round_dir / "pseudo_labels.parquet").stat().st_mtime_ns == table_stamp
+    assert len(calls.read_text().split()) == calls_before + len(batches_after)
+
+    ref_dir = reference / "runs" / "smoke"
+    for k in (0, 1):
+        ours, theirs = _weights(home / "runs" / "smoke" / f"round_{k}" / "model.pt"), _weights(ref_dir / f"round_{k}" / "model.pt")
+        for name, value in theirs.items():
+            assert torch.equal(value, ours[name]), (k, name)
+    killed_table, ref_table = (read_pseudo_labels(d / "pseudo_labels.parquet")[0] for d in (round_dir, ref_dir / "round_1"))
+    # The same chunks and probabilities ("file" holds each home's absolute path).
+    pd.testing.assert_frame_equal(killed_table.drop(columns="file"), ref_table.drop(columns="file"))
+    assert (home / "runs" / "smoke" / "report.md").is_file() and (home / "runs" / "smoke" / "report.png").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_round_splits_pseudo_labeling(home):
+    """round=1 under a 2-process launch: each process labels half the windows; the joined table equals
+    the teacher's single-process labels, and the student trains on both processes."""
+    from birdrounds.pseudo import chunk_rows, predict_chunks
+
+    env = {**os.environ, "BIRDROUNDS_HOME": str(home), "ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline"}
+    launcher = Path(sys.executable).parent / "accelerate"
+    proc = subprocess.run([str(launcher), "launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
+                           str(REPO / "rounds/run.py"), "experiment=smoke", "logger=none", "round=1",
+                           "pseudo.window_s=5", "pseudo.stride_s=2.5"],
+                          capture_output=True, text=True, env=env, cwd=home, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = home / "runs" / "smoke"
+    shares = [np.load(run_dir / "round_1" / "pseudo_partial" / f"share_{r}of2.npy") for r in (0, 1)]
+    assert len(shares[0]) > 0 and abs(len(shares[0]) - len(shares[1])) <= 1
+    table, provenance = read_pseudo_labels(run_dir / "round_1" / "pseudo_labels.parquet")
+    assert provenance["processes"] == 2
+
+    teacher, ckpt = load_checkpoint(run_dir / "round_0" / "model.pt")
+    chunks = train_soundscape_chunks(home, window_s=5.0, stride_s=2.5)
+    expected = predict_chunks([teacher], chunks, batch_size=4)
+    rows = chunk_rows(chunks)
+    order = pd.Index(rows["row_id"]).get_indexer(table["row_id"])
+    assert (order >= 0).all() and len(table) == len(rows)
+    np.testing.assert_allclose(table[ckpt["classes"]].to_numpy(), expected[order], atol=1e-5)
+
+    metrics = json.loads((run_dir / "round_1" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["round"] == 1 and (run_dir / "round_1" / "DONE").is_file()
+    assert "| 1 |" in (run_dir / "report.md").read_text()

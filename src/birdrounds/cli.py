@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 # Idle OpenMP threads yield instead of spinning: on a 2-core machine spinning workers starve the
 # DataLoader processes and each other (measured 30x slower steps under load). Set before torch loads.
@@ -39,9 +40,27 @@ def cmd_xc_download(cfg: DictConfig) -> None:
     download_xeno_canto(instantiate(cfg.xc, _convert_="all"))
 
 
+def cmd_export(cfg: DictConfig) -> None:
+    """Export a round's model(s) to an ONNX package in `export.out_dir` (parity-checked against PyTorch)."""
+    from birdrounds.submit import run_export
+
+    report = run_export(cfg)
+    print(Path(report["onnx"]["path"]).parent)
+
+
+def cmd_predict(cfg: DictConfig) -> None:
+    """Run exported model(s) over `predict.input_dir` and write `predict.output` (submission.csv)."""
+    from birdrounds.submit import run_predict
+
+    record = run_predict(cfg)
+    print(record["output"])
+
+
 COMMANDS: dict[str, tuple[Callable[[DictConfig], None], str]] = {
     "synth": (cmd_synth, "generate the synthetic mini-BirdCLEF dataset (data=synthetic)"),
     "xc-download": (cmd_xc_download, "download Xeno-canto recordings for minority classes (--dry-run: list only)"),
+    "export": (cmd_export, "export a round's model(s) to ONNX + a standalone inference package (export.*)"),
+    "predict": (cmd_predict, "write submission.csv for a folder of soundscapes with exported models (predict.*)"),
 }
 
 

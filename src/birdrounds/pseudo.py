@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
 from birdrounds.artifacts import atomic_open
 from birdrounds.data.soundscapes import SoundscapeChunks
@@ -207,12 +208,13 @@ def predict_windows(
     device: str | torch.device = "cpu",
     partial_dir: str | os.PathLike | None = None,
     save_every: int = 10,
+    progress: bool = False,
 ) -> np.ndarray:
     """Ensemble-mean sigmoid per window of `indices` (default all): clip [n, C] or framewise [n, T', C].
 
     With `partial_dir`, outputs are saved every `save_every` batches as part files there, and a later
     call skips the windows already saved (use one folder per job / process rank; delete it when the
-    models or inputs change).
+    models or inputs change). `progress` shows a progress bar over the windows.
     """
     indices = list(range(len(dataset))) if indices is None else list(indices)
     folder = Path(partial_dir) if partial_dir is not None else None
@@ -227,8 +229,10 @@ def predict_windows(
         model.eval().to(device)
     loader = DataLoader(Subset(dataset, indices[done:]), batch_size=batch_size, num_workers=num_workers)
     pending: list[np.ndarray] = []
-    with torch.inference_mode():
+    bar = tqdm(total=len(indices), initial=done, desc="pseudo-labeling", unit="window", disable=not progress)
+    with torch.inference_mode(), bar:
         for batch_idx, batch in enumerate(loader, start=1):
+            bar.update(len(batch["audio"]))
             pending.append(_model_probs(models, batch["audio"].to(device), framewise))
             if folder is not None and (batch_idx % save_every == 0 or done + sum(map(len, pending)) == len(indices)):
                 block = np.concatenate(pending)

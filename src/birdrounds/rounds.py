@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,18 +36,23 @@ from birdrounds.mixing import ConcatPseudoDataset, PseudoChunkDataset
 from birdrounds.model import checkpoint_hash, load_checkpoint
 from birdrounds.pseudo import (
     chunk_rows,
-    predict_chunks,
+    is_framewise,
+    predict_windows,
     pseudo_stats,
     read_pseudo_labels,
+    shard_range,
     split_table,
+    windows_to_chunks,
     write_pseudo_labels,
 )
-from birdrounds.train import fit
+from birdrounds.report import write_report
+from birdrounds.train import epoch_seed, fit
 
 log = logging.getLogger(__name__)
 
 DONE_FILE = "DONE"
 PSEUDO_FILE = "pseudo_labels.parquet"
+INIT_SEED_TAG = 7919  # keeps the weight-init seed apart from the per-epoch training seeds
 # Kaggle scores soundscapes in 5-s rows, whatever window the model was trained on.
 SCORED_CHUNK_S = 5.0
 
@@ -84,23 +91,58 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int) -> d
             "class_counts": train_table["primary_label"].value_counts().reindex(data.classes, fill_value=0).tolist()}
 
 
-def pseudo_label(cfg: DictConfig, prepared: PreparedData, teacher_path: Path, round_idx: int,
+def teacher_paths(cfg: DictConfig, run_dir: Path, round_idx: int) -> list[Path]:
+    """The previous round's model plus `pseudo.extra_teachers` (an ensemble whose mean labels the chunks)."""
+    paths = [run_dir / f"round_{round_idx - 1}" / "model.pt"]
+    for extra in cfg.pseudo.get("extra_teachers") or []:
+        extra = Path(extra)
+        if not extra.is_file():
+            raise ConfigError(f"pseudo.extra_teachers: checkpoint not found: {extra}")
+        paths.append(extra)
+    return paths
+
+
+def pseudo_label(cfg: DictConfig, prepared: PreparedData, teachers: list[Path], round_idx: int,
                  round_dir: Path, accelerator: Accelerator) -> Path:
-    """The teacher's de-noised soft labels for every train soundscape chunk, written once (main process)."""
+    """The teachers' de-noised soft labels for every train soundscape chunk, written once.
+
+    Every process labels its contiguous share of the windows (`shard_range`) and saves it under
+    `pseudo_partial/` (finished batches too, so a killed job resumes where it stopped); the main
+    process then joins the shares in rank order, averages overlapping frames into 5-s chunks,
+    de-noises and writes the table. The shares travel through the run folder, which every process
+    already shares.
+    """
     path = round_dir / PSEUDO_FILE
-    if accelerator.is_main_process and not path.is_file():
-        teacher, _ = load_checkpoint(teacher_path)
-        chunks = SoundscapeChunks(prepared.data.soundscapes, prepared.audio, window_s=cfg.pseudo.window_s,
-                                  stride_s=cfg.pseudo.stride_s)
-        # Finished batches are kept under partial/, so a killed pseudo-labeling resumes where it stopped.
-        probs = predict_chunks([teacher], chunks, batch_size=cfg.train.batch_size, chunk_s=SCORED_CHUNK_S,
-                               partial_path=round_dir / "pseudo_partial")
+    if path.is_file():
+        return path
+    chunks = SoundscapeChunks(prepared.data.soundscapes, prepared.audio, window_s=cfg.pseudo.window_s,
+                              stride_s=cfg.pseudo.stride_s)
+    framewise = is_framewise(chunks, SCORED_CHUNK_S)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    partial = round_dir / "pseudo_partial"
+    share = partial / f"share_{rank}of{world}.npy"
+    if not share.is_file():
+        models = [load_checkpoint(p)[0] for p in teachers]
+        indices = shard_range(len(chunks), rank, world)
+        log.info("pseudo-labeling %d of %d windows (process %d of %d, %d teacher(s))",
+                 len(indices), len(chunks), rank, world, len(models))
+        outputs = predict_windows(models, chunks, framewise, indices, batch_size=cfg.train.batch_size,
+                                  device=accelerator.device, partial_dir=partial / f"rank_{rank}of{world}",
+                                  progress=accelerator.is_local_main_process)
+        with atomic_open(share, "wb") as f:
+            np.save(f, outputs)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shares = [np.load(partial / f"share_{r}of{world}.npy") for r in range(world)]
+        outputs = np.concatenate([s for s in shares if s.size]) if any(s.size for s in shares) else shares[0]
+        probs = windows_to_chunks(outputs, chunks, SCORED_CHUNK_S)
         transform = instantiate(cfg.pseudo.transform)
         probs, keep = transform(probs, round_idx=round_idx)
         rows = chunk_rows(chunks, SCORED_CHUNK_S)
-        provenance = {"round": round_idx, "teacher": str(teacher_path), "teacher_hash": checkpoint_hash(teacher_path),
+        provenance = {"round": round_idx, "teacher": str(teachers[0]), "teacher_hash": checkpoint_hash(teachers[0]),
+                      "teachers": [{"path": str(p), "hash": checkpoint_hash(p)} for p in teachers],
                       "transform": transform.describe(round_idx), "window_s": cfg.pseudo.window_s,
-                      "stride_s": cfg.pseudo.stride_s, "kept_chunks": int(keep.sum())}
+                      "stride_s": cfg.pseudo.stride_s, "kept_chunks": int(keep.sum()), "processes": world}
         write_pseudo_labels(path, rows[keep].reset_index(drop=True), probs[keep], prepared.data.classes, provenance)
     accelerator.wait_for_everyone()
     return path
@@ -125,18 +167,20 @@ def student_parts(cfg: DictConfig, prepared: PreparedData, pseudo_path: Path, pa
 
 
 def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerator, round_dir: Path,
-                round_idx: int = 0, teacher_path: Path | None = None) -> dict[str, Any]:
+                round_idx: int = 0, teachers: list[Path] | None = None) -> dict[str, Any]:
     """Round 0: the teacher on the labeled clips; round k: pseudo-label with the teacher, train the student."""
     parts = build_datasets(prepared, cfg.data, cfg.seed)
     stats = None
     if round_idx > 0:
-        parts = student_parts(cfg, prepared, pseudo_label(cfg, prepared, teacher_path, round_idx, round_dir,
+        parts = student_parts(cfg, prepared, pseudo_label(cfg, prepared, teachers, round_idx, round_dir,
                                                          accelerator), parts)
         stats = parts.pop("pseudo_stats")
     parts.pop("train_table")
+    # Seeded, so the same config gives the same initial weights on every process and in every rerun.
+    set_seed(epoch_seed(cfg.seed, round_idx, INIT_SEED_TAG))
     model = instantiate(cfg.model)(num_classes=len(prepared.data.classes))
     if round_idx > 0 and cfg.pseudo.student_init == "teacher":
-        model.load_state_dict(load_checkpoint(teacher_path)[0].state_dict())
+        model.load_state_dict(load_checkpoint(teachers[0])[0].state_dict())
     loss_fn = instantiate(cfg.loss)(class_counts=parts.pop("class_counts"))
     metrics = fit(
         accelerator, model, parts.pop("train_set"), loss_fn, prepared.data.classes, round_dir,
@@ -147,7 +191,7 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
 
 
 # Keys that do not change what a round computes: where things live, how it is tracked, how far to go.
-NON_RESULT_KEYS = ("round", "recompute_from", "logger", "paths", "xc", "run_dir")
+NON_RESULT_KEYS = ("round", "recompute_from", "logger", "paths", "xc", "export", "predict", "run_dir")
 
 
 def config_hash(cfg: DictConfig, round_idx: int) -> str:
@@ -217,14 +261,18 @@ def run(cfg: DictConfig) -> Path:
             with accelerator.main_process_first():
                 prepared = prepare_data(cfg.data, seed=cfg.seed, progress=accelerator.is_local_main_process)
             log.info("data: %s", {k: v for k, v in prepared.summary().items() if k != "unreadable_audio"})
-        teacher = run_dir / f"round_{round_idx - 1}" / "model.pt" if round_idx else None
-        metrics = train_round(cfg, prepared, accelerator, round_dir, round_idx, teacher)
+        teachers = teacher_paths(cfg, run_dir, round_idx) if round_idx else None
+        metrics = train_round(cfg, prepared, accelerator, round_dir, round_idx, teachers)
         if accelerator.is_main_process:
             write_json_atomic(round_dir / "metrics.json", metrics)
             write_round_record(round_dir, cfg, round_idx, metrics, started, prepared.summary())
             log.info("round %d done: %s", round_idx,
                      {k: metrics.get(k) for k in ("val_clip_auc", "val_soundscape_auc")})
+            write_report(run_dir)
         accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        report = write_report(run_dir)
+        log.info("report: %s\n%s", report, "\n".join(line for line in report.read_text().splitlines() if line.startswith("|")))
     # Closes trackers and the process group once, after every round has used this Accelerator.
     accelerator.end_training()
     return run_dir

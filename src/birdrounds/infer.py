@@ -1,0 +1,1028 @@
+"""Standalone inference: exported ONNX models + a folder of soundscapes -> BirdCLEF submission CSV.
+
+This file is both a module of the package (`birdrounds predict` imports it) and a script copied into
+a Kaggle submission folder and run offline on CPU:
+
+    python infer.py --model model.onnx --input-dir test_soundscapes --output submission.csv
+
+so it imports only the standard library, numpy, soundfile and onnxruntime (scipy when present, for a
+faster FFT and for resampling). It never imports torch or the rest of birdrounds.
+
+The ONNX contract (written by `birdrounds.export`), read from the graph's metadata_props:
+  birdrounds.format_version  "1"
+  birdrounds.classes         JSON list of class names, in output column order
+  birdrounds.sample_rate_hz  sample rate the model expects
+  birdrounds.window_s        window length the model was trained on (seconds)
+  birdrounds.input           "spectrogram": input `spec` float32 [batch, 1, n_mels, n_frames], the
+                             normalised log-mel of `birdrounds.model.MelFrontend` (computed here by
+                             `MelFrontendNumpy`); "waveform": input `waveform` float32 [batch, n_samples]
+  birdrounds.frontend        JSON dict: sample_rate_hz, n_fft, hop_length, n_mels, f_min_hz, f_max_hz,
+                             top_db (float or null), norm ("standard" | "minmax" | "standard_minmax")
+  birdrounds.members         JSON list describing the ensemble members averaged inside the graph
+Outputs: `probs` float32 [batch, n_classes] (sigmoid, already averaged over members) and, for SED
+heads, `framewise_probs` float32 [batch, T', n_classes].
+
+Pipeline: files are decoded by a thread pool (libsndfile releases the GIL), cut into windows and
+turned into spectrograms by a producer thread, while the calling thread runs onnxruntime on the
+batches (which also releases the GIL). Each distinct (input kind, frontend, window) is computed once
+per window and fed to every model that shares it. Per file, chunk probabilities are the mean over
+models; smoothing along the chunk axis and file-level scaling are optional post-processing steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import soundfile as sf
+
+try:  # scipy's FFT is faster than numpy's and can use several threads; optional
+    import scipy.fft as _scipy_fft
+except ImportError:  # pragma: no cover - exercised only where scipy is missing
+    _scipy_fft = None
+
+log = logging.getLogger("birdrounds.infer")
+
+FORMAT_VERSION = "1"
+META = "birdrounds."
+INPUT_KINDS = {"spectrogram": "spec", "waveform": "waveform"}
+NORM_MODES = ("standard", "minmax", "standard_minmax")
+AUDIO_EXTENSIONS = (".ogg", ".wav", ".flac", ".mp3")
+FRONTEND_KEYS = ("sample_rate_hz", "n_fft", "hop_length", "n_mels", "f_min_hz", "f_max_hz", "top_db", "norm")
+# The constants of birdrounds.model.MelFrontend / torchaudio.AmplitudeToDB, repeated here because
+# this file cannot import the package; tests/test_infer.py checks the parity.
+_NORM_EPS = 1e-6
+_POWER_FLOOR = 1e-10
+# Size of the [windows, frames, n_fft] float32 frame buffer the frontend fills at a time (8 windows
+# of 5 s at n_fft 2048, hop 512), so memory stays bounded at any batch size and window length.
+_FRONTEND_BLOCK_BYTES = 24 << 20
+
+
+class ModelFormatError(ValueError):
+    """An ONNX file that does not follow the birdrounds contract, or models that cannot be ensembled."""
+
+
+class AudioReadError(Exception):
+    """A file that cannot be decoded (corrupt, empty, unsupported, or needs resampling without scipy)."""
+
+
+# ---------------------------------------------------------------- the mel frontend in numpy
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    """Arguments of `birdrounds.model.MelFrontend` (the `birdrounds.frontend` metadata)."""
+
+    sample_rate_hz: int
+    n_fft: int = 2048
+    hop_length: int = 512
+    n_mels: int = 128
+    f_min_hz: float = 50.0
+    f_max_hz: float = 14000.0
+    top_db: float | None = 80.0
+    norm: str = "standard"
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORM_MODES:
+            raise ValueError(f"norm must be one of {NORM_MODES}, got {self.norm!r}")
+        if not 0 <= self.f_min_hz < self.f_max_hz <= self.sample_rate_hz / 2:
+            raise ValueError(f"need 0 <= f_min_hz < f_max_hz <= {self.sample_rate_hz / 2}, "
+                             f"got {self.f_min_hz}, {self.f_max_hz}")
+        if self.n_fft < 2 or self.hop_length < 1 or self.n_mels < 1:
+            raise ValueError(f"bad frontend sizes: n_fft {self.n_fft}, hop {self.hop_length}, n_mels {self.n_mels}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FrontendConfig:
+        """Build from the metadata dict; every key of the contract must be present, no others."""
+        missing, unknown = set(FRONTEND_KEYS) - set(values), set(values) - set(FRONTEND_KEYS)
+        if missing or unknown:
+            raise ValueError(f"frontend metadata: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
+        top_db = values["top_db"]
+        return cls(
+            sample_rate_hz=int(values["sample_rate_hz"]), n_fft=int(values["n_fft"]),
+            hop_length=int(values["hop_length"]), n_mels=int(values["n_mels"]),
+            f_min_hz=float(values["f_min_hz"]), f_max_hz=float(values["f_max_hz"]),
+            top_db=None if top_db is None else float(top_db), norm=str(values["norm"]),
+        )
+
+
+def _hz_to_mel(freq_hz: float) -> float:
+    """HTK mel scale (torchaudio's default)."""
+    return 2595.0 * math.log10(1.0 + freq_hz / 700.0)
+
+
+def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    """`torch.linspace` in float32 on CPU: float32 step, first half from `start`, second half from `end`.
+
+    Each value is one fused multiply-add (a single rounding), which float64 arithmetic then one
+    rounding to float32 reproduces.
+    """
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64(np.float32((end32 - start32) / np.float32(max(steps - 1, 1))))
+    idx = np.arange(steps, dtype=np.float64)
+    values = np.where(idx < steps // 2, np.float64(start32) + step * idx, np.float64(end32) - step * (steps - 1 - idx))
+    return values.astype(np.float32)
+
+
+def mel_filterbank(n_freqs: int, f_min_hz: float, f_max_hz: float, n_mels: int, sample_rate_hz: int) -> np.ndarray:
+    """Triangular HTK mel filters [n_freqs, n_mels] float32, no area norm: torchaudio's `melscale_fbanks`.
+
+    Computed in float32 step by step as torchaudio does, so the weights match torch's to about one
+    float32 ulp; exact (float64) weights differ from torch's by up to 1e-5, which would show as up to
+    ~1e-4 in the normalised spectrogram.
+    """
+    f32 = np.float32
+    # torchaudio spaces the bins up to sample_rate // 2 (integer division), not sample_rate / 2.
+    all_freqs = _linspace_f32(0.0, sample_rate_hz // 2, n_freqs)
+    mels = _linspace_f32(_hz_to_mel(f_min_hz), _hz_to_mel(f_max_hz), n_mels + 2)
+    # torch's float32 pow is accurate to the last bit, as float64 pow rounded once is.
+    f_pts = f32(700.0) * (np.power(10.0, (mels / f32(2595.0)).astype(np.float64)).astype(f32) - f32(1.0))
+    f_diff = f_pts[1:] - f_pts[:-1]
+    slopes = f_pts[None, :] - all_freqs[:, None]
+    down = -slopes[:, :-2] / f_diff[:-1]
+    up = slopes[:, 2:] / f_diff[1:]
+    return np.maximum(f32(0.0), np.minimum(down, up))
+
+
+def _rfft(frames: np.ndarray, workers: int) -> np.ndarray:
+    """Real FFT over the last axis (float32 in, complex64 out), scipy when available."""
+    if _scipy_fft is not None:
+        return _scipy_fft.rfft(frames, axis=-1, workers=workers, overwrite_x=True)
+    return np.fft.rfft(frames, axis=-1)
+
+
+class MelFrontendNumpy:
+    """Waveforms [B, n_samples] -> normalised log-mel [B, 1, n_mels, frames], as `birdrounds.model.MelFrontend`.
+
+    Same steps as torchaudio's MelSpectrogram + AmplitudeToDB with the frontend's settings: frames
+    centred with reflect padding of n_fft // 2, periodic Hann window of n_fft samples, power
+    spectrum, HTK mel filters; then 10 * log10(max(power, 1e-10)), floored per sample at its maximum
+    minus top_db; then the per-sample normalisation of `MelFrontend._normalise` (std with ddof=1).
+    A silent window normalises to all zeros, as in torch. Parity with torch is ~1e-5 on real audio;
+    it is ill-defined only for bins more than ~100 dB below a window's peak (e.g. a pure digital
+    tone with top_db=None), which hold float32 FFT rounding noise that differs between FFT libraries.
+    """
+
+    def __init__(self, config: FrontendConfig, fft_workers: int = 1) -> None:
+        self.config = config
+        self.fft_workers = max(1, int(fft_workers))
+        n = np.arange(config.n_fft)
+        self.window = (0.5 - 0.5 * np.cos(2.0 * np.pi * n / config.n_fft)).astype(np.float32)
+        self.fbank = mel_filterbank(config.n_fft // 2 + 1, config.f_min_hz, config.f_max_hz, config.n_mels,
+                                    config.sample_rate_hz)
+        # FFT bins outside every filter (e.g. above f_max_hz) add exact zeros: skip them in the GEMM.
+        used = np.flatnonzero(self.fbank.any(axis=1))
+        self._bins = slice(int(used[0]), int(used[-1]) + 1) if len(used) else slice(0, 1)
+        self._fbank_used = np.ascontiguousarray(self.fbank[self._bins])
+
+    def n_frames(self, n_samples: int) -> int:
+        """Spectrogram frames for a window of `n_samples` (centred framing)."""
+        return n_samples // self.config.hop_length + 1
+
+    def __call__(self, waveforms: np.ndarray) -> np.ndarray:
+        """Normalised log-mel spectrograms [B, 1, n_mels, frames] float32."""
+        waves = np.atleast_2d(np.asarray(waveforms, dtype=np.float32))
+        if waves.shape[1] <= self.config.n_fft // 2:
+            raise ValueError(f"windows of {waves.shape[1]} samples are too short for n_fft {self.config.n_fft}")
+        n_frames = self.n_frames(waves.shape[1])
+        out = np.empty((len(waves), 1, self.config.n_mels, n_frames), dtype=np.float32)
+        block = max(1, _FRONTEND_BLOCK_BYTES // (4 * n_frames * self.config.n_fft))
+        for start in range(0, len(waves), block):
+            out[start : start + block, 0] = self._log_mel(waves[start : start + block])
+        return self._normalise(out)
+
+    def _log_mel(self, waves: np.ndarray) -> np.ndarray:
+        """Floored dB mel power [b, n_mels, frames] float32."""
+        cfg = self.config
+        pad = cfg.n_fft // 2
+        padded = np.pad(waves, ((0, 0), (pad, pad)), mode="reflect")
+        # Frames are strided views of `padded`; the window multiply makes the one copy the FFT needs.
+        frames = np.lib.stride_tricks.sliding_window_view(padded, cfg.n_fft, axis=-1)[:, :: cfg.hop_length]
+        spectrum = _rfft(frames * self.window, self.fft_workers)[..., self._bins]
+        power = np.square(spectrum.real) + np.square(spectrum.imag)
+        # One GEMM for the whole block: [b * frames, n_bins] @ [n_bins, n_mels].
+        mel = (power.reshape(-1, power.shape[-1]) @ self._fbank_used).reshape(len(waves), -1, cfg.n_mels)
+        mel = mel.transpose(0, 2, 1)
+        db = 10.0 * np.log10(np.maximum(mel, np.float32(_POWER_FLOOR)))
+        if cfg.top_db is not None:
+            db = np.maximum(db, db.max(axis=(1, 2), keepdims=True) - np.float32(cfg.top_db))
+        return db
+
+    def _normalise(self, spec: np.ndarray) -> np.ndarray:
+        """Per-sample normalisation over (channel, mel, frame); statistics in float64."""
+        axes = (1, 2, 3)
+        if self.config.norm in ("standard", "standard_minmax"):
+            mean = spec.mean(axis=axes, keepdims=True, dtype=np.float64)
+            std = spec.std(axis=axes, keepdims=True, ddof=1, dtype=np.float64)
+            spec = ((spec - mean) / (std + _NORM_EPS)).astype(np.float32)
+        if self.config.norm in ("minmax", "standard_minmax"):
+            lo = spec.min(axis=axes, keepdims=True).astype(np.float64)
+            hi = spec.max(axis=axes, keepdims=True).astype(np.float64)
+            spec = ((spec - lo) / (hi - lo + _NORM_EPS)).astype(np.float32)
+        return spec
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The birdrounds metadata of one ONNX file."""
+
+    classes: list[str]
+    sample_rate_hz: int
+    window_s: float
+    input_kind: str
+    frontend: FrontendConfig | None
+    members: list[Any]
+
+
+def parse_metadata(meta: dict[str, str], source: str = "model") -> ModelInfo:
+    """Validate and parse the `birdrounds.*` metadata_props of an ONNX graph."""
+    def get(key: str) -> str:
+        if META + key not in meta:
+            raise ModelFormatError(f"{source}: metadata {META + key} missing (not a birdrounds ONNX export?)")
+        return meta[META + key]
+
+    try:
+        version = get("format_version")
+        if version != FORMAT_VERSION:
+            raise ModelFormatError(f"{source}: {META}format_version is {version!r}, this code reads {FORMAT_VERSION!r}")
+        input_kind = get("input")
+        if input_kind not in INPUT_KINDS:
+            raise ModelFormatError(f"{source}: {META}input must be one of {sorted(INPUT_KINDS)}, got {input_kind!r}")
+        classes = json.loads(get("classes"))
+        if not isinstance(classes, list) or not classes or len(set(map(str, classes))) != len(classes):
+            raise ModelFormatError(f"{source}: {META}classes must be a non-empty JSON list of distinct names")
+        frontend_json = meta.get(META + "frontend")
+        if input_kind == "spectrogram" and frontend_json is None:
+            get("frontend")  # raises the missing-key error
+        frontend = FrontendConfig.from_dict(json.loads(frontend_json)) if frontend_json is not None else None
+        info = ModelInfo(
+            classes=[str(c) for c in classes], sample_rate_hz=int(get("sample_rate_hz")),
+            window_s=float(get("window_s")), input_kind=input_kind, frontend=frontend,
+            members=json.loads(meta.get(META + "members", "[]")),
+        )
+    except ModelFormatError:
+        raise
+    except (TypeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        raise ModelFormatError(f"{source}: bad birdrounds metadata: {err}") from err
+    if info.window_s <= 0 or info.sample_rate_hz <= 0:
+        raise ModelFormatError(f"{source}: window_s and sample_rate_hz must be positive")
+    if frontend is not None and frontend.sample_rate_hz != info.sample_rate_hz:
+        raise ModelFormatError(f"{source}: frontend sample rate {frontend.sample_rate_hz} Hz "
+                               f"!= model's {info.sample_rate_hz} Hz")
+    return info
+
+
+def session_options(intra_op_threads: int | None = None, inter_op_threads: int = 1,
+                    allow_spinning: bool = False) -> ort.SessionOptions:
+    """CPU session options with explicit thread counts (None: one per core)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(intra_op_threads or os.cpu_count() or 1)
+    opts.inter_op_num_threads = int(inter_op_threads)
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning idle ORT threads would take the cores the decode and frontend threads need.
+    spin = "1" if allow_spinning else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return opts
+
+
+class OnnxModel:
+    """One exported birdrounds graph on onnxruntime's CPU provider, with its parsed metadata."""
+
+    def __init__(self, path: str | os.PathLike, options: ort.SessionOptions | None = None) -> None:
+        self.path = str(path)
+        if not Path(self.path).is_file():
+            raise FileNotFoundError(f"model not found: {self.path}")
+        self.session = ort.InferenceSession(self.path, sess_options=options or session_options(),
+                                            providers=["CPUExecutionProvider"])
+        self.info = parse_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
+        self.input_name = INPUT_KINDS[self.info.input_kind]
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if self.input_name not in inputs:
+            raise ModelFormatError(f"{self.path}: a {self.info.input_kind} graph needs input {self.input_name!r}, "
+                                   f"has {sorted(inputs)}")
+        self.input_shape = list(inputs[self.input_name].shape)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        if "probs" not in self.outputs:
+            raise ModelFormatError(f"{self.path}: output 'probs' missing (outputs: {self.outputs})")
+
+    @property
+    def has_framewise(self) -> bool:
+        """Whether the graph has the SED head's `framewise_probs` output."""
+        return "framewise_probs" in self.outputs
+
+    def run(self, inputs: np.ndarray, framewise: bool = False) -> np.ndarray:
+        """Clip probs [B, C], or framewise probs [B, T', C] when `framewise`."""
+        name = "framewise_probs" if framewise else "probs"
+        out = self.session.run([name], {self.input_name: inputs})[0]
+        if out.shape[-1] != len(self.info.classes):
+            raise ModelFormatError(f"{self.path}: {out.shape[-1]} outputs for {len(self.info.classes)} classes")
+        return np.asarray(out, dtype=np.float32)
+
+
+def load_models(paths: Sequence[str | os.PathLike], intra_op_threads: int | None = None,
+                inter_op_threads: int = 1, allow_spinning: bool = False) -> list[OnnxModel]:
+    """Open every model with the same session options."""
+    if not paths:
+        raise ValueError("no model given")
+    options = session_options(intra_op_threads, inter_op_threads, allow_spinning)
+    return [OnnxModel(p, options) for p in paths]
+
+
+def ensemble_classes(models: Sequence[OnnxModel]) -> tuple[list[str], list[np.ndarray]]:
+    """The first model's class order and, per model, the column index that maps its outputs to it."""
+    classes = models[0].info.classes
+    orders = []
+    for model in models:
+        if model.info.sample_rate_hz != models[0].info.sample_rate_hz:
+            raise ModelFormatError(f"models disagree on sample rate: {models[0].path} "
+                                   f"{models[0].info.sample_rate_hz} Hz, {model.path} {model.info.sample_rate_hz} Hz")
+        if set(model.info.classes) != set(classes):
+            raise ModelFormatError(f"{model.path} has other classes than {models[0].path}")
+        position = {c: i for i, c in enumerate(model.info.classes)}
+        orders.append(np.array([position[c] for c in classes]))
+    return classes, orders
+
+
+# ---------------------------------------------------------------- settings, files, audio
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How to run: chunking, windows, threads, batching and post-processing (defaults: BirdCLEF, no TTA)."""
+
+    chunk_s: float = 5.0                   # scored chunk length; row ids end at multiples of it
+    batch_size: int = 32                   # windows per onnxruntime call
+    intra_op_threads: int | None = None    # onnxruntime threads per model call (None: one per core)
+    inter_op_threads: int = 1
+    allow_spinning: bool = False           # let idle ORT threads spin (faster alone, slower when sharing cores)
+    decode_workers: int = 2                # threads decoding files ahead of the model
+    fft_workers: int = 1                   # scipy.fft threads inside the frontend
+    prefetch_batches: int = 2              # prepared batches waiting for the model
+    window_stride_s: float | None = None   # stride of windows longer than a chunk (None: min(chunk, window))
+    tta_shift_s: float = 0.0               # > 0: also predict windows shifted by -/+ this and average
+    smoothing: tuple[float, ...] = ()      # odd-length kernel along chunks within a file; () = off
+    file_scale_alpha: float = 0.0          # p * (1 - a + a * file max of p); 0 = off
+    expected_duration_s: float = 60.0      # rows written for an unreadable file
+    min_duration_s: float = 0.0            # files shorter than this get zero-padded rows up to it
+    progress_every: int = 50               # log a progress line every this many files (0: never)
+
+    def __post_init__(self) -> None:
+        if self.chunk_s <= 0 or self.expected_duration_s <= 0 or self.min_duration_s < 0:
+            raise ValueError("chunk_s and expected_duration_s must be > 0, min_duration_s >= 0")
+        if self.batch_size < 1 or self.decode_workers < 1 or self.prefetch_batches < 1:
+            raise ValueError("batch_size, decode_workers and prefetch_batches must be >= 1")
+        if self.tta_shift_s < 0 or (self.window_stride_s is not None and self.window_stride_s <= 0):
+            raise ValueError("tta_shift_s must be >= 0 and window_stride_s > 0")
+        if not 0.0 <= self.file_scale_alpha <= 1.0:
+            raise ValueError(f"file_scale_alpha must be in [0, 1], got {self.file_scale_alpha}")
+        if self.smoothing:
+            validate_kernel(self.smoothing)
+
+
+@dataclass
+class FileInfo:
+    """One input file: its rows and, when it could not be read, why."""
+
+    path: str
+    stem: str
+    n_chunks: int
+    duration_s: float | None = None   # decoded duration; None when unreadable
+    error: str | None = None
+
+    @property
+    def readable(self) -> bool:
+        return self.error is None
+
+
+def list_audio_files(folder: str | os.PathLike, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> list[Path]:
+    """Audio files directly in `folder`, sorted by name (hidden files skipped); an empty folder is fine."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"input folder not found: {folder}")
+    wanted = {e.lower() for e in extensions}
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in wanted)
+
+
+def read_audio(path: str | os.PathLike, sample_rate_hz: int) -> np.ndarray:
+    """Whole file as float32 1-D mono (mean of channels) at `sample_rate_hz`; raises AudioReadError."""
+    try:
+        frames, file_rate_hz = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as err:  # libsndfile raises several types for corrupt input
+        raise AudioReadError(f"{type(err).__name__}: {err}") from err
+    if frames.shape[0] == 0:
+        raise AudioReadError("no audio frames")
+    mono = frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else frames[:, 0]
+    if not np.isfinite(mono).all():
+        raise AudioReadError("non-finite samples (NaN/inf)")
+    if file_rate_hz != sample_rate_hz:
+        mono = _resample(mono, int(file_rate_hz), sample_rate_hz)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _resample(wave: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
+    """Polyphase resampling with scipy; without scipy the file cannot be used."""
+    try:
+        from scipy.signal import resample_poly
+    except ImportError as err:
+        raise AudioReadError(f"sample rate {from_hz} Hz needs resampling to {to_hz} Hz, which needs scipy") from err
+    g = math.gcd(from_hz, to_hz)
+    return resample_poly(wave, to_hz // g, from_hz // g).astype(np.float32)
+
+
+def _n_chunks(n_samples: int, chunk: int) -> int:
+    """Chunks covering `n_samples` (a trailing partial chunk counts; at least one)."""
+    return max(1, -(-n_samples // chunk))
+
+
+def _decode(path: Path, sample_rate_hz: int, settings: InferenceSettings) -> tuple[FileInfo, np.ndarray | None]:
+    """Decode one file; never raises: an unreadable file gets `expected_duration_s` of zero rows."""
+    chunk = round(settings.chunk_s * sample_rate_hz)
+    min_chunks = _n_chunks(round(settings.min_duration_s * sample_rate_hz), chunk) if settings.min_duration_s else 1
+    try:
+        wave = read_audio(path, sample_rate_hz)
+    except Exception as err:  # whatever goes wrong with one file, the others and its rows go on
+        n_chunks = _n_chunks(round(settings.expected_duration_s * sample_rate_hz), chunk)
+        log.warning("cannot read %s (%s); writing %d rows of zeros", path, err, n_chunks)
+        return FileInfo(str(path), path.stem, max(n_chunks, min_chunks), error=str(err) or type(err).__name__), None
+    n_chunks = max(_n_chunks(len(wave), chunk), min_chunks)
+    return FileInfo(str(path), path.stem, n_chunks, duration_s=len(wave) / sample_rate_hz), wave
+
+
+def _decode_in_order(files: Sequence[Path], sample_rate_hz: int,
+                     settings: InferenceSettings) -> Iterator[tuple[FileInfo, np.ndarray | None]]:
+    """Decoded files in input order; at most 2 * decode_workers decoded ahead (bounded memory)."""
+    pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
+    pending: deque = deque()
+    try:
+        for path in files:
+            pending.append(pool.submit(_decode, Path(path), sample_rate_hz, settings))
+            if len(pending) >= 2 * settings.decode_workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def row_ids(stem: str, n_chunks: int, chunk_s: float = 5.0) -> list[str]:
+    """BirdCLEF row ids '<stem>_<chunk end in whole seconds>' for chunks 1..n_chunks."""
+    return [f"{stem}_{round((i + 1) * chunk_s)}" for i in range(n_chunks)]
+
+
+# ---------------------------------------------------------------- windows and streams
+
+
+def _window_starts(n_chunks: int, chunk: int, window: int, stride: int) -> np.ndarray:
+    """Window starts (samples) from 0 every `stride` until one reaches the end of the last chunk."""
+    span = n_chunks * chunk
+    starts = list(range(0, max(span - window, 0) + 1, stride))
+    if starts[-1] + window < span:
+        starts.append(starts[-1] + stride)
+    return np.array(starts, dtype=np.int64)
+
+
+def _cut_windows(wave: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """Windows [n, length] starting at `starts` (may lie outside the file), zero-padded outside it."""
+    out = np.zeros((len(starts), length), dtype=np.float32)
+    for row, start in enumerate(starts.tolist()):
+        lo, hi = max(start, 0), min(start + length, len(wave))
+        if hi > lo:
+            out[row, lo - start : hi - start] = wave[lo:hi]
+    return out
+
+
+def _overlap_to_chunks(frames: np.ndarray, starts: np.ndarray, window: int, n_chunks: int, chunk: int) -> np.ndarray:
+    """Chunk probs [n_chunks, C] from framewise probs [n_windows, T', C] of windows at `starts`.
+
+    As `birdrounds.pseudo._overlap_average`: frames go on a per-file grid of step window / T'
+    (window offsets snapped to the nearest step, so strides and TTA shifts should be multiples of
+    it), overlapping frames are averaged, and a chunk takes the max over the grid cells whose centre
+    lies inside it.
+    """
+    n_frames, n_classes = frames.shape[1], frames.shape[2]
+    step = window / n_frames
+    offsets = np.rint(starts / step).astype(np.int64)
+    origin = int(offsets.min())
+    offsets -= origin
+    size = int(offsets.max()) + n_frames
+    total = np.zeros((size, n_classes), dtype=np.float64)
+    count = np.zeros(size, dtype=np.int64)
+    for offset, window_frames in zip(offsets.tolist(), frames):
+        total[offset : offset + n_frames] += window_frames
+        count[offset : offset + n_frames] += 1
+    mean = total / np.maximum(count, 1)[:, None]
+    cell_chunk = np.floor((np.arange(size) + origin + 0.5) * step / chunk).astype(np.int64)
+    out = np.zeros((n_chunks, n_classes), dtype=np.float64)
+    for c in range(n_chunks):
+        inside = (cell_chunk == c) & (count > 0)
+        if inside.any():
+            out[c] = mean[inside].max(axis=0)
+    return out
+
+
+@dataclass
+class _Stream:
+    """Models sharing one input: the same window length and frontend (or raw waveform)."""
+
+    models: list[tuple[OnnxModel, np.ndarray]]   # (model, column order into the ensemble's classes)
+    window: int                                   # samples
+    stride: int                                   # samples between windows (framewise streams)
+    chunk: int                                    # samples per scored chunk
+    shifts: np.ndarray                            # TTA offsets in samples, 0 first
+    frontend: MelFrontendNumpy | None
+
+    @property
+    def framewise(self) -> bool:
+        """Windows other than the scored chunks need the framewise output."""
+        return self.window != self.chunk
+
+    def plan(self, n_chunks: int) -> tuple[np.ndarray, np.ndarray]:
+        """(window starts, chunk of each window or -1) for a file of `n_chunks` chunks."""
+        if self.framewise:
+            base = _window_starts(n_chunks, self.chunk, self.window, self.stride)
+            starts = (base[:, None] + self.shifts[None, :]).ravel()
+            return starts, np.full(len(starts), -1, dtype=np.int64)
+        chunks = np.repeat(np.arange(n_chunks, dtype=np.int64), len(self.shifts))
+        return chunks * self.chunk + np.tile(self.shifts, n_chunks), chunks
+
+    def prepare(self, waves: np.ndarray) -> np.ndarray:
+        """Model input for a batch of windows: spectrograms, or the waveforms themselves."""
+        return self.frontend(waves) if self.frontend is not None else waves
+
+    def to_chunks(self, outputs: np.ndarray, starts: np.ndarray, chunk_of: np.ndarray, n_chunks: int) -> np.ndarray:
+        """Chunk probs [n_chunks, C] (float64) from one model's outputs for all windows of a file."""
+        if self.framewise:
+            return _overlap_to_chunks(outputs, starts, self.window, n_chunks, self.chunk)
+        total = np.zeros((n_chunks, outputs.shape[-1]), dtype=np.float64)
+        np.add.at(total, chunk_of, outputs)
+        return total / np.bincount(chunk_of, minlength=n_chunks)[:, None]
+
+
+def _build_streams(models: Sequence[OnnxModel], orders: Sequence[np.ndarray],
+                   settings: InferenceSettings) -> list[_Stream]:
+    """Group models by input so each window's frontend runs once for all models that share it."""
+    sr = models[0].info.sample_rate_hz
+    chunk = round(settings.chunk_s * sr)
+    shift = round(settings.tta_shift_s * sr)
+    shifts = np.array([0, -shift, shift] if shift else [0], dtype=np.int64)
+    streams: dict[tuple, _Stream] = {}
+    for model, order in zip(models, orders):
+        info = model.info
+        window = round(info.window_s * sr)
+        stride = round(settings.window_stride_s * sr) if settings.window_stride_s else min(chunk, window)
+        if window != chunk and not model.has_framewise:
+            raise ModelFormatError(f"{model.path}: window {info.window_s} s differs from the {settings.chunk_s}-s "
+                                   "chunk, which needs the framewise_probs output (SED head)")
+        if stride > window:
+            raise ValueError(f"window stride {stride / sr} s leaves gaps between {info.window_s}-s windows")
+        frontend = info.frontend if info.input_kind == "spectrogram" else None
+        key = (info.input_kind, frontend, window, stride)
+        if key not in streams:
+            numpy_frontend = MelFrontendNumpy(frontend, settings.fft_workers) if frontend is not None else None
+            streams[key] = _Stream([], window, stride, chunk, shifts, numpy_frontend)
+        _check_input_shape(model, streams[key])
+        streams[key].models.append((model, order))
+    return list(streams.values())
+
+
+def _check_input_shape(model: OnnxModel, stream: _Stream) -> None:
+    """Refuse a graph whose static input dimensions disagree with what this stream feeds it."""
+    if stream.frontend is not None:
+        cfg = stream.frontend.config
+        want = [None, 1, cfg.n_mels, stream.frontend.n_frames(stream.window)]
+    else:
+        want = [None, stream.window]
+    got = model.input_shape
+    if len(got) != len(want) or any(isinstance(g, int) and w is not None and g != w for g, w in zip(got, want)):
+        raise ModelFormatError(f"{model.path}: input {model.input_name} has shape {got}, expected {want}")
+
+
+# ---------------------------------------------------------------- the producer / consumer pipeline
+
+
+@dataclass
+class _Batch:
+    """Prepared model input for windows of one stream, and where each window belongs."""
+
+    stream: int
+    inputs: np.ndarray
+    file_index: np.ndarray
+    starts: np.ndarray
+    chunk_of: np.ndarray
+
+
+@dataclass
+class _Pending:
+    """Windows of one stream waiting to fill a batch."""
+
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    size: int = 0
+
+    def add(self, waves: np.ndarray, file_index: int, starts: np.ndarray, chunk_of: np.ndarray) -> None:
+        self.parts.append((waves, np.full(len(waves), file_index), starts, chunk_of))
+        self.size += len(waves)
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The first `n` windows (waves, file index, start, chunk), keeping the rest."""
+        joined = [np.concatenate(column) for column in zip(*self.parts)]
+        head = tuple(column[:n] for column in joined)
+        rest = tuple(column[n:] for column in joined)
+        self.parts = [rest] if len(rest[0]) else []
+        self.size = len(rest[0])
+        return head
+
+
+_DONE = object()
+
+
+def _put(out: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put unless the consumer has stopped; False when it has."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _produce(files: Sequence[Path], streams: list[_Stream], sample_rate_hz: int, settings: InferenceSettings,
+             out: queue.Queue, stop: threading.Event) -> None:
+    """Producer thread: decode, cut windows, run the frontend; send FileInfo and _Batch items, then _DONE."""
+    try:
+        pending = [_Pending() for _ in streams]
+
+        def flush(s: int, minimum: int) -> bool:
+            while pending[s].size >= minimum and pending[s].size > 0:
+                waves, file_index, starts, chunk_of = pending[s].take(settings.batch_size)
+                batch = _Batch(s, streams[s].prepare(waves), file_index, starts, chunk_of)
+                if not _put(out, batch, stop):
+                    return False
+            return True
+
+        for index, (info, wave) in enumerate(_decode_in_order(files, sample_rate_hz, settings)):
+            if not _put(out, (index, info), stop):
+                return
+            if wave is None:
+                continue
+            for s, stream in enumerate(streams):
+                starts, chunk_of = stream.plan(info.n_chunks)
+                pending[s].add(_cut_windows(wave, starts, stream.window), index, starts, chunk_of)
+                if not flush(s, settings.batch_size):
+                    return
+        for s in range(len(streams)):
+            if not flush(s, 1):
+                return
+        _put(out, _DONE, stop)
+    except BaseException as err:  # handed to the consumer, which re-raises it
+        _put(out, err, stop)
+
+
+class _Collector:
+    """Consumer side: run the models, gather window outputs per file, average models into chunk probs."""
+
+    def __init__(self, streams: list[_Stream], n_files: int, n_classes: int, settings: InferenceSettings) -> None:
+        self.streams = streams
+        self.n_classes = n_classes
+        self.n_models = sum(len(s.models) for s in streams)
+        self.settings = settings
+        self.files: list[FileInfo | None] = [None] * n_files
+        self.results: list[np.ndarray | None] = [None] * n_files
+        self._windows: dict[tuple[int, int], dict[str, list]] = {}
+        self._expected: dict[tuple[int, int], int] = {}
+        self._sums: dict[int, np.ndarray] = {}
+        self._models_done: dict[int, int] = {}
+        self.files_done = 0
+        self.chunks_done = 0
+        self.start = time.perf_counter()
+
+    def add_file(self, index: int, info: FileInfo) -> None:
+        """Register a decoded file; an unreadable one is complete at once (zeros)."""
+        self.files[index] = info
+        if not info.readable:
+            self._finish(index, np.zeros((info.n_chunks, self.n_classes), dtype=np.float32))
+            return
+        self._sums[index] = np.zeros((info.n_chunks, self.n_classes), dtype=np.float64)
+        self._models_done[index] = 0
+        for s, stream in enumerate(self.streams):
+            self._expected[(index, s)] = len(stream.plan(info.n_chunks)[0])
+            self._windows[(index, s)] = {"starts": [], "chunk_of": [], "outputs": [[] for _ in stream.models]}
+
+    def add_batch(self, batch: _Batch) -> None:
+        """Run every model of the batch's stream and file the outputs under their files."""
+        stream = self.streams[batch.stream]
+        outputs = [model.run(batch.inputs, stream.framewise)[..., order] for model, order in stream.models]
+        for index in np.unique(batch.file_index).tolist():
+            rows = batch.file_index == index
+            store = self._windows[(index, batch.stream)]
+            store["starts"].append(batch.starts[rows])
+            store["chunk_of"].append(batch.chunk_of[rows])
+            for model_outputs, out in zip(store["outputs"], outputs):
+                model_outputs.append(out[rows])
+            if sum(len(s) for s in store["starts"]) == self._expected[(index, batch.stream)]:
+                self._finish_stream(index, batch.stream)
+
+    def _finish_stream(self, index: int, s: int) -> None:
+        """All windows of file `index` in stream `s` are in: add each model's chunk probs to the file's sum."""
+        store = self._windows.pop((index, s))
+        del self._expected[(index, s)]
+        stream, n_chunks = self.streams[s], self.files[index].n_chunks
+        starts, chunk_of = np.concatenate(store["starts"]), np.concatenate(store["chunk_of"])
+        for model_outputs in store["outputs"]:
+            self._sums[index] += stream.to_chunks(np.concatenate(model_outputs), starts, chunk_of, n_chunks)
+            self._models_done[index] += 1
+        if self._models_done[index] == self.n_models:
+            self._finish(index, (self._sums.pop(index) / self.n_models).astype(np.float32))
+
+    def _finish(self, index: int, probs: np.ndarray) -> None:
+        self.results[index] = probs
+        self.files_done += 1
+        self.chunks_done += len(probs)
+        every = self.settings.progress_every
+        if every and self.files_done % every == 0:
+            elapsed = time.perf_counter() - self.start
+            log.info("%d/%d files, %d chunks, %.1f s, %.1f chunks/s", self.files_done, len(self.files),
+                     self.chunks_done, elapsed, self.chunks_done / max(elapsed, 1e-9))
+
+
+# ---------------------------------------------------------------- post-processing
+
+
+def validate_kernel(kernel: Sequence[float]) -> np.ndarray:
+    """A smoothing kernel as float64: odd length, finite, non-negative, positive centre weight."""
+    weights = np.asarray(kernel, dtype=np.float64)
+    if weights.ndim != 1 or len(weights) % 2 != 1:
+        raise ValueError(f"smoothing kernel must have an odd number of weights, got {list(kernel)}")
+    if not np.isfinite(weights).all() or (weights < 0).any() or weights[len(weights) // 2] <= 0:
+        raise ValueError(f"smoothing weights must be finite and >= 0 with a positive centre, got {list(kernel)}")
+    return weights
+
+
+def _file_runs(file_index: np.ndarray) -> np.ndarray:
+    """Start row of each file's run of rows; rows of one file must be contiguous."""
+    file_index = np.asarray(file_index)
+    starts = np.flatnonzero(np.r_[True, file_index[1:] != file_index[:-1]]) if len(file_index) else np.zeros(0, int)
+    if len(starts) != len(np.unique(file_index)):
+        raise ValueError("rows of each file must be contiguous (in chunk order)")
+    return starts
+
+
+def smooth(probs: np.ndarray, file_index: np.ndarray, kernel: Sequence[float]) -> np.ndarray:
+    """Weighted moving average along the chunks of each file.
+
+    out[i] = sum_j k[j] * p[i + j - h] / sum_j k[j], both sums over the taps j whose chunk
+    i + j - h lies in the same file as i (h = len(k) // 2). Renormalising over the taps inside the
+    file keeps a constant sequence constant at the edges; a 1-chunk file is unchanged.
+    """
+    weights = validate_kernel(kernel)
+    probs = np.asarray(probs)
+    file_index = np.asarray(file_index)
+    _file_runs(file_index)
+    n, half = len(probs), len(weights) // 2
+    total = np.zeros(probs.shape, dtype=np.float64)
+    norm = np.zeros(n, dtype=np.float64)
+    rows = np.arange(n)
+    for j, weight in enumerate(weights):
+        src = rows + j - half
+        valid = (src >= 0) & (src < n)
+        valid[valid] = file_index[src[valid]] == file_index[valid]
+        total[valid] += weight * probs[src[valid]]
+        norm[valid] += weight
+    return (total / np.maximum(norm, 1e-300)[:, None]).astype(probs.dtype)
+
+
+def scale_by_file_max(probs: np.ndarray, file_index: np.ndarray, alpha: float) -> np.ndarray:
+    """p * ((1 - alpha) + alpha * m), m = the class's max probability over the chunks of the same file.
+
+    A class heard somewhere in the file keeps its chunk probabilities (m near 1); one never heard is
+    damped towards p * (1 - alpha). alpha = 0 leaves p unchanged.
+    """
+    probs = np.asarray(probs)
+    if alpha == 0 or len(probs) == 0:
+        return probs.copy()
+    starts = _file_runs(file_index)
+    file_max = np.maximum.reduceat(probs, starts, axis=0)
+    lengths = np.diff(np.r_[starts, len(probs)])
+    factor = (1.0 - alpha) + alpha * np.repeat(file_max, lengths, axis=0)
+    return (probs * factor).astype(probs.dtype)
+
+
+def postprocess(raw: np.ndarray, file_index: np.ndarray, smoothing: Sequence[float] = (),
+                file_scale_alpha: float = 0.0) -> np.ndarray:
+    """Smoothing (if a kernel is given), then file-level scaling (if alpha > 0)."""
+    probs = smooth(raw, file_index, smoothing) if len(smoothing) else np.array(raw, copy=True)
+    return scale_by_file_max(probs, file_index, file_scale_alpha) if file_scale_alpha else probs
+
+
+# ---------------------------------------------------------------- the public entry points
+
+
+@dataclass
+class Predictions:
+    """Chunk-level predictions for a list of files, rows in file order then chunk order."""
+
+    classes: list[str]
+    row_ids: list[str]
+    file_index: np.ndarray   # [N] index into `files`
+    raw_probs: np.ndarray    # [N, C] ensemble mean, before post-processing
+    probs: np.ndarray        # [N, C] after smoothing and file scaling (equal to raw_probs when both are off)
+    files: list[FileInfo]
+    seconds: float
+
+    @property
+    def unreadable(self) -> list[FileInfo]:
+        return [f for f in self.files if not f.readable]
+
+    def summary(self) -> str:
+        """One line: files, chunks, unreadable files, time and throughput."""
+        rate = len(self.row_ids) / max(self.seconds, 1e-9)
+        return (f"{len(self.files)} files, {len(self.row_ids)} chunks, {len(self.unreadable)} unreadable, "
+                f"{self.seconds:.1f} s, {rate:.1f} chunks/s")
+
+
+def predict_files(models: Sequence[OnnxModel], files: Sequence[str | os.PathLike],
+                  settings: InferenceSettings = InferenceSettings()) -> Predictions:
+    """Ensemble-mean chunk probabilities for `files` (every file gets its rows, readable or not)."""
+    start = time.perf_counter()
+    classes, orders = ensemble_classes(models)
+    streams = _build_streams(models, orders, settings)
+    files = [Path(f) for f in files]
+    sample_rate_hz = models[0].info.sample_rate_hz
+    collector = _Collector(streams, len(files), len(classes), settings)
+    messages: queue.Queue = queue.Queue(maxsize=settings.prefetch_batches)
+    stop = threading.Event()
+    producer = threading.Thread(target=_produce, args=(files, streams, sample_rate_hz, settings, messages, stop),
+                                name="infer-producer", daemon=True)
+    producer.start()
+    try:
+        while (item := messages.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, _Batch):
+                collector.add_batch(item)
+            else:
+                collector.add_file(*item)
+    finally:
+        stop.set()
+        producer.join()
+    infos = [info for info in collector.files if info is not None]
+    probs = [p for p in collector.results if p is not None]
+    raw = np.concatenate(probs) if probs else np.zeros((0, len(classes)), dtype=np.float32)
+    file_index = np.repeat(np.arange(len(infos)), [info.n_chunks for info in infos])
+    ids = [rid for info in infos for rid in row_ids(info.stem, info.n_chunks, settings.chunk_s)]
+    if len(set(ids)) != len(ids):
+        log.warning("duplicate row ids: several input files share a stem")
+    result = Predictions(classes, ids, file_index, raw,
+                         postprocess(raw, file_index, settings.smoothing, settings.file_scale_alpha),
+                         infos, time.perf_counter() - start)
+    log.info("done: %s", result.summary())
+    return result
+
+
+def predict_folder(model_paths: Sequence[str | os.PathLike], inputs: str | os.PathLike | Sequence[str | os.PathLike],
+                   settings: InferenceSettings = InferenceSettings()) -> Predictions:
+    """Load the models and predict every audio file of a folder (or an explicit list of files)."""
+    files = list_audio_files(inputs) if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
+    models = load_models(model_paths, settings.intra_op_threads, settings.inter_op_threads, settings.allow_spinning)
+    return predict_files(models, files, settings)
+
+
+def read_submission_header(path: str | os.PathLike) -> list[str]:
+    """The class columns of a sample submission (its header minus the leading row_id)."""
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    if not header or header[0] != "row_id":
+        raise ValueError(f"{path}: first column must be row_id, got {header[:1]}")
+    return header[1:]
+
+
+def align_columns(classes: Sequence[str], probs: np.ndarray, columns: Sequence[str]) -> np.ndarray:
+    """`probs` with its class columns in the order of `columns`; the two class sets must be equal."""
+    if list(classes) == list(columns):
+        return probs
+    missing, extra = sorted(set(columns) - set(classes)), sorted(set(classes) - set(columns))
+    if missing or extra or len(columns) != len(set(columns)):
+        raise ValueError(f"sample submission columns do not match the model classes: {len(missing)} not in the "
+                         f"model (e.g. {missing[:5]}), {len(extra)} not in the sample submission (e.g. {extra[:5]})"
+                         + ("; duplicate columns" if len(columns) != len(set(columns)) else ""))
+    position = {c: i for i, c in enumerate(classes)}
+    return probs[:, [position[c] for c in columns]]
+
+
+def write_submission(path: str | os.PathLike, row_ids: Sequence[str], classes: Sequence[str], probs: np.ndarray,
+                     sample_submission: str | os.PathLike | None = None, float_format: str = "%.7g") -> None:
+    """Atomically write `row_id,<classes...>` CSV; columns follow the sample submission's header when given."""
+    columns = list(classes)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.shape != (len(row_ids), len(columns)):
+        raise ValueError(f"probs shape {probs.shape} does not match {len(row_ids)} rows x {len(columns)} classes")
+    if sample_submission is not None:
+        header = read_submission_header(sample_submission)
+        probs, columns = align_columns(columns, probs, header), header
+    line = "%s" + ("," + float_format) * len(columns) + "\n"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerow(["row_id", *columns])
+            for rid, row in zip(row_ids, probs.tolist()):
+                f.write(line % (rid, *row))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _kernel_arg(text: str) -> tuple[float, ...]:
+    """'0.1,0.8,0.1' -> (0.1, 0.8, 0.1), validated."""
+    try:
+        kernel = tuple(float(v) for v in text.split(",") if v.strip())
+        validate_kernel(kernel)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return kernel
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Predict BirdCLEF chunk probabilities with birdrounds ONNX models.")
+    p.add_argument("--model", action="append", required=True, help="ONNX file; repeat to average several models")
+    p.add_argument("--input-dir", required=True, help="folder of soundscapes (.ogg/.wav/.flac/.mp3)")
+    p.add_argument("--output", default="submission.csv", help="CSV to write (atomically)")
+    p.add_argument("--sample-submission", help="take the class columns (and their order) from this CSV's header")
+    d = InferenceSettings()
+    p.add_argument("--chunk-s", type=float, default=d.chunk_s, help="scored chunk length in seconds")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per model call")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--decode-workers", type=int, default=d.decode_workers, help="threads decoding audio files")
+    p.add_argument("--window-stride-s", type=float, default=None, help="stride of windows longer than a chunk")
+    p.add_argument("--tta-shift-s", type=float, default=d.tta_shift_s, help="also predict shifted by -/+ this (s)")
+    p.add_argument("--smooth", type=_kernel_arg, default=(), help="kernel along chunks, e.g. 0.1,0.8,0.1")
+    p.add_argument("--file-scale-alpha", type=float, default=d.file_scale_alpha,
+                   help="p * (1 - a + a * file max of p); 0 = off")
+    p.add_argument("--expected-duration-s", type=float, default=d.expected_duration_s,
+                   help="rows of zeros written for an unreadable file")
+    p.add_argument("--min-duration-s", type=float, default=d.min_duration_s,
+                   help="pad shorter files with rows up to this duration")
+    p.add_argument("--progress-every", type=int, default=d.progress_every, help="files between progress lines")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point: predict a folder and write the submission CSV."""
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
+    try:
+        settings = InferenceSettings(
+            chunk_s=args.chunk_s, batch_size=args.batch_size, intra_op_threads=args.threads,
+            decode_workers=args.decode_workers, window_stride_s=args.window_stride_s,
+            tta_shift_s=args.tta_shift_s, smoothing=args.smooth, file_scale_alpha=args.file_scale_alpha,
+            expected_duration_s=args.expected_duration_s, min_duration_s=args.min_duration_s,
+            progress_every=args.progress_every,
+        )
+        models = load_models(args.model, settings.intra_op_threads, settings.inter_op_threads)
+        if args.sample_submission is not None:  # fail before the long run, not after it
+            classes, _ = ensemble_classes(models)
+            align_columns(classes, np.zeros((0, len(classes))), read_submission_header(args.sample_submission))
+        result = predict_files(models, list_audio_files(args.input_dir), settings)
+        write_submission(args.output, result.row_ids, result.classes, result.probs, args.sample_submission)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"infer: error: {err}", file=sys.stderr)
+        return 2
+    log.info("wrote %s (%d rows)", args.output, len(result.row_ids))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""`birdrounds export` and `birdrounds predict` from the config: the last step of a run.
+
+export:  a round's checkpoint(s) -> `export.out_dir/` (model.onnx fast path, model_waveform.onnx,
+         classes.json, the standalone infer.py, README.md, export.json), each graph checked against
+         PyTorch on real soundscape chunks.
+predict: exported model(s) over a folder of soundscapes -> submission.csv; on the labeled validation
+         soundscapes it also scores the AUC with and without smoothing into `run_dir/predict.json`,
+         which report.md shows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from birdrounds import infer
+from birdrounds.artifacts import write_json_atomic
+from birdrounds.config import ConfigError
+from birdrounds.report import completed_rounds, write_report
+
+log = logging.getLogger(__name__)
+
+PREDICT_RECORD = "predict.json"
+
+
+def export_checkpoints(cfg: DictConfig) -> list[Path]:
+    """`export.checkpoints`, else `export.round`'s model.pt, else the last completed round's."""
+    if cfg.export.checkpoints:
+        paths = [Path(p) for p in cfg.export.checkpoints]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise ConfigError(f"export.checkpoints: not found: {', '.join(missing)}")
+        return paths
+    run_dir = Path(cfg.run_dir)
+    done = dict(completed_rounds(run_dir))
+    if not done:
+        raise ConfigError(f"export.round: no completed round in {run_dir}; run `python rounds/run.py` first "
+                          "or pass export.checkpoints=[...]")
+    k = max(done) if cfg.export.round is None else cfg.export.round
+    if k not in done:
+        raise ConfigError(f"export.round: round {k} is not complete in {run_dir} (completed: {sorted(done)})")
+    return [done[k] / "model.pt"]
+
+
+def soundscape_windows(folders: list[Path], sample_rate_hz: int, window_s: float, n: int) -> np.ndarray | None:
+    """Up to `n` real windows [n, window samples], spread over the soundscapes of `folders` (None if none)."""
+    files = [f for folder in folders if folder.is_dir() for f in infer.list_audio_files(folder)]
+    length = round(window_s * sample_rate_hz)
+    windows: list[np.ndarray] = []
+    for path in files:
+        try:
+            wave = infer.read_audio(path, sample_rate_hz)
+        except infer.AudioReadError as err:
+            log.warning("skipping %s for export checks: %s", path, err)
+            continue
+        starts = range(0, max(len(wave) - length, 0) + 1, length)
+        windows += [np.pad(wave[s:s + length], (0, max(0, length - len(wave[s:])))) for s in starts]
+        if len(windows) >= 4 * n:
+            break
+    if not windows:
+        return None
+    pick = np.linspace(0, len(windows) - 1, min(n, len(windows))).round().astype(int)
+    return np.stack([windows[i] for i in pick]).astype(np.float32)
+
+
+def _soundscape_folders(cfg: DictConfig) -> list[Path]:
+    root = Path(cfg.data.root)
+    val = Path(cfg.data.val_soundscapes_dir) if cfg.data.get("val_soundscapes_dir") else root / "val_soundscapes"
+    return [root / "train_soundscapes", val]
+
+
+def run_export(cfg: DictConfig) -> dict[str, Any]:
+    """Export the checkpoints named by `cfg.export` as a package; returns export.json's content."""
+    from birdrounds.export import KINDS, export_onnx, export_package
+    from birdrounds.model import load_checkpoint
+
+    # The exporter's graph passes log every rewrite at INFO.
+    for name in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    kinds = list(cfg.export.kinds)
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise ConfigError(f"export.kinds: must be a non-empty list of {KINDS}, got {kinds}")
+    checkpoints = export_checkpoints(cfg)
+    _, ckpt = load_checkpoint(checkpoints[0])
+    window_s = ckpt["audio"].get("window_s") or 5.0
+    n_audio = max(cfg.export.verify_chunks, cfg.export.calibration_chunks if cfg.export.int8 else 0)
+    audio = soundscape_windows(_soundscape_folders(cfg), ckpt["audio"]["sample_rate_hz"], window_s, n_audio)
+    if audio is None:
+        log.warning("no readable soundscapes under %s: checking the export on noise", cfg.data.root)
+    verify = audio[np.linspace(0, len(audio) - 1, min(cfg.export.verify_chunks, len(audio))).round().astype(int)] \
+        if audio is not None else None
+    out_dir = Path(cfg.export.out_dir)
+    log.info("exporting %s as %s to %s", [str(p) for p in checkpoints], kinds, out_dir)
+    started = time.time()
+    report = export_package([str(p) for p in checkpoints], out_dir, kind=kinds[0], verify_audio=verify,
+                            int8=cfg.export.int8, calibration=audio)
+    for kind in kinds[1:]:
+        report[kind] = export_onnx([str(p) for p in checkpoints], out_dir / f"model_{kind}.onnx", kind,
+                                   verify_audio=verify, atol=cfg.export.atol)
+        report["files"].insert(1, f"model_{kind}.onnx")
+    report["seconds"] = round(time.time() - started, 1)
+    write_json_atomic(out_dir / "export.json", report)
+    for key in ("onnx", *kinds[1:]):
+        part = report[key]
+        log.info("%s: %s graph, max |ONNX - PyTorch| = %.2e on %d %s", part["path"], part["kind"],
+                 part["max_abs_diff"], part["n_verify"], part["verify_inputs"])
+    return report
+
+
+def inference_settings(cfg: DictConfig) -> infer.InferenceSettings:
+    """`cfg.predict` as infer.InferenceSettings (a bad value is reported naming its predict.* key)."""
+    p = cfg.predict
+    values = {"intra_op_threads": p.threads, "decode_workers": p.decode_workers, "batch_size": p.batch_size,
+              "window_stride_s": p.window_stride_s, "tta_shift_s": p.tta_shift_s,
+              "smoothing": tuple(p.smoothing or ()), "file_scale_alpha": p.file_scale_alpha,
+              "expected_duration_s": p.expected_duration_s}
+    try:
+        return infer.InferenceSettings(**values)
+    except ValueError as err:
+        raise ConfigError(f"predict: {err}") from None
+
+
+def run_predict(cfg: DictConfig) -> dict[str, Any]:
+    """Predict `predict.input_dir` with `predict.models`, write the submission, score it when labeled."""
+    from birdrounds.data.layout import read_table
+    from birdrounds.train import soundscape_auc
+
+    models = [Path(m) for m in cfg.predict.models]
+    missing = [str(m) for m in models if not m.is_file()]
+    if not models or missing:
+        raise ConfigError(f"predict.models: not found: {', '.join(missing) or '[]'} (run `birdrounds export` first)")
+    root = Path(cfg.data.root)
+    solution_path = cfg.predict.solution
+    if cfg.predict.input_dir is None:
+        input_dir = _soundscape_folders(cfg)[1]
+        solution_path = solution_path or cfg.data.get("val_solution") or root / "val_solution.csv"
+    else:
+        input_dir = Path(cfg.predict.input_dir)
+    if not input_dir.is_dir():
+        raise ConfigError(f"predict.input_dir: not a folder: {input_dir}")
+    sample = Path(cfg.predict.sample_submission) if cfg.predict.sample_submission else None
+    if sample is not None and not sample.is_file():
+        raise ConfigError(f"predict.sample_submission: not found: {sample}")
+    settings = inference_settings(cfg)
+    try:
+        preds = infer.predict_folder(models, input_dir, settings)
+        infer.write_submission(cfg.predict.output, preds.row_ids, preds.classes, preds.probs, sample_submission=sample)
+    except infer.ModelFormatError as err:
+        raise ConfigError(f"predict.models: {err}") from None
+    record: dict[str, Any] = {
+        "models": [str(m) for m in models], "input_dir": str(input_dir), "output": str(cfg.predict.output),
+        "files": len(preds.files), "chunks": len(preds.row_ids), "unreadable": [f.path for f in preds.unreadable],
+        "seconds": round(preds.seconds, 2), "chunks_per_s": round(len(preds.row_ids) / max(preds.seconds, 1e-9), 1),
+        "settings": OmegaConf.to_container(cfg.predict, resolve=True),
+    }
+    log.info("wrote %s: %s", cfg.predict.output, preds.summary())
+    if solution_path and Path(solution_path).is_file():
+        solution = read_table(Path(solution_path), ("row_id",), "solution")
+        scored = solution[solution["row_id"].isin(set(preds.row_ids))]
+        if len(scored) < len(solution):
+            log.warning("%d solution rows have no prediction; scoring the %d that do", len(solution) - len(scored), len(scored))
+        ids = np.asarray(preds.row_ids)
+        record["solution"] = str(solution_path)
+        record["auc_raw"] = soundscape_auc(preds.raw_probs, ids, scored, preds.classes)
+        record["auc_postprocessed"] = soundscape_auc(preds.probs, ids, scored, preds.classes)
+        log.info("validation soundscape AUC: %.4f raw, %.4f with smoothing %s / file scaling %s",
+                 record["auc_raw"], record["auc_postprocessed"], list(settings.smoothing), settings.file_scale_alpha)
+    run_dir = Path(cfg.run_dir)
+    if run_dir.is_dir():
+        write_json_atomic(run_dir / PREDICT_RECORD, record)
+        write_report(run_dir)
+    return record
+
+
+def read_predict_record(run_dir: Path) -> dict[str, Any] | None:
+    """The last `birdrounds predict` record of a run folder, if any."""
+    path = run_dir / PREDICT_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
