@@ -96,7 +96,7 @@ def timed(name: str, fn, n_chunks: int, results: list, reference: np.ndarray | N
 
 def fast_settings(threads: int) -> infer.InferenceSettings:
     """The `birdrounds predict` defaults (configs/predict/default.yaml)."""
-    return infer.InferenceSettings(intra_op_threads=threads, decode_workers=2, batch_size=32, smoothing=SMOOTHING)
+    return infer.InferenceSettings(intra_op_threads=threads, decode_workers=2, batch_size=8, smoothing=SMOOTHING)
 
 
 def auc_change(run_dir: Path, threads: int, openvino: bool) -> list[dict]:
