@@ -7,7 +7,7 @@ Paths, all on the same files and the same model (default: the BirdCLEF `sed_effn
   full ONNX graph              `infer.py` with the waveform graph (torchaudio mel exported inside)
   fast path (default)          `infer.py` with the spectrogram graph: numpy/scipy frontend, threaded decode
   + INT8 (--int8)              the fast path with the statically quantized backbone
-  + OpenVINO (--openvino)      the fast path's spectrogram graph compiled by OpenVINO (if installed)
+  + OpenVINO (--openvino)      the fast path with predict.engine=openvino / openvino_bf16 (pip install openvino)
 
     python bench/inference.py [--files 24] [--threads 2] [--int8] [--openvino] [--auc-run RUN_DIR]
 
@@ -94,9 +94,10 @@ def timed(name: str, fn, n_chunks: int, results: list, reference: np.ndarray | N
     return probs
 
 
-def fast_settings(threads: int) -> infer.InferenceSettings:
-    """The `birdrounds predict` defaults (configs/predict/default.yaml)."""
-    return infer.InferenceSettings(intra_op_threads=threads, decode_workers=2, batch_size=8, smoothing=SMOOTHING)
+def fast_settings(threads: int, engine: str = "onnxruntime") -> infer.InferenceSettings:
+    """The `birdrounds predict` defaults (configs/predict/default.yaml), on `engine`."""
+    return infer.InferenceSettings(intra_op_threads=threads, decode_workers=2, batch_size=8, smoothing=SMOOTHING,
+                                   engine=engine)
 
 
 def auc_change(run_dir: Path, threads: int, openvino: bool) -> list[dict]:
@@ -124,45 +125,18 @@ def auc_change(run_dir: Path, threads: int, openvino: bool) -> list[dict]:
         with torch.no_grad():
             calib_spec = spec(torch.from_numpy(calibration)).numpy()
         int8 = quantize_int8(fp32, Path(tmp) / "model_int8.onnx", calib_spec)
-        variants = [("fast path, float32", fp32), ("fast path, INT8", int8)]
-        for name, path in variants:
-            preds = infer.predict_folder([path], val_dir, fast_settings(threads))
+        variants = [("fast path, float32", fp32, "onnxruntime"), ("fast path, INT8", int8, "onnxruntime")]
+        if openvino:
+            variants.append(("fast path, OpenVINO bf16", fp32, "openvino_bf16"))
+        for name, path, engine in variants:
+            preds = infer.predict_folder([path], val_dir, fast_settings(threads, engine))
             rows.append({"variant": name, "auc_raw": soundscape_auc(preds.raw_probs, np.asarray(preds.row_ids), solution, preds.classes),
                          "chunks_per_s": len(preds.row_ids) / preds.seconds})
-        if openvino:
-            start = time.perf_counter()
-            probs, ids, _ = openvino_predict(fp32, infer.list_audio_files(val_dir), threads, bf16=True)
-            rows.append({"variant": "fast path, OpenVINO bf16", "chunks_per_s": len(ids) / (time.perf_counter() - start),
-                         "auc_raw": soundscape_auc(probs, np.asarray(ids), solution, preds.classes)})
     base = rows[0]["auc_raw"]
     for row in rows:
         row["auc_change"] = row["auc_raw"] - base
         print(f"{row['variant']}: val soundscape AUC {row['auc_raw']:.4f} ({row['auc_change']:+.4f})", flush=True)
     return rows
-
-
-def openvino_predict(spec_model: Path, files: list[Path], threads: int, bf16: bool) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Fast-path numpy frontend + the spectrogram graph compiled by OpenVINO, sequential: (raw probs, row ids, file index)."""
-    import openvino as ov
-
-    info = infer.OnnxModel(spec_model).info
-    core = ov.Core()
-    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
-    compiled = core.compile_model(core.read_model(str(spec_model)), "CPU", config)
-    frontend = infer.MelFrontendNumpy(info.frontend, fft_workers=threads)
-    sr = info.sample_rate_hz
-    outputs, ids, index = [], [], []
-    for i, path in enumerate(files):
-        chunks = decode_chunks(path, sr, 5 * sr)
-        outputs += [compiled(frontend(chunks[s : s + 32]))["probs"] for s in range(0, len(chunks), 32)]
-        ids += infer.row_ids(path.stem, len(chunks))
-        index.append(np.full(len(chunks), i))
-    return np.concatenate(outputs), ids, np.concatenate(index)
-
-
-def openvino_smoothed(spec_model: Path, files: list[Path], threads: int) -> np.ndarray:
-    probs, _, index = openvino_predict(spec_model, files, threads, bf16=True)
-    return infer.smooth(probs, index, SMOOTHING)
 
 
 def main() -> int:
@@ -222,8 +196,12 @@ def main() -> int:
             timed("fast path, INT8 backbone", lambda: infer.predict_files(int8_models, files, settings).probs,
                   n_chunks, results, reference)
         if args.openvino:
-            timed("fast path frontend + OpenVINO bf16", lambda: openvino_smoothed(spec_path, files, args.threads),
-                  n_chunks, results, reference)
+            for engine in ("openvino", "openvino_bf16"):
+                ov_models = infer.load_models([spec_path], args.threads, engine=engine)
+                ov_settings = fast_settings(args.threads, engine)
+                infer.predict_files(ov_models, warm, ov_settings)
+                timed(f"fast path, {engine} engine", lambda: infer.predict_files(ov_models, files, ov_settings).probs,
+                      n_chunks, results, reference)
 
     eager = results[0]["chunks_per_s"]
     print("\n| path | 5-s chunks/s | x torch eager | max abs diff vs torch eager |")

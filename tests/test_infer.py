@@ -616,3 +616,22 @@ def test_exported_bird_model_matches_torch_on_real_audio(exported, tmp_path):
         np.testing.assert_allclose(got.raw_probs, want, rtol=0, atol=1e-4, err_msg=kind)
     both = predict(list(paths.values()), [REAL_AUDIO])
     np.testing.assert_allclose(both.raw_probs, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_openvino_engine_matches_onnxruntime_and_refuses_waveform_graphs(exported):
+    pytest.importorskip("openvino")
+    _, paths = exported
+    want = predict([paths["spectrogram"]], [REAL_AUDIO])
+    f32 = predict([paths["spectrogram"]], [REAL_AUDIO], engine="openvino")
+    assert f32.row_ids == want.row_ids
+    np.testing.assert_allclose(f32.raw_probs, want.raw_probs, rtol=0, atol=1e-4)
+    bf16 = predict([paths["spectrogram"]], [REAL_AUDIO], engine="openvino_bf16")
+    np.testing.assert_allclose(bf16.raw_probs, want.raw_probs, rtol=0, atol=5e-2)  # bf16 keeps ~3 digits
+    with pytest.raises(infer.ModelFormatError, match="spectrogram graphs only"):
+        infer.load_models([paths["waveform"]], 1, engine="openvino")
+
+
+def test_unknown_engine_is_refused():
+    with pytest.raises(ValueError, match="engine must be one of"):
+        infer.InferenceSettings(engine="tensorrt")

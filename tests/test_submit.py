@@ -43,6 +43,7 @@ def test_export_predict_and_the_standalone_package(home):
     inputs = home / "inputs"
     shutil.copytree(root / "val_soundscapes", inputs)
     (inputs / "broken.ogg").write_bytes(b"\x00" * 100)
+    shutil.copy(Path(__file__).parent / "fixtures" / "real_audio" / "birds_10s.wav", inputs)  # real birds, 10.13 s
     out = home / "submission.csv"
     predicted = birdrounds(home, "predict", "experiment=smoke", f"predict.input_dir={inputs}", f"predict.output={out}",
                            f"predict.solution={root / 'val_solution.csv'}")
@@ -53,6 +54,9 @@ def test_export_predict_and_the_standalone_package(home):
     broken = submission[submission["row_id"].str.startswith("broken_")]
     assert list(broken["row_id"]) == [f"broken_{5 * k}" for k in range(1, 13)]  # 60 s expected -> 12 rows of zeros
     assert (broken.iloc[:, 1:].to_numpy() == 0).all()
+    real = submission[submission["row_id"].str.startswith("birds_10s_")]
+    assert list(real["row_id"]) == ["birds_10s_5", "birds_10s_10", "birds_10s_15"]  # last chunk zero-padded
+    assert (real.iloc[:, 1:].to_numpy() > 0).all()
     solution = pd.read_csv(root / "val_solution.csv")
     assert set(solution["row_id"]) <= set(submission["row_id"])
     record = json.loads((run_dir / "predict.json").read_text())

@@ -364,11 +364,47 @@ class OnnxModel:
         return np.asarray(out, dtype=np.float32)
 
 
+class OpenVinoModel(OnnxModel):
+    """The same graph compiled by OpenVINO for the CPU (optional `openvino` package), f32 or bf16.
+
+    Metadata, names and shapes are read through onnxruntime (as `OnnxModel`); `run` uses OpenVINO.
+    Spectrogram graphs only: OpenVINO's ONNX reader cannot take the waveform graph's dynamic STFT.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, precision: str = "f32") -> None:
+        super().__init__(path, session_options(1))
+        try:
+            import openvino
+        except ImportError as err:
+            raise ModelFormatError("engine openvino needs the openvino package (pip install openvino)") from err
+        if self.info.input_kind != "spectrogram":
+            raise ModelFormatError(f"{self.path}: OpenVINO runs spectrogram graphs only, this one is "
+                                   f"{self.info.input_kind!r}")
+        config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": int(threads or os.cpu_count() or 1)}
+        core = openvino.Core()
+        self.compiled = core.compile_model(core.read_model(self.path), "CPU", config)
+        self.session = None  # metadata is kept; onnxruntime's copy of the weights is released
+
+    def run(self, inputs: np.ndarray, framewise: bool = False) -> np.ndarray:
+        """Clip probs [B, C], or framewise probs [B, T', C] when `framewise`."""
+        name = "framewise_probs" if framewise else "probs"
+        out = self.compiled({self.input_name: inputs})[self.compiled.output(name)]
+        return np.asarray(out, dtype=np.float32)
+
+
+ENGINES = ("onnxruntime", "openvino", "openvino_bf16")
+
+
 def load_models(paths: Sequence[str | os.PathLike], intra_op_threads: int | None = None,
-                inter_op_threads: int = 1, allow_spinning: bool = False) -> list[OnnxModel]:
-    """Open every model with the same session options."""
+                inter_op_threads: int = 1, allow_spinning: bool = False, engine: str = "onnxruntime") -> list[OnnxModel]:
+    """Open every model with the same engine and thread settings (onnxruntime is the default engine)."""
     if not paths:
         raise ValueError("no model given")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine != "onnxruntime":
+        precision = "bf16" if engine == "openvino_bf16" else "f32"
+        return [OpenVinoModel(p, intra_op_threads, precision) for p in paths]
     options = session_options(intra_op_threads, inter_op_threads, allow_spinning)
     return [OnnxModel(p, options) for p in paths]
 
@@ -410,6 +446,7 @@ class InferenceSettings:
     expected_duration_s: float = 60.0      # rows written for an unreadable file
     min_duration_s: float = 0.0            # files shorter than this get zero-padded rows up to it
     progress_every: int = 50               # log a progress line every this many files (0: never)
+    engine: str = "onnxruntime"            # or "openvino" / "openvino_bf16" (spectrogram graphs, optional package)
 
     def __post_init__(self) -> None:
         if self.chunk_s <= 0 or self.expected_duration_s <= 0 or self.min_duration_s < 0:
@@ -422,6 +459,8 @@ class InferenceSettings:
             raise ValueError(f"file_scale_alpha must be in [0, 1], got {self.file_scale_alpha}")
         if self.smoothing:
             validate_kernel(self.smoothing)
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
 
 
 @dataclass
@@ -930,7 +969,8 @@ def predict_folder(model_paths: Sequence[str | os.PathLike], inputs: str | os.Pa
                    settings: InferenceSettings = InferenceSettings()) -> Predictions:
     """Load the models and predict every audio file of a folder (or an explicit list of files)."""
     files = list_audio_files(inputs) if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
-    models = load_models(model_paths, settings.intra_op_threads, settings.inter_op_threads, settings.allow_spinning)
+    models = load_models(model_paths, settings.intra_op_threads, settings.inter_op_threads, settings.allow_spinning,
+                         settings.engine)
     return predict_files(models, files, settings)
 
 
@@ -1018,6 +1058,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-duration-s", type=float, default=d.min_duration_s,
                    help="pad shorter files with rows up to this duration")
     p.add_argument("--progress-every", type=int, default=d.progress_every, help="files between progress lines")
+    p.add_argument("--engine", choices=ENGINES, default=d.engine,
+                   help="runtime for the model: onnxruntime (default) or OpenVINO f32/bf16 (spectrogram graphs)")
     return p
 
 
@@ -1033,9 +1075,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             decode_workers=args.decode_workers, window_stride_s=args.window_stride_s,
             tta_shift_s=args.tta_shift_s, smoothing=args.smooth, file_scale_alpha=args.file_scale_alpha,
             expected_duration_s=args.expected_duration_s, min_duration_s=args.min_duration_s,
-            progress_every=args.progress_every,
+            progress_every=args.progress_every, engine=args.engine,
         )
-        models = load_models(args.model, settings.intra_op_threads, settings.inter_op_threads)
+        models = load_models(args.model, settings.intra_op_threads, settings.inter_op_threads, engine=settings.engine)
         if args.sample_submission is not None:  # fail before the long run, not after it
             classes, _ = ensemble_classes(models)
             align_columns(classes, np.zeros((0, len(classes))), read_submission_header(args.sample_submission))

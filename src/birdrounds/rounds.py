@@ -166,6 +166,18 @@ def student_parts(cfg: DictConfig, prepared: PreparedData, pseudo_path: Path, pa
     return {**parts, "pseudo_stats": pseudo_stats(probs, prepared.data.classes)}
 
 
+def build_model(cfg: DictConfig, num_classes: int, round_idx: int) -> torch.nn.Module:
+    """Round `round_idx`'s freshly initialised model; students get `pseudo.student_drop_path_rate` if set.
+
+    Seeded from (seed, round), so the same config gives the same initial weights on every process
+    and in every rerun.
+    """
+    set_seed(epoch_seed(cfg.seed, round_idx, INIT_SEED_TAG))
+    student_drop_path = cfg.pseudo.get("student_drop_path_rate") if round_idx > 0 else None
+    overrides = {"drop_path_rate": student_drop_path} if student_drop_path is not None else {}
+    return instantiate(cfg.model, **overrides)(num_classes=num_classes)
+
+
 def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerator, round_dir: Path,
                 round_idx: int = 0, teachers: list[Path] | None = None) -> dict[str, Any]:
     """Round 0: the teacher on the labeled clips; round k: pseudo-label with the teacher, train the student."""
@@ -176,9 +188,7 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
                                                          accelerator), parts)
         stats = parts.pop("pseudo_stats")
     parts.pop("train_table")
-    # Seeded, so the same config gives the same initial weights on every process and in every rerun.
-    set_seed(epoch_seed(cfg.seed, round_idx, INIT_SEED_TAG))
-    model = instantiate(cfg.model)(num_classes=len(prepared.data.classes))
+    model = build_model(cfg, len(prepared.data.classes), round_idx)
     if round_idx > 0 and cfg.pseudo.student_init == "teacher":
         model.load_state_dict(load_checkpoint(teachers[0])[0].state_dict())
     loss_fn = instantiate(cfg.loss)(class_counts=parts.pop("class_counts"))

@@ -119,7 +119,7 @@ def inference_settings(cfg: DictConfig) -> infer.InferenceSettings:
     values = {"intra_op_threads": p.threads, "decode_workers": p.decode_workers, "batch_size": p.batch_size,
               "window_stride_s": p.window_stride_s, "tta_shift_s": p.tta_shift_s,
               "smoothing": tuple(p.smoothing or ()), "file_scale_alpha": p.file_scale_alpha,
-              "expected_duration_s": p.expected_duration_s}
+              "expected_duration_s": p.expected_duration_s, "engine": p.engine}
     try:
         return infer.InferenceSettings(**values)
     except ValueError as err:

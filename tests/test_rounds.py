@@ -1,0 +1,41 @@
+"""Round helpers: teacher ensemble paths, model init per round, what the config hash ignores."""
+
+import pytest
+import torch
+
+from birdrounds.config import ConfigError, compose
+from birdrounds.model import save_checkpoint
+from birdrounds.rounds import build_model, config_hash, teacher_paths
+
+
+def test_teacher_paths_add_extra_teachers_and_name_a_missing_one(tmp_path):
+    extra = tmp_path / "other_seed.pt"
+    model = build_model(compose(["experiment=smoke"]), 3, 0)
+    save_checkpoint(extra, model, ["a", "b", "c"])
+    cfg = compose(["experiment=smoke", f"pseudo.extra_teachers=[{extra}]"])
+    assert teacher_paths(cfg, tmp_path, 2) == [tmp_path / "round_1" / "model.pt", extra]
+    cfg = compose(["experiment=smoke", f"pseudo.extra_teachers=[{tmp_path / 'nope.pt'}]"])
+    with pytest.raises(ConfigError, match="pseudo.extra_teachers: checkpoint not found"):
+        teacher_paths(cfg, tmp_path, 1)
+
+
+def test_build_model_is_seeded_per_round_and_students_get_their_drop_path():
+    cfg = compose(["experiment=smoke", "pseudo.student_drop_path_rate=0.15"])
+    first, again = build_model(cfg, 4, 0), build_model(cfg, 4, 0)
+    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    other = build_model(cfg, 4, 1)
+    assert not torch.equal(first.head.cla.weight, other.head.cla.weight)  # another round, another init
+    assert first.init_kwargs["drop_path_rate"] == 0.0 and other.init_kwargs["drop_path_rate"] == 0.15
+    # Stochastic depth is live in the student's blocks.
+    rates = [m.drop_prob for m in other.backbone.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) > 0
+
+
+def test_config_hash_ignores_where_and_how_not_what():
+    base = compose(["experiment=smoke"])
+    assert config_hash(base, 1) == config_hash(compose(["experiment=smoke", "predict.threads=1",
+                                                        "export.int8=true", "logger=none"]), 1)
+    assert config_hash(base, 0) == config_hash(compose(["experiment=smoke", "pseudo=second_2025"]), 0)
+    assert config_hash(base, 1) != config_hash(compose(["experiment=smoke", "pseudo=second_2025"]), 1)
+    assert config_hash(base, 1) != config_hash(compose(["experiment=smoke", "pseudo.student_drop_path_rate=0.1"]), 1)
