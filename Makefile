@@ -13,8 +13,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The whole workflow: teacher + ROUNDS student rounds, ONNX export, submission.csv for the validation soundscapes.
+ROUNDS ?= 2
 demo: $(STAMP)
-	$(VENV)/bin/python rounds/run.py $(ARGS)
+	$(VENV)/bin/python rounds/run.py round=$(ROUNDS) $(ARGS)
+	$(VENV)/bin/birdrounds export $(ARGS)
+	$(VENV)/bin/birdrounds predict $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests $(ARGS)

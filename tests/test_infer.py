@@ -504,8 +504,10 @@ def test_cli_options_reach_the_settings(tmp_path, capsys):
 
 
 def test_infer_imports_only_stdlib_numpy_soundfile_onnxruntime_scipy():
-    # scipy (FFT, resampling) and threadpoolctl (BLAS threads) are optional: imported under try/except.
-    allowed = set(sys.stdlib_module_names) | {"numpy", "soundfile", "onnxruntime", "scipy", "threadpoolctl"}
+    # scipy (FFT, resampling), threadpoolctl (BLAS threads) and openvino (engine) are optional: imported
+    # under try/except.
+    optional = {"scipy", "threadpoolctl", "openvino"}
+    allowed = set(sys.stdlib_module_names) | {"numpy", "soundfile", "onnxruntime"} | optional
     tree = ast.parse(INFER_PY.read_text())
     roots = set()
     for node in ast.walk(tree):
@@ -520,7 +522,7 @@ def test_infer_imports_only_stdlib_numpy_soundfile_onnxruntime_scipy():
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
-            if {n.split(".")[0] for n in names} & {"scipy", "threadpoolctl"}:
+            if {n.split(".")[0] for n in names} & optional:
                 assert id(node) in guarded, f"unguarded optional import at line {node.lineno}"
 
 
