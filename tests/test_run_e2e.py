@@ -67,6 +67,11 @@ def test_smoke_run_writes_round0_and_skips_bad_audio(home):
         assert len(table) > 0 and set(ckpt["classes"]) <= set(table.columns)
         metrics = json.loads((student_dir / "metrics.json").read_text())
         assert metrics["round"] == k and metrics["pseudo"]["chunks"] == len(table)
+        manifest = json.loads((student_dir / "manifest.json").read_text())
+        assert manifest["teachers"] == [{"path": str(teacher), "hash": checkpoint_hash(teacher)}]
+        assert manifest["model_hash"] == checkpoint_hash(student_dir / "model.pt")
+        assert manifest["inputs"]["train_soundscapes"]["files"] == 2  # 3 generated, 1 emptied above
+        assert set(manifest["inputs"]["tables"]) >= {"train.csv", "sample_submission.csv"}
         assert (student_dir / "DONE").is_file() and load_checkpoint(student_dir / "model.pt")[1]["classes"] == ckpt["classes"]
 
     # A changed student setting: round 0 is still reused, round 1 is refused in one line naming the way out.

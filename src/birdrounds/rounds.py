@@ -233,15 +233,43 @@ def set_aside(run_dir: Path, first_round: int) -> None:
             log.warning("set aside %s for recomputation", folder)
 
 
+def file_hash(path: Path) -> str:
+    """First 16 hex digits of a file's sha256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def input_hashes(prepared: PreparedData) -> dict[str, Any]:
+    """What the round read: sha256 of the tables, and of each audio list's (path, size) lines."""
+    data = prepared.data
+    names = ("train.csv", "taxonomy.csv", "sample_submission.csv", "val_solution.csv")
+    tables = {name: file_hash(data.root / name) for name in names if (data.root / name).is_file()}
+
+    def listing(paths: list[Any]) -> dict[str, Any]:
+        lines = sorted(f"{p}:{Path(p).stat().st_size if Path(p).is_file() else -1}" for p in paths)
+        return {"files": len(lines), "hash": hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]}
+
+    train_audio = data.train["path"].tolist() if "path" in data.train else []
+    return {"tables": tables, "train_audio": listing(train_audio), "train_soundscapes": listing(data.soundscapes),
+            "val_soundscapes": listing(data.val_soundscapes)}
+
+
 def write_round_record(round_dir: Path, cfg: DictConfig, round_idx: int, metrics: dict, started: float,
-                       data_summary: dict) -> None:
+                       prepared: PreparedData, teachers: list[Path] | None) -> None:
     """Resolved config, manifest and the completion marker (written last) of a finished round."""
     with atomic_open(round_dir / "config.yaml", "w") as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True))
     write_json_atomic(round_dir / "manifest.json", {
         "round": round_idx, "config_hash": config_hash(cfg, round_idx), "code_version": code_version(),
         "seconds": round(time.time() - started, 1),
-        "data": data_summary, "final_metrics": {k: v for k, v in metrics.items() if k != "history"},
+        "teachers": [{"path": str(t), "hash": checkpoint_hash(t)} for t in teachers or []],
+        "model_hash": checkpoint_hash(round_dir / "model.pt"),
+        "inputs": input_hashes(prepared),
+        "data": prepared.summary(), "final_metrics": {k: v for k, v in metrics.items() if k != "history"},
+        "config": OmegaConf.to_container(cfg, resolve=True),
     })
     write_json_atomic(round_dir / DONE_FILE, {"round": round_idx, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
@@ -275,7 +303,7 @@ def run(cfg: DictConfig) -> Path:
         metrics = train_round(cfg, prepared, accelerator, round_dir, round_idx, teachers)
         if accelerator.is_main_process:
             write_json_atomic(round_dir / "metrics.json", metrics)
-            write_round_record(round_dir, cfg, round_idx, metrics, started, prepared.summary())
+            write_round_record(round_dir, cfg, round_idx, metrics, started, prepared, teachers)
             log.info("round %d done: %s", round_idx,
                      {k: metrics.get(k) for k in ("val_clip_auc", "val_soundscape_auc")})
             write_report(run_dir)
