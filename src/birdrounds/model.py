@@ -313,7 +313,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def checkpoint_hash(path: str | os.PathLike) -> str:
-    """First 16 hex digits of the sha256 of the file's bytes."""
+    """First 16 hex digits of the sha256 of the file's bytes (of a checkpoint or any other file)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -233,20 +233,11 @@ def set_aside(run_dir: Path, first_round: int) -> None:
             log.warning("set aside %s for recomputation", folder)
 
 
-def file_hash(path: Path) -> str:
-    """First 16 hex digits of a file's sha256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def input_hashes(prepared: PreparedData) -> dict[str, Any]:
     """What the round read: sha256 of the tables, and of each audio list's (path, size) lines."""
     data = prepared.data
     names = ("train.csv", "taxonomy.csv", "sample_submission.csv", "val_solution.csv")
-    tables = {name: file_hash(data.root / name) for name in names if (data.root / name).is_file()}
+    tables = {name: checkpoint_hash(data.root / name) for name in names if (data.root / name).is_file()}
 
     def listing(paths: list[Any]) -> dict[str, Any]:
         lines = sorted(f"{p}:{Path(p).stat().st_size if Path(p).is_file() else -1}" for p in paths)
