@@ -576,13 +576,14 @@ def _cut_windows(wave: np.ndarray, starts: np.ndarray, length: int) -> np.ndarra
     return out
 
 
-def _overlap_to_chunks(frames: np.ndarray, starts: np.ndarray, window: int, n_chunks: int, chunk: int) -> np.ndarray:
-    """Chunk probs [n_chunks, C] from framewise probs [n_windows, T', C] of windows at `starts`.
+def overlap_to_chunks(frames: np.ndarray, starts: np.ndarray, window: float, n_chunks: int, chunk: float) -> np.ndarray:
+    """Chunk probs [n_chunks, C] of one file from framewise probs [n_windows, T', C] of windows at `starts`.
 
-    As `birdrounds.pseudo._overlap_average`: frames go on a per-file grid of step window / T'
-    (window offsets snapped to the nearest step, so strides and TTA shifts should be multiples of
-    it), overlapping frames are averaged, and a chunk takes the max over the grid cells whose centre
-    lies inside it.
+    Frames go on a per-file grid of step window / T' (window offsets snapped to the nearest step, so
+    strides and TTA shifts should be multiples of it), overlapping frames are averaged, and chunk c
+    (covering [c * chunk, (c + 1) * chunk)) takes the max over the grid cells whose centre lies inside
+    it. `starts`, `window` and `chunk` share one unit (samples here, seconds in birdrounds.pseudo,
+    which labels soundscapes with this same function).
     """
     n_frames, n_classes = frames.shape[1], frames.shape[2]
     step = window / n_frames
@@ -637,7 +638,7 @@ class _Stream:
     def to_chunks(self, outputs: np.ndarray, starts: np.ndarray, chunk_of: np.ndarray, n_chunks: int) -> np.ndarray:
         """Chunk probs [n_chunks, C] (float64) from one model's outputs for all windows of a file."""
         if self.framewise:
-            return _overlap_to_chunks(outputs, starts, self.window, n_chunks, self.chunk)
+            return overlap_to_chunks(outputs, starts, self.window, n_chunks, self.chunk)
         total = np.zeros((n_chunks, outputs.shape[-1]), dtype=np.float64)
         np.add.at(total, chunk_of, outputs)
         return total / np.bincount(chunk_of, minlength=n_chunks)[:, None]

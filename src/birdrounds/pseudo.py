@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from birdrounds.artifacts import atomic_open
 from birdrounds.data.soundscapes import SoundscapeChunks
+from birdrounds.infer import overlap_to_chunks
 
 log = logging.getLogger(__name__)
 
@@ -247,35 +248,28 @@ def windows_to_chunks(outputs: np.ndarray, dataset: SoundscapeChunks, chunk_s: f
     """Chunk probabilities aligned with `chunk_rows(dataset, chunk_s)` from all windows' outputs."""
     if not is_framewise(dataset, chunk_s):
         return outputs
-    return _overlap_average(outputs, dataset.rows, chunk_rows(dataset, chunk_s), dataset.window_s)
+    return _overlap_average(outputs, dataset.rows, chunk_rows(dataset, chunk_s), dataset.window_s, chunk_s)
 
 
-def _overlap_average(frames: np.ndarray, windows: pd.DataFrame, chunks: pd.DataFrame, window_s: float) -> np.ndarray:
-    """Chunk probs from framewise window probs: average overlapping frames on a per-file grid, max per chunk.
+def _overlap_average(frames: np.ndarray, windows: pd.DataFrame, chunks: pd.DataFrame, window_s: float,
+                     chunk_s: float) -> np.ndarray:
+    """Chunk probs aligned with `chunks` from framewise window probs, file by file.
 
-    Frame f of a window starting at s covers [s + f*d, s + (f+1)*d) with d = window_s / T'. Frames are
-    placed on the grid of step d from the file start (exact when the stride is a multiple of d, else
-    snapped to the nearest step); a chunk takes the max over the grid cells whose centre lies in it.
+    `infer.overlap_to_chunks` does the averaging (the same code the exported model's inference uses):
+    overlapping frames are averaged on a per-file grid of step window_s / T', and a chunk takes the
+    max over the grid cells whose centre lies in it. Chunk rows lie on the grid [c * chunk_s, (c + 1) * chunk_s).
     """
-    n_frames, n_classes = frames.shape[1], frames.shape[2]
-    step = window_s / n_frames
-    out = np.zeros((len(chunks), n_classes), dtype=np.float32)
+    out = np.zeros((len(chunks), frames.shape[2]), dtype=np.float32)
     chunks_of = chunks.groupby("file", sort=False).indices
-    starts, ends = chunks["start_s"].to_numpy(), chunks["end_s"].to_numpy()
+    chunk_index = np.rint(chunks["start_s"].to_numpy() / chunk_s).astype(np.int64)
+    window_starts = windows["start_s"].to_numpy()
     for file, win_idx in windows.groupby("file", sort=False).indices.items():
-        offsets = np.rint(windows["start_s"].to_numpy()[win_idx] / step).astype(int)
-        size = offsets.max() + n_frames
-        total = np.zeros((size, n_classes), dtype=np.float64)
-        count = np.zeros(size, dtype=np.int64)
-        for offset, w in zip(offsets, win_idx):
-            total[offset : offset + n_frames] += frames[w]
-            count[offset : offset + n_frames] += 1
-        mean = total / np.maximum(count, 1)[:, None]
-        centres = (np.arange(size) + 0.5) * step
-        for c in chunks_of.get(file, ()):
-            inside = (centres >= starts[c]) & (centres < ends[c]) & (count > 0)
-            if inside.any():
-                out[c] = mean[inside].max(axis=0)
+        rows = chunks_of.get(file)
+        if rows is None or not len(rows):
+            continue
+        per_chunk = overlap_to_chunks(frames[win_idx], window_starts[win_idx], window_s,
+                                      int(chunk_index[rows].max()) + 1, chunk_s)
+        out[rows] = per_chunk[chunk_index[rows]]
     return out
 
 
