@@ -2,14 +2,21 @@
 
 Paths, all on the same files and the same model (default: the BirdCLEF `sed_effnet_b0`, EfficientNet-B0,
 128 mels, hop 512, 5-s chunks at 32 kHz, random init, 206 classes):
-  torch eager                  soundfile decode -> torch MelFrontend + backbone, batch by batch
-  torch spec + ONNX backbone   torch MelFrontend -> spectrogram graph in ONNX Runtime (the seed framework's way)
+  torch eager                  soundfile decode -> torch MelFrontend + backbone, batch by batch, at batch
+                               sizes 4, 8, 16 and 32: the fastest is the baseline
+  torch spec + ONNX backbone   torch MelFrontend -> spectrogram graph in ONNX Runtime (the seed framework's way),
+                               at the baseline's batch size, on an ONNX Runtime session with --threads threads
   full ONNX graph              `infer.py` with the waveform graph (torchaudio mel exported inside)
   fast path (default)          `infer.py` with the spectrogram graph: numpy/scipy frontend, threaded decode
   + INT8 (--int8)              the fast path with the statically quantized backbone
   + OpenVINO (--openvino)      the fast path with predict.engine=openvino / openvino_bf16 (pip install openvino)
 
-    python bench/inference.py [--files 24] [--threads 2] [--int8] [--openvino] [--auc-run RUN_DIR]
+    python bench/inference.py [--files 24] [--threads 2] [--repeats 3] [--int8] [--openvino] [--auc-run RUN_DIR]
+
+Every path runs --repeats times, the paths taking turns (so a slow spell of the shared host hits them
+all); each row reports the median rate, and the range. --threads is the cores given to every path:
+torch threads, the seed framework's ONNX Runtime threads, and the fast path's model workers (one
+onnxruntime thread each: `birdrounds predict`'s defaults).
 
 --auc-run: a trained run folder (e.g. the demo's runs/demo) whose last round is exported, INT8-quantized
 and scored on its data's validation soundscapes, to report the AUC change of the INT8 / OpenVINO
@@ -19,6 +26,7 @@ variants (a random-init EfficientNet has no meaningful AUC).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -37,6 +45,7 @@ from birdrounds.config import compose
 from birdrounds.data.audio import write_audio
 from birdrounds.export import export_onnx, quantize_int8
 from birdrounds.model import load_checkpoint, save_checkpoint
+from birdrounds.submit import inference_settings
 
 SMOOTHING = (0.1, 0.8, 0.1)
 
@@ -83,24 +92,30 @@ def run_torch(files: list[Path], model: torch.nn.Module, sr: int, batch: int, or
     return infer.smooth(np.concatenate(outputs), index, SMOOTHING)
 
 
-def timed(name: str, fn, n_chunks: int, results: list, reference: np.ndarray | None = None) -> np.ndarray:
-    start = time.perf_counter()
-    probs = fn()
-    seconds = time.perf_counter() - start
-    diff = float(np.abs(probs - reference).max()) if reference is not None else 0.0
-    results.append({"path": name, "chunks": n_chunks, "seconds": round(seconds, 2),
-                    "chunks_per_s": n_chunks / seconds, "max_abs_diff_vs_torch": diff})
-    print(f"{name}: {n_chunks / seconds:.1f} chunks/s ({seconds:.1f} s), max |diff| vs torch eager {diff:.1e}", flush=True)
-    return probs
+def run_paths(paths: list[tuple[str, object]], n_chunks: int, repeats: int) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Time each (name, fn) `repeats` times, the paths taking turns; rows with the median rate."""
+    seconds: dict[str, list[float]] = {name: [] for name, _ in paths}
+    outputs: dict[str, np.ndarray] = {}
+    for r in range(repeats):
+        for name, fn in paths:
+            start = time.perf_counter()
+            outputs[name] = fn()
+            seconds[name].append(time.perf_counter() - start)
+            print(f"  [{r + 1}/{repeats}] {name}: {n_chunks / seconds[name][-1]:.1f} chunks/s", flush=True)
+    rows = []
+    for name, _ in paths:
+        rates = sorted(n_chunks / t for t in seconds[name])
+        rows.append({"path": name, "chunks": n_chunks, "seconds": [round(t, 3) for t in seconds[name]],
+                     "chunks_per_s": float(np.median(rates)), "min_chunks_per_s": rates[0], "max_chunks_per_s": rates[-1]})
+    return rows, outputs
 
 
-def fast_settings(threads: int, engine: str = "onnxruntime") -> infer.InferenceSettings:
-    """The `birdrounds predict` defaults (configs/predict/default.yaml), on `engine`."""
-    return infer.InferenceSettings(intra_op_threads=threads, decode_workers=2, batch_size=8, smoothing=SMOOTHING,
-                                   engine=engine)
+def fast_settings(cfg, threads: int, engine: str = "onnxruntime") -> infer.InferenceSettings:
+    """`birdrounds predict`'s settings (configs/predict/default.yaml) with `threads` model workers, on `engine`."""
+    return dataclasses.replace(inference_settings(cfg), model_workers=threads, engine=engine)
 
 
-def auc_change(run_dir: Path, threads: int, openvino: bool) -> list[dict]:
+def auc_change(cfg, run_dir: Path, threads: int, openvino: bool) -> list[dict]:
     """Export the run's last round, quantize it, and score float / INT8 (/ OpenVINO) on its val soundscapes."""
     from birdrounds.data.layout import read_table
     from birdrounds.report import completed_rounds
@@ -129,7 +144,7 @@ def auc_change(run_dir: Path, threads: int, openvino: bool) -> list[dict]:
         if openvino:
             variants.append(("fast path, OpenVINO bf16", fp32, "openvino_bf16"))
         for name, path, engine in variants:
-            preds = infer.predict_folder([path], val_dir, fast_settings(threads, engine))
+            preds = infer.predict_folder([path], val_dir, fast_settings(cfg, threads, engine))
             rows.append({"variant": name, "auc_raw": soundscape_auc(preds.raw_probs, np.asarray(preds.row_ids), solution, preds.classes),
                          "chunks_per_s": len(preds.row_ids) / preds.seconds})
     base = rows[0]["auc_raw"]
@@ -144,6 +159,7 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=24, help="60-s soundscapes to generate")
     parser.add_argument("--duration-s", type=float, default=60.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per path (the median is reported)")
     parser.add_argument("--model", default="sed_effnet_b0", help="configs/model/<name>")
     parser.add_argument("--n-classes", type=int, default=206)
     parser.add_argument("--int8", action="store_true")
@@ -156,7 +172,6 @@ def main() -> int:
 
     cfg = compose([f"model={args.model}"])
     sr = cfg.data.sample_rate_hz
-    results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "audio").mkdir()
@@ -174,48 +189,55 @@ def main() -> int:
         print(f"{len(files)} files, {n_chunks} 5-s chunks, {args.threads} threads, model {args.model} "
               f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)", flush=True)
 
-        settings = fast_settings(args.threads)
+        settings = fast_settings(cfg, args.threads)
         warm = files[:1]
-        spec_models = infer.load_models([spec_path], args.threads)
-        infer.predict_files(spec_models, warm, settings)  # warm-up: first ORT run allocates
-        reference = timed("torch eager", lambda: run_torch(files, model, sr, 32), n_chunks, results)
-        ort_spec = spec_models[0].session
-        timed("torch spec + ONNX backbone", lambda: run_torch(files, model, sr, 32, ort_spec), n_chunks, results, reference)
-        if not args.skip_waveform:
-            wave_models = infer.load_models([wave_path], args.threads)
-            infer.predict_files(wave_models, warm, settings)
-            timed("full ONNX graph (infer.py)", lambda: infer.predict_files(wave_models, files, settings).probs,
-                  n_chunks, results, reference)
-        timed("fast path (infer.py, default)", lambda: infer.predict_files(spec_models, files, settings).probs,
-              n_chunks, results, reference)
-        if args.int8:
-            calib = infer.MelFrontendNumpy(spec_models[0].info.frontend)(
-                np.concatenate([decode_chunks(f, sr, 5 * sr) for f in files[:4]])[:48])
-            int8_models = infer.load_models([quantize_int8(spec_path, tmp / "model_int8.onnx", calib)], args.threads)
-            infer.predict_files(int8_models, warm, settings)
-            timed("fast path, INT8 backbone", lambda: infer.predict_files(int8_models, files, settings).probs,
-                  n_chunks, results, reference)
-        if args.openvino:
-            for engine in ("openvino", "openvino_bf16"):
-                ov_models = infer.load_models([spec_path], args.threads, engine=engine)
-                ov_settings = fast_settings(args.threads, engine)
-                infer.predict_files(ov_models, warm, ov_settings)
-                timed(f"fast path, {engine} engine", lambda: infer.predict_files(ov_models, files, ov_settings).probs,
-                      n_chunks, results, reference)
+        torch_batches = (4, 8, 16, 32)
+        eager_rows, eager_out = run_paths(
+            [(f"torch eager, batch {b}", lambda b=b: run_torch(files, model, sr, b)) for b in torch_batches],
+            n_chunks, args.repeats)
+        baseline = max(eager_rows, key=lambda row: row["chunks_per_s"])
+        baseline_batch = torch_batches[eager_rows.index(baseline)]
+        reference = eager_out[baseline["path"]]
+        print(f"baseline: {baseline['path']} ({baseline['chunks_per_s']:.1f} chunks/s)", flush=True)
 
-    eager = results[0]["chunks_per_s"]
-    print("\n| path | 5-s chunks/s | x torch eager | max abs diff vs torch eager |")
+        # The seed framework's ORT session: one call at a time on all the threads.
+        seed_session = infer.load_models([spec_path], args.threads, model_workers=1)[0].session
+        paths = [("torch spec + ONNX backbone", lambda: run_torch(files, model, sr, baseline_batch, seed_session))]
+        variants = [("full ONNX graph (infer.py)", wave_path, "onnxruntime")] if not args.skip_waveform else []
+        variants.append(("fast path (infer.py, default)", spec_path, "onnxruntime"))
+        if args.int8:
+            calib = infer.MelFrontendNumpy(infer.OnnxModel(spec_path).info.frontend)(
+                np.concatenate([decode_chunks(f, sr, 5 * sr) for f in files[:4]])[:48])
+            variants.append(("fast path, INT8 backbone", quantize_int8(spec_path, tmp / "model_int8.onnx", calib),
+                             "onnxruntime"))
+        if args.openvino:
+            variants += [(f"fast path, {engine} engine", spec_path, engine) for engine in ("openvino", "openvino_bf16")]
+        for name, path, engine in variants:
+            variant = fast_settings(cfg, args.threads, engine)
+            models = infer.load_models([path], variant.intra_op_threads, engine=engine,
+                                       model_workers=variant.n_model_workers)
+            infer.predict_files(models, warm, variant)  # warm-up: the first calls allocate
+            paths.append((name, lambda m=models, v=variant: infer.predict_files(m, files, v).probs))
+        rows, outputs = run_paths(paths, n_chunks, args.repeats)
+        results = eager_rows + rows
+        for row in results:
+            row["max_abs_diff_vs_torch"] = float(np.abs({**eager_out, **outputs}[row["path"]] - reference).max())
+
+    eager = baseline["chunks_per_s"]
+    print(f"\nmedian of {args.repeats} runs per path (range in brackets), {args.threads} threads; "
+          f"x torch eager = against the fastest torch eager batch size ({baseline_batch})")
+    print("| path | 5-s chunks/s | x torch eager | max abs diff vs torch eager |")
     print("| --- | --- | --- | --- |")
     for row in results:
-        print(f"| {row['path']} | {row['chunks_per_s']:.1f} | {row['chunks_per_s'] / eager:.1f}x | "
-              f"{row['max_abs_diff_vs_torch']:.1e} |")
+        print(f"| {row['path']} | {row['chunks_per_s']:.1f} ({row['min_chunks_per_s']:.0f}-{row['max_chunks_per_s']:.0f}) "
+              f"| {row['chunks_per_s'] / eager:.2f}x | {row['max_abs_diff_vs_torch']:.1e} |")
     fast = next(r for r in results if r["path"].startswith("fast path (infer.py"))
     ok = fast["chunks_per_s"] >= 120 and fast["chunks_per_s"] >= 4 * eager
-    print(f"\ndefault fast path: {fast['chunks_per_s']:.1f} chunks/s, {fast['chunks_per_s'] / eager:.1f}x torch eager "
+    print(f"\ndefault fast path: {fast['chunks_per_s']:.1f} chunks/s, {fast['chunks_per_s'] / eager:.2f}x torch eager "
           f"(goal >= 120 and >= 4x): {'MET' if ok else 'NOT MET'}")
     report = {"results": results}
     if args.auc_run:
-        report["auc"] = auc_change(args.auc_run, args.threads, args.openvino)
+        report["auc"] = auc_change(cfg, args.auc_run, args.threads, args.openvino)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0 if ok else 1

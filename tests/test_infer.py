@@ -13,6 +13,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -390,6 +391,42 @@ def test_ensemble_shares_the_frontend_and_reorders_classes(tmp_path, weights, mo
     mixed = predict([a, c], files)
     assert sum(calls) == 12  # two distinct frontends
     np.testing.assert_allclose(mixed.raw_probs, (single["a"] + single["c"]) / 2, atol=1e-6)
+
+
+def test_concurrent_model_workers_give_the_single_worker_results(tmp_path, weights, monkeypatch):
+    """Batches run side by side in several threads; the per-file bookkeeping must not mix them up."""
+    clip_a = spec_graph(tmp_path / "a.onnx", weights)
+    clip_b = spec_graph(tmp_path / "b.onnx", 2 * weights)
+    long = level_graph(tmp_path / "long.onnx", window_s=10.0, n_frames=10)  # a second, framewise stream
+    rng = np.random.default_rng(11)
+    files = [write_wav(tmp_path / f"f{i}.wav", rng.standard_normal(int(seconds * SR)) * 0.1)
+             for i, seconds in enumerate([3, 17, 30, 12.5, 5, 41])]
+    files.append(tmp_path / "broken.wav")
+    files[-1].write_bytes(b"RIFF not audio")
+    models = [clip_a, clip_b, long]
+    one = predict(models, files, model_workers=1, batch_size=1)
+    seen: set[str] = set()
+    original = infer.OnnxModel.run
+    monkeypatch.setattr(infer.OnnxModel, "run",
+                        lambda self, *a, **k: seen.add(threading.current_thread().name) or original(self, *a, **k))
+    for workers, batch in [(3, 1), (2, 3)]:
+        seen.clear()
+        many = predict(models, files, model_workers=workers, batch_size=batch)
+        assert len(seen) == workers and all(name.startswith("infer-model") for name in seen)
+        assert many.row_ids == one.row_ids and [f.error is None for f in many.files] == [f.error is None for f in one.files]
+        np.testing.assert_allclose(many.raw_probs, one.raw_probs, rtol=0, atol=1e-6)
+
+
+def test_an_error_in_a_model_worker_stops_the_run(tmp_path, weights, monkeypatch):
+    model = spec_graph(tmp_path / "a.onnx", weights)
+    files = [write_wav(tmp_path / f"f{i}.wav", np.full(12 * SR, 0.1)) for i in range(4)]
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("model call failed")
+
+    monkeypatch.setattr(infer.OnnxModel, "run", fail)
+    with pytest.raises(RuntimeError, match="model call failed"):
+        predict([model], files, model_workers=2, batch_size=1)
 
 
 def test_models_must_agree_on_classes_and_rate(tmp_path, weights):

@@ -116,7 +116,8 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
 def inference_settings(cfg: DictConfig) -> infer.InferenceSettings:
     """`cfg.predict` as infer.InferenceSettings (a bad value is reported naming its predict.* key)."""
     p = cfg.predict
-    values = {"intra_op_threads": p.threads, "decode_workers": p.decode_workers, "batch_size": p.batch_size,
+    values = {"intra_op_threads": p.threads, "model_workers": p.model_workers, "decode_workers": p.decode_workers,
+              "batch_size": p.batch_size,
               "window_stride_s": p.window_stride_s, "tta_shift_s": p.tta_shift_s,
               "smoothing": tuple(p.smoothing or ()), "file_scale_alpha": p.file_scale_alpha,
               "expected_duration_s": p.expected_duration_s, "engine": p.engine}
