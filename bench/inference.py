@@ -189,7 +189,6 @@ def main() -> int:
         print(f"{len(files)} files, {n_chunks} 5-s chunks, {args.threads} threads, model {args.model} "
               f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)", flush=True)
 
-        settings = fast_settings(cfg, args.threads)
         warm = files[:1]
         torch_batches = (4, 8, 16, 32)
         eager_rows, eager_out = run_paths(
