@@ -117,7 +117,7 @@ def fast_settings(cfg, threads: int, engine: str = "onnxruntime") -> infer.Infer
 
 def auc_change(cfg, run_dir: Path, threads: int, openvino: bool) -> list[dict]:
     """Export the run's last round, quantize it, and score float / INT8 (/ OpenVINO) on its val soundscapes."""
-    from birdrounds.data.layout import read_table
+    from birdrounds.data.layout import data_path, read_table
     from birdrounds.report import completed_rounds
     from birdrounds.submit import soundscape_windows
     from birdrounds.train import soundscape_auc
@@ -125,10 +125,11 @@ def auc_change(cfg, run_dir: Path, threads: int, openvino: bool) -> list[dict]:
     _, folder = completed_rounds(run_dir)[-1]
     ckpt_path = folder / "model.pt"
     _, ckpt = load_checkpoint(ckpt_path)
-    data_root = Path(ckpt["config"]["data"]["root"])
-    val_dir, solution = data_root / "val_soundscapes", read_table(data_root / "val_solution.csv", ("row_id",), "solution")
+    data_cfg = ckpt["config"]["data"]
+    where = lambda key: data_path(data_cfg["root"], key, data_cfg.get(key))  # noqa: E731
+    val_dir, solution = where("val_soundscapes_dir"), read_table(where("val_solution"), ("row_id",), "solution")
     sr = ckpt["audio"]["sample_rate_hz"]
-    calibration = soundscape_windows([data_root / "train_soundscapes"], sr, 5.0, 64)
+    calibration = soundscape_windows([where("soundscapes_dir")], sr, 5.0, 64)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model.onnx"

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from birdrounds.data.layout import LayoutError, load_birdclef, load_external, parse_label_list
+from birdrounds.data.layout import LayoutError, data_path, load_birdclef, load_external, parse_label_list
 
 CLASSES = ["aaa1", "bbb1", "ccc1"]
 
@@ -100,6 +100,38 @@ def test_missing_root_and_optional_validation(tmp_path):
         load_birdclef(tmp_path / "nowhere")
     data = load_birdclef(write_layout(tmp_path / "d", [row("aaa1", "XC1")], with_val=False))
     assert data.val_solution is None and data.val_soundscapes == []
+
+
+def test_tables_and_folders_can_live_outside_the_root(tmp_path):
+    root = write_layout(tmp_path / "d", [row("aaa1", "XC1")])
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (root / "train_soundscapes").rename(moved / "unlabeled")
+    (root / "val_solution.csv").rename(moved / "solution.csv")
+    data = load_birdclef(root, soundscapes_dir=moved / "unlabeled", val_solution=moved / "solution.csv")
+    assert [p.name for p in data.soundscapes] == ["s0.ogg"]
+    assert list(data.val_solution["row_id"]) == ["s1_5", "s1_10"]
+    assert data.paths["soundscapes_dir"] == moved / "unlabeled"
+    assert data.paths["val_solution"] == moved / "solution.csv"
+    assert data.paths["train_csv"] == root / "train.csv"  # not overridden: the competition layout
+    assert data_path(root, "val_soundscapes_dir") == root / "val_soundscapes"
+    assert data_path(root, "val_soundscapes_dir", str(moved)) == moved
+
+
+def test_run_manifest_hashes_the_tables_data_names(tmp_path):
+    """rounds.input_hashes follows `data.*` overrides, not the competition layout under the root."""
+    from types import SimpleNamespace
+
+    from birdrounds.rounds import input_hashes
+
+    root = write_layout(tmp_path / "d", [row("aaa1", "XC1")])
+    (root / "val_solution.csv").rename(tmp_path / "solution.csv")
+    data = load_birdclef(root, val_solution=tmp_path / "solution.csv")
+    hashes = input_hashes(SimpleNamespace(data=data))
+    assert set(hashes["tables"]) == {"train.csv", "taxonomy.csv", "sample_submission.csv", "val_solution.csv"}
+    before = hashes["tables"]["val_solution.csv"]
+    pd.DataFrame({"row_id": ["s1_5"], "aaa1": [0], "bbb1": [1], "ccc1": [0]}).to_csv(tmp_path / "solution.csv", index=False)
+    assert input_hashes(SimpleNamespace(data=data))["tables"]["val_solution.csv"] != before
 
 
 @pytest.mark.parametrize("cell, expected", [

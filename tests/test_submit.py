@@ -101,3 +101,17 @@ def test_bad_smoothing_kernel_names_the_key(home, capsys, tmp_path):
     assert cli.main(["predict", "experiment=smoke", f"predict.models=[{model}]", "predict.smoothing=[0.5,0.5]",
                      "predict.sample_submission=null"]) == 2
     assert "predict:" in capsys.readouterr().err
+
+
+
+def test_export_and_predict_read_the_soundscape_folders_data_names(home, capsys, tmp_path):
+    from birdrounds.config import compose
+    from birdrounds.submit import _soundscape_folders
+
+    cfg = compose(["experiment=smoke", f"data.soundscapes_dir={tmp_path}/unlabeled"])
+    assert _soundscape_folders(cfg) == [tmp_path / "unlabeled", Path(cfg.data.root) / "val_soundscapes"]
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    assert cli.main(["predict", "experiment=smoke", f"predict.models=[{model}]",
+                     f"data.val_soundscapes_dir={tmp_path}/moved_val"]) == 2
+    assert f"predict.input_dir: not a folder: {tmp_path}/moved_val" in capsys.readouterr().err

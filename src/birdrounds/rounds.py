@@ -30,6 +30,7 @@ from birdrounds.data.clips import (
     class_sample_weights,
     make_sampler,
 )
+from birdrounds.data.layout import DEFAULT_PATHS
 from birdrounds.data.prepare import PreparedData, prepare_data
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.mixing import ConcatPseudoDataset, PseudoChunkDataset
@@ -236,8 +237,9 @@ def set_aside(run_dir: Path, first_round: int) -> None:
 def input_hashes(prepared: PreparedData) -> dict[str, Any]:
     """What the round read: sha256 of the tables, and of each audio list's (path, size) lines."""
     data = prepared.data
-    names = ("train.csv", "taxonomy.csv", "sample_submission.csv", "val_solution.csv")
-    tables = {name: checkpoint_hash(data.root / name) for name in names if (data.root / name).is_file()}
+    # Labelled by their competition-layout names, wherever `data.*` put them.
+    tables = {DEFAULT_PATHS[key]: checkpoint_hash(data.paths[key])
+              for key in ("train_csv", "taxonomy_csv", "sample_submission", "val_solution") if data.paths[key].is_file()}
 
     def listing(paths: list[Any]) -> dict[str, Any]:
         lines = sorted(f"{p}:{Path(p).stat().st_size if Path(p).is_file() else -1}" for p in paths)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from birdrounds import infer
 from birdrounds.artifacts import write_json_atomic
 from birdrounds.config import ConfigError
+from birdrounds.data.layout import data_path
 from birdrounds.report import completed_rounds, write_report
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,14 @@ def soundscape_windows(folders: list[Path], sample_rate_hz: int, window_s: float
     return np.stack([windows[i] for i in pick]).astype(np.float32)
 
 
+def _data_path(cfg: DictConfig, key: str) -> Path:
+    """The data table or folder `key` as `data.*` configures it (layout.DEFAULT_PATHS)."""
+    return data_path(cfg.data.root, key, cfg.data.get(key))
+
+
 def _soundscape_folders(cfg: DictConfig) -> list[Path]:
-    root = Path(cfg.data.root)
-    val = Path(cfg.data.val_soundscapes_dir) if cfg.data.get("val_soundscapes_dir") else root / "val_soundscapes"
-    return [root / "train_soundscapes", val]
+    """The unlabeled and the validation soundscape folders of `data`."""
+    return [_data_path(cfg, "soundscapes_dir"), _data_path(cfg, "val_soundscapes_dir")]
 
 
 def run_export(cfg: DictConfig) -> dict[str, Any]:
@@ -136,11 +141,10 @@ def run_predict(cfg: DictConfig) -> dict[str, Any]:
     missing = [str(m) for m in models if not m.is_file()]
     if not models or missing:
         raise ConfigError(f"predict.models: not found: {', '.join(missing) or '[]'} (run `birdrounds export` first)")
-    root = Path(cfg.data.root)
     solution_path = cfg.predict.solution
     if cfg.predict.input_dir is None:
         input_dir = _soundscape_folders(cfg)[1]
-        solution_path = solution_path or cfg.data.get("val_solution") or root / "val_solution.csv"
+        solution_path = solution_path or _data_path(cfg, "val_solution")
     else:
         input_dir = Path(cfg.predict.input_dir)
     if not input_dir.is_dir():

@@ -25,6 +25,19 @@ class LayoutError(ValueError):
     """A data folder or table that cannot be used; the message names the file and the problem."""
 
 
+# Where each table and folder lies under the data root unless `data.<key>` names it (the competition layout).
+DEFAULT_PATHS = {
+    "train_csv": "train.csv", "taxonomy_csv": "taxonomy.csv", "sample_submission": "sample_submission.csv",
+    "train_audio_dir": "train_audio", "soundscapes_dir": "train_soundscapes",
+    "val_soundscapes_dir": "val_soundscapes", "val_solution": "val_solution.csv",
+}
+
+
+def data_path(root: str | Path, key: str, value: str | Path | None = None) -> Path:
+    """`value` as a path, or where the competition layout puts `key` (a DEFAULT_PATHS key) under `root`."""
+    return Path(value) if value else Path(root) / DEFAULT_PATHS[key]
+
+
 @dataclass
 class BirdCLEFData:
     """Validated tables and paths of one BirdCLEF-style data folder."""
@@ -38,6 +51,7 @@ class BirdCLEFData:
     val_solution: pd.DataFrame | None = None
     missing_files: list[str] = field(default_factory=list)
     unknown_secondary: int = 0
+    paths: dict[str, Path] = field(default_factory=dict)  # DEFAULT_PATHS key -> the table or folder read
 
 
 def parse_label_list(value: object) -> list[str]:
@@ -149,24 +163,24 @@ def load_birdclef(
         raise LayoutError(f"data root does not exist: {root}")
     if on_missing_file not in ("warn", "error"):
         raise LayoutError(f"data.on_missing_file must be 'warn' or 'error', got {on_missing_file!r}")
-    at = lambda value, default: Path(value) if value else root / default  # noqa: E731
-    classes = read_classes(at(sample_submission, "sample_submission.csv"))
-    taxonomy = read_table(at(taxonomy_csv, "taxonomy.csv"), TAXONOMY_REQUIRED, "taxonomy")
+    given = {"train_csv": train_csv, "taxonomy_csv": taxonomy_csv, "sample_submission": sample_submission,
+             "train_audio_dir": train_audio_dir, "soundscapes_dir": soundscapes_dir,
+             "val_soundscapes_dir": val_soundscapes_dir, "val_solution": val_solution}
+    paths = {key: data_path(root, key, value) for key, value in given.items()}
+    classes = read_classes(paths["sample_submission"])
+    taxonomy = read_table(paths["taxonomy_csv"], TAXONOMY_REQUIRED, "taxonomy")
     untaxed = sorted(set(classes) - set(taxonomy["primary_label"].astype(str)))
     if untaxed:
-        raise LayoutError(f"taxonomy {at(taxonomy_csv, 'taxonomy.csv')} lacks class(es) {untaxed[:10]}")
-    train_path = at(train_csv, "train.csv")
+        raise LayoutError(f"taxonomy {paths['taxonomy_csv']} lacks class(es) {untaxed[:10]}")
     train, missing, n_unknown = prepare_train_table(
-        read_table(train_path, TRAIN_REQUIRED, "train.csv"), at(train_audio_dir, "train_audio"),
-        classes, train_path, on_missing_file)
-    val_dir = at(val_soundscapes_dir, "val_soundscapes")
-    solution_path = at(val_solution, "val_solution.csv")
-    solution = read_solution(solution_path, classes) if solution_path.is_file() else None
+        read_table(paths["train_csv"], TRAIN_REQUIRED, "train.csv"), paths["train_audio_dir"],
+        classes, paths["train_csv"], on_missing_file)
+    solution = read_solution(paths["val_solution"], classes) if paths["val_solution"].is_file() else None
     return BirdCLEFData(
         root=root, classes=classes, train=train, taxonomy=taxonomy,
-        soundscapes=list_audio(at(soundscapes_dir, "train_soundscapes")),
-        val_soundscapes=list_audio(val_dir) if solution is not None else [],
-        val_solution=solution, missing_files=missing, unknown_secondary=n_unknown,
+        soundscapes=list_audio(paths["soundscapes_dir"]),
+        val_soundscapes=list_audio(paths["val_soundscapes_dir"]) if solution is not None else [],
+        val_solution=solution, missing_files=missing, unknown_secondary=n_unknown, paths=paths,
     )
 
 
