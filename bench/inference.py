@@ -110,6 +110,36 @@ def run_paths(paths: list[tuple[str, object]], n_chunks: int, repeats: int) -> t
     return rows, outputs
 
 
+def stage_costs(files: list[Path], spec_path: Path, sr: int, batch: int) -> dict[str, float]:
+    """Milliseconds per 5-s chunk of each stage of the fast path, one thread each, run one after the other.
+
+    Their sum over the cores is the ceiling of the pipeline, which runs the stages side by side.
+    """
+    from threadpoolctl import threadpool_limits
+
+    model = infer.load_models([spec_path], 1, model_workers=1)[0]
+    frontend = infer.MelFrontendNumpy(model.info.frontend)
+    with threadpool_limits(limits=1):
+        start = time.perf_counter()
+        for f in files:  # each file dropped before the next, as the pipeline does
+            infer.read_audio(f, sr)
+        decode = time.perf_counter() - start
+        chunks = np.concatenate([decode_chunks(f, sr, 5 * sr) for f in files])
+        model.run(frontend(chunks[:batch]))  # warm-up
+        start = time.perf_counter()
+        specs = [frontend(chunks[i : i + batch]) for i in range(0, len(chunks), batch)]
+        front = time.perf_counter() - start
+        start = time.perf_counter()
+        for spec in specs:
+            model.run(spec)
+        run = time.perf_counter() - start
+    n = len(chunks)
+    costs = {"decode": decode / n * 1e3, "frontend": front / n * 1e3, "onnxruntime": run / n * 1e3}
+    print("one thread, ms per 5-s chunk: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items())
+          + f"; sum {sum(costs.values()):.2f} ms", flush=True)
+    return costs
+
+
 def fast_settings(cfg, threads: int, engine: str = "onnxruntime") -> infer.InferenceSettings:
     """`birdrounds predict`'s settings (configs/predict/default.yaml) with `threads` model workers, on `engine`."""
     return dataclasses.replace(inference_settings(cfg), model_workers=threads, engine=engine)
@@ -146,8 +176,8 @@ def auc_change(cfg, run_dir: Path, threads: int, openvino: bool) -> list[dict]:
             variants.append(("fast path, OpenVINO bf16", fp32, "openvino_bf16"))
         for name, path, engine in variants:
             preds = infer.predict_folder([path], val_dir, fast_settings(cfg, threads, engine))
-            rows.append({"variant": name, "auc_raw": soundscape_auc(preds.raw_probs, np.asarray(preds.row_ids), solution, preds.classes),
-                         "chunks_per_s": len(preds.row_ids) / preds.seconds})
+            auc = soundscape_auc(preds.raw_probs, np.asarray(preds.row_ids), solution, preds.classes)
+            rows.append({"variant": name, "auc_raw": auc, "chunks_per_s": len(preds.row_ids) / preds.seconds})
     base = rows[0]["auc_raw"]
     for row in rows:
         row["auc_change"] = row["auc_raw"] - base
@@ -219,6 +249,7 @@ def main() -> int:
             infer.predict_files(models, warm, variant)  # warm-up: the first calls allocate
             paths.append((name, lambda m=models, v=variant: infer.predict_files(m, files, v).probs))
         rows, outputs = run_paths(paths, n_chunks, args.repeats)
+        stages = stage_costs(files, spec_path, sr, fast_settings(cfg, args.threads).batch_size)
         results = eager_rows + rows
         for row in results:
             row["max_abs_diff_vs_torch"] = float(np.abs({**eager_out, **outputs}[row["path"]] - reference).max())
@@ -235,7 +266,11 @@ def main() -> int:
     ok = fast["chunks_per_s"] >= 120 and fast["chunks_per_s"] >= 4 * eager
     print(f"\ndefault fast path: {fast['chunks_per_s']:.1f} chunks/s, {fast['chunks_per_s'] / eager:.2f}x torch eager "
           f"(goal >= 120 and >= 4x): {'MET' if ok else 'NOT MET'}")
-    report = {"results": results}
+    ceiling = args.threads * 1e3 / sum(stages.values())
+    print("stages of the fast path, one thread, ms per chunk: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
+          + f"; {args.threads} cores busy all the time would give {ceiling:.0f} chunks/s")
+    report = {"results": results, "stages_ms_per_chunk": stages}
     if args.auc_run:
         report["auc"] = auc_change(cfg, args.auc_run, args.threads, args.openvino)
     if args.json:

@@ -525,6 +525,9 @@ def _package_readme(metadata: dict[str, str], int8: bool) -> str:
         "```bash\n"
         "python infer.py --model model.onnx --input-dir /kaggle/input/<competition>/test_soundscapes "
         "--output submission.csv\n"
-        "```\n"
+        "```\n\n"
+        "It uses every core it may run on: one model worker per core, each running onnxruntime on one thread "
+        "(`--model-workers`, `--threads`), batches of 4 windows (`--batch-size`); `python infer.py --help` lists "
+        "smoothing, file scaling, TTA and the other options.\n"
         f"{int8_run if int8 else ''}"
     )
