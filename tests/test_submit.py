@@ -115,3 +115,7 @@ def test_export_and_predict_read_the_soundscape_folders_data_names(home, capsys,
     assert cli.main(["predict", "experiment=smoke", f"predict.models=[{model}]",
                      f"data.val_soundscapes_dir={tmp_path}/moved_val"]) == 2
     assert f"predict.input_dir: not a folder: {tmp_path}/moved_val" in capsys.readouterr().err
+    # predict.sample_submission=data (the default) follows data.sample_submission too.
+    assert cli.main(["predict", "experiment=smoke", f"predict.models=[{model}]", f"predict.input_dir={tmp_path}",
+                     f"data.sample_submission={tmp_path}/moved.csv"]) == 2
+    assert f"predict.sample_submission: not found: {tmp_path}/moved.csv" in capsys.readouterr().err

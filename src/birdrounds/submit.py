@@ -149,7 +149,8 @@ def run_predict(cfg: DictConfig) -> dict[str, Any]:
         input_dir = Path(cfg.predict.input_dir)
     if not input_dir.is_dir():
         raise ConfigError(f"predict.input_dir: not a folder: {input_dir}")
-    sample = Path(cfg.predict.sample_submission) if cfg.predict.sample_submission else None
+    sample_cfg = cfg.predict.sample_submission
+    sample = _data_path(cfg, "sample_submission") if sample_cfg == "data" else Path(sample_cfg) if sample_cfg else None
     if sample is not None and not sample.is_file():
         raise ConfigError(f"predict.sample_submission: not found: {sample}")
     settings = inference_settings(cfg)
