@@ -23,8 +23,8 @@ Outputs: `probs` float32 [batch, n_classes] (sigmoid, already averaged over memb
 heads, `framewise_probs` float32 [batch, T', n_classes].
 
 Pipeline: files are decoded by a thread pool (libsndfile releases the GIL), cut into windows and
-turned into spectrograms by a producer thread, while the calling thread runs onnxruntime on the
-batches (which also releases the GIL). Each distinct (input kind, frontend, window) is computed once
+turned into spectrograms by a producer thread, while model workers (one per core by default) each
+run onnxruntime on a batch of their own (which also releases the GIL). Each distinct (input kind, frontend, window) is computed once
 per window and fed to every model that shares it. Per file, chunk probabilities are the mean over
 models; smoothing along the chunk axis and file-level scaling are optional post-processing steps.
 """
@@ -1029,7 +1029,7 @@ def predict_files(models: Sequence[OnnxModel], files: Sequence[str | os.PathLike
                     collector.add_batch(item)
                 else:
                     running.append(runner.submit(collector.add_batch, item))
-                    while len(running) > workers:  # one batch waiting per worker at most
+                    while len(running) > workers:  # at most one batch queued beyond the running ones
                         running.popleft().result()
             while running:
                 running.popleft().result()
