@@ -47,8 +47,6 @@ from birdrounds.export import export_onnx, quantize_int8
 from birdrounds.model import load_checkpoint, save_checkpoint
 from birdrounds.submit import inference_settings
 
-SMOOTHING = (0.1, 0.8, 0.1)
-
 
 def make_soundscapes(folder: Path, n_files: int, duration_s: float, sr: int, seed: int = 0) -> list[Path]:
     """`n_files` OGG files of coloured noise with chirps (decode cost like real soundscapes)."""
@@ -72,8 +70,9 @@ def decode_chunks(path: Path, sr: int, chunk: int) -> np.ndarray:
     return np.pad(wave, (0, n * chunk - len(wave)))[: n * chunk].reshape(n, chunk)
 
 
-def run_torch(files: list[Path], model: torch.nn.Module, sr: int, batch: int, ort_spec=None) -> np.ndarray:
-    """Sequential decode + torch frontend + (torch backbone | ORT spectrogram graph) + smoothing."""
+def run_torch(files: list[Path], model: torch.nn.Module, sr: int, batch: int, kernel: tuple[float, ...],
+              ort_spec=None) -> np.ndarray:
+    """Sequential decode + torch frontend + (torch backbone | ORT spectrogram graph) + smoothing with `kernel`."""
     outputs, index = [], []
     with torch.inference_mode():
         for i, path in enumerate(files):
@@ -89,7 +88,7 @@ def run_torch(files: list[Path], model: torch.nn.Module, sr: int, batch: int, or
             outputs.append(np.concatenate(probs))
             index.append(np.full(len(chunks), i))
     index = np.concatenate(index)
-    return infer.smooth(np.concatenate(outputs), index, SMOOTHING)
+    return infer.smooth(np.concatenate(outputs), index, kernel)
 
 
 def run_paths(paths: list[tuple[str, object]], n_chunks: int, repeats: int) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -221,9 +220,10 @@ def main() -> int:
               f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)", flush=True)
 
         warm = files[:1]
+        kernel = fast_settings(cfg, args.threads).smoothing  # every path smooths as `birdrounds predict` does
         torch_batches = (4, 8, 16, 32)
         eager_rows, eager_out = run_paths(
-            [(f"torch eager, batch {b}", lambda b=b: run_torch(files, model, sr, b)) for b in torch_batches],
+            [(f"torch eager, batch {b}", lambda b=b: run_torch(files, model, sr, b, kernel)) for b in torch_batches],
             n_chunks, args.repeats)
         baseline = max(eager_rows, key=lambda row: row["chunks_per_s"])
         baseline_batch = torch_batches[eager_rows.index(baseline)]
@@ -232,7 +232,7 @@ def main() -> int:
 
         # The seed framework's ORT session: one call at a time on all the threads.
         seed_session = infer.load_models([spec_path], args.threads, model_workers=1)[0].session
-        paths = [("torch spec + ONNX backbone", lambda: run_torch(files, model, sr, baseline_batch, seed_session))]
+        paths = [("torch spec + ONNX backbone", lambda: run_torch(files, model, sr, baseline_batch, kernel, seed_session))]
         variants = [("full ONNX graph (infer.py)", wave_path, "onnxruntime")] if not args.skip_waveform else []
         variants.append(("fast path (infer.py, default)", spec_path, "onnxruntime"))
         if args.int8:

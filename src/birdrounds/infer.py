@@ -24,9 +24,10 @@ heads, `framewise_probs` float32 [batch, T', n_classes].
 
 Pipeline: files are decoded by a thread pool (libsndfile releases the GIL), cut into windows and
 turned into spectrograms by a producer thread, while model workers (one per core by default) each
-run onnxruntime on a batch of their own (which also releases the GIL). Each distinct (input kind, frontend, window) is computed once
-per window and fed to every model that shares it. Per file, chunk probabilities are the mean over
-models; smoothing along the chunk axis and file-level scaling are optional post-processing steps.
+run onnxruntime on a batch of their own (which also releases the GIL). Each distinct (input kind,
+frontend, window) is computed once per window and fed to every model that shares it. Per file, chunk
+probabilities are the mean over models; smoothing along the chunk axis and file-level scaling are
+optional post-processing steps.
 """
 
 from __future__ import annotations
@@ -1094,6 +1095,7 @@ def write_submission(path: str | os.PathLike, row_ids: Sequence[str], classes: S
         header = read_submission_header(sample_submission)
         probs, columns = align_columns(columns, probs, header), header
     line = "%s" + ("," + float_format) * len(columns) + "\n"
+    # The write of birdrounds.artifacts.atomic_open, repeated: this file cannot import the package.
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
