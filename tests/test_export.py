@@ -18,8 +18,10 @@ from birdrounds.export import (
     ExportError,
     export_onnx,
     export_package,
+    nchwc_friendly,
     quantizable_nodes,
     quantize_int8,
+    undo_channel_scale_resizes,
     verify_onnx,
 )
 from birdrounds.model import (
@@ -96,9 +98,9 @@ def graph_input(kind: str, checkpoint: Path, audio: np.ndarray) -> np.ndarray:
         return model.frontend(torch.from_numpy(audio)).numpy()
 
 
-def run_onnx(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
-    """All outputs of an ONNX model on CPU, by name."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def run_onnx(path: Path | bytes, x: np.ndarray) -> dict[str, np.ndarray]:
+    """All outputs of an ONNX model (a path or serialized bytes) on CPU, by name."""
+    session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, {session.get_inputs()[0].name: x})))
 
@@ -150,6 +152,78 @@ def test_export_contract_and_parity(exported, chunks, kind, head):
     assert frontend == {k: load_checkpoint(ckpt)[1]["model_kwargs"][k] for k in frontend}
     assert set(frontend) == {"sample_rate_hz", "n_fft", "hop_length", "n_mels", "f_min_hz", "f_max_hz", "top_db", "norm"}
     assert json.loads(meta["birdrounds.members"]) == [{"path": str(ckpt), "hash": checkpoint_hash(ckpt)}]
+
+
+def squeeze_excite_graph() -> onnx.ModelProto:
+    """x [batch, 16, 6, 10] -> conv -> SiLU -> SE (spatial ReduceMean, two convs, channel scale Mul) -> conv,
+    plus a constant [1, C, 1, 1] scale and a Mul on a 1 x 1 map, which the rewrite must leave alone."""
+    rng = np.random.default_rng(0)
+    h = onnx.helper
+    inits = {name: rng.normal(0, 0.3, shape).astype(np.float32) for name, shape in (
+        ("w1", (32, 16, 1, 1)), ("w2", (8, 32, 1, 1)), ("w3", (32, 8, 1, 1)), ("w4", (16, 32, 3, 3)),
+        ("const_scale", (1, 32, 1, 1)))}
+    inits["axes"] = np.array([2, 3], np.int64)
+    nodes = [
+        h.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        h.make_node("Sigmoid", ["c1"], ["g1"], name="sig1"),
+        h.make_node("Mul", ["c1", "g1"], ["silu"], name="silu"),
+        h.make_node("ReduceMean", ["silu", "axes"], ["mean"], name="se_mean", keepdims=1),
+        h.make_node("Conv", ["mean", "w2"], ["r"], name="se_reduce"),
+        h.make_node("Relu", ["r"], ["rr"], name="se_relu"),
+        h.make_node("Conv", ["rr", "w3"], ["e"], name="se_expand"),
+        h.make_node("Sigmoid", ["e"], ["gate"], name="se_gate"),
+        h.make_node("Mul", ["gate", "silu"], ["scaled"], name="se_scale"),  # the scale first: either order
+        h.make_node("Mul", ["scaled", "const_scale"], ["scaled2"], name="const_mul"),
+        h.make_node("Mul", ["mean", "gate"], ["tiny"], name="one_by_one_mul"),
+        h.make_node("Conv", ["scaled2", "w4"], ["y"], name="conv_out", pads=[1, 1, 1, 1]),
+    ]
+    graph = h.make_graph(
+        nodes, "se", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 16, 6, 10])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 16, 6, 10]),
+         h.make_tensor_value_info("tiny", onnx.TensorProto.FLOAT, ["batch", 32, 1, 1])],
+        [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+
+
+def optimized_op_types(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
+    """Op types of the graph ONNX Runtime runs (ORT_ENABLE_ALL, one thread)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+
+
+def test_nchwc_friendly_rewrite_is_exact_and_avoids_reorders(tmp_path):
+    original = squeeze_excite_graph()
+    rewritten = squeeze_excite_graph()
+    assert nchwc_friendly(rewritten) == {"global_average_pool": 1, "channel_scale_resize": 1}
+    onnx.checker.check_model(rewritten, full_check=True)
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert "ReduceMean" not in ops and ops.count("GlobalAveragePool") == 1 and ops.count("Resize") == 1
+    assert ops.count("Mul") == 4  # SiLU, the SE scale, the constant scale and the 1 x 1 one
+    assert "axes" not in {i.name for i in rewritten.graph.initializer}  # no unused initializer left
+
+    x = np.random.default_rng(1).normal(size=(3, 16, 6, 10)).astype(np.float32)
+    for batch in (x, x[:1]):
+        want = run_onnx(original.SerializeToString(), batch)
+        got = run_onnx(rewritten.SerializeToString(), batch)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+    before, after = optimized_op_types(original, tmp_path), optimized_op_types(rewritten, tmp_path)
+    if "ReorderInput" not in before:
+        pytest.skip("this CPU has no NCHWc kernels in onnxruntime (x86 AVX2 / AVX-512 only)")
+    # Before: the SE scale multiplies in NCHW, so its input is reordered out of NCHWc and back.
+    reorders = lambda ops: ops.count("ReorderOutput") + ops.count("ReorderInput")  # noqa: E731
+    assert reorders(after) < reorders(before)
+
+    assert undo_channel_scale_resizes(rewritten) == 1
+    assert "Resize" not in [n.op_type for n in rewritten.graph.node]
+    onnx.checker.check_model(rewritten, full_check=True)
+    np.testing.assert_allclose(run_onnx(rewritten.SerializeToString(), x)["y"], run_onnx(original.SerializeToString(), x)["y"],
+                               rtol=1e-5, atol=1e-6)
+    assert undo_channel_scale_resizes(rewritten) == 0
 
 
 def test_window_s_defaults_to_5_when_checkpoint_has_none(tmp_path, chunks):
@@ -285,6 +359,9 @@ def test_int8_keeps_head_float_and_stays_close(exported, chunks, tmp_path):
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["birdrounds.classes"]) == CLASSES
     assert json.loads(meta["birdrounds.quantization"])["exclude_head"] is True
+    # The export's SE rewrite is there in the float graph and undone for INT8 (no NCHWc there).
+    assert "Resize" in {n.op_type for n in onnx.load(onnx_path).graph.node}
+    assert "Resize" not in {n.op_type for n in model.graph.node}
 
 
 def test_int8_on_waveform_graph_never_quantizes_the_frontend(exported, chunks, tmp_path):
@@ -353,7 +430,11 @@ def test_openvino_reads_the_spectrogram_graph(exported, chunks):
 
     ckpt, onnx_path, _ = exported("spectrogram", "sed")
     spec = graph_input("spectrogram", ckpt, chunks[:3])
-    compiled = openvino.Core().compile_model(openvino_model(onnx_path), "CPU")
+    ov_model = openvino_model(onnx_path)
+    # The SE scales the export repeats for onnxruntime are broadcast again for OpenVINO.
+    assert "Resize" in {n.op_type for n in onnx.load(onnx_path).graph.node}
+    assert "Interpolate" not in {op.get_type_name() for op in ov_model.get_ops()}
+    compiled = openvino.Core().compile_model(ov_model, "CPU")
     result = compiled(spec)
     want = run_onnx(onnx_path, spec)
     for output in compiled.outputs:

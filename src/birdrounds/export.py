@@ -46,6 +46,8 @@ DEFAULT_WINDOW_S = 5.0
 _TRACE_BATCH = 2
 # Written by the dynamo exporter on every node: the module path(s) the op came from.
 _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+# Marks the nodes `nchwc_friendly` adds, so that `undo_channel_scale_resizes` finds them.
+_REWRITE_KEY = "birdrounds.rewrite"
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 
 
@@ -213,6 +215,7 @@ def export_onnx(
     with torch.no_grad():
         ensemble(example)  # eager dry run: an ensemble that cannot work fails here with a readable ExportError
     model_proto = _trace_to_onnx(ensemble, example, opset)
+    rewrites = nchwc_friendly(model_proto)
     onnx.helper.set_model_props(model_proto, metadata)
     onnx.checker.check_model(model_proto)
     model_bytes = model_proto.SerializeToString()
@@ -232,6 +235,7 @@ def export_onnx(
         "output_names": ensemble.output_names,
         "max_abs_diff": max(diffs.values()),
         "max_abs_diff_by_output": diffs,
+        "graph_rewrites": rewrites,
         "atol": atol,
         "verify_inputs": audio_source,
         "n_verify": int(inputs.shape[0]),
@@ -269,6 +273,133 @@ def _trace_to_onnx(ensemble: EnsembleExport, example: torch.Tensor, opset: int) 
         # One self-contained file is the point of the artifact; external data would split it.
         raise ExportError(f"model is {model_proto.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB single-file limit")
     return model_proto
+
+
+def nchwc_friendly(model: onnx.ModelProto) -> dict[str, int]:
+    """Rewrite squeeze-excitation blocks so ONNX Runtime's CPU layout (NCHWc) runs them without reorders.
+
+    Exact rewrites, in place; returns how many nodes each one changed:
+      "global_average_pool": ReduceMean over the spatial axes of a 4-D tensor (keepdims) ->
+          GlobalAveragePool, which has an NCHWc kernel (ReduceMean has none);
+      "channel_scale_resize": Mul(x [N, C, H, W], s [N, C, 1, 1]) -> Mul(x, Resize(s)), the scale
+          repeated over H x W by nearest-neighbour Resize (integer scales, so an exact copy). ONNX
+          Runtime's NCHWc Mul needs both inputs of one proven shape, so the Resize output is declared
+          with x's shape; a broadcasting Mul makes it convert both tensors to NCHW and back.
+    On EfficientNet-B0 (128 mels x 313 frames, one thread) ONNX Runtime went from 5.0 to 4.8 ms per
+    window in an interleaved probe. H and W must be static (they are: only the batch is dynamic). The new
+    nodes keep the original node's metadata (the module scope INT8 quantization selects nodes by).
+    """
+    graph = model.graph
+    shapes = _static_shapes(model)
+    constants = {init.name for init in graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    counts = {"global_average_pool": 0, "channel_scale_resize": 0}
+    axes_inputs = set()
+    for node in graph.node:
+        if node.op_type == "ReduceMean" and node.domain in ("", "ai.onnx") and _spatial_mean(node, shapes, graph):
+            gap = onnx.helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name)
+            gap.metadata_props.extend(node.metadata_props)
+            nodes.append(gap)
+            axes_inputs.add(node.input[1])
+            counts["global_average_pool"] += 1
+            continue
+        scaled = _channel_scale(node, shapes, constants)
+        if scaled is not None:
+            big, small = scaled
+            height, width = shapes[node.input[big]][2:]
+            prefix = f"birdrounds_repeat_{counts['channel_scale_resize']}"
+            scales, repeated = f"{prefix}_scales", f"{prefix}_{node.input[small]}"
+            graph.initializer.append(onnx.numpy_helper.from_array(np.array([1, 1, height, width], np.float32), scales))
+            resize = onnx.helper.make_node(
+                "Resize", [node.input[small], "", scales], [repeated], name=prefix, mode="nearest",
+                coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+            onnx.helper.set_metadata_props(resize, {**_metadata(node), _REWRITE_KEY: "channel_scale_resize"})
+            graph.value_info.append(onnx.helper.make_tensor_value_info(
+                repeated, onnx.TensorProto.FLOAT, shapes[node.input[big]]))
+            inputs = list(node.input)
+            inputs[small] = repeated
+            del node.input[:]
+            node.input.extend(inputs)
+            nodes += [resize, node]
+            counts["channel_scale_resize"] += 1
+            continue
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    unused = [init for init in graph.initializer if init.name in axes_inputs - used]  # the ReduceMeans' axes
+    for init in unused:
+        graph.initializer.remove(init)
+    return counts
+
+
+def undo_channel_scale_resizes(model: onnx.ModelProto) -> int:
+    """Undo `nchwc_friendly`'s Resize of channel scales in place (Mul broadcasts again); returns how many.
+
+    For INT8: ONNX Runtime's quantized kernels do not use NCHWc, and the quantized graph with the
+    repeats runs 25% slower (5.6 against 4.5 ms per window on EfficientNet-B0, one thread).
+    """
+    graph = model.graph
+    repeats = {node.output[0]: node for node in graph.node
+               if node.op_type == "Resize" and _metadata(node).get(_REWRITE_KEY) == "channel_scale_resize"}
+    if not repeats:
+        return 0
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in repeats:
+                node.input[i] = repeats[name].input[0]
+    scales = {node.input[2] for node in repeats.values()}
+    kept_nodes = [node for node in graph.node if node.output[0] not in repeats]
+    kept_info = [info for info in graph.value_info if info.name not in repeats]
+    kept_inits = [init for init in graph.initializer if init.name not in scales]
+    for field, kept in ((graph.node, kept_nodes), (graph.value_info, kept_info), (graph.initializer, kept_inits)):
+        del field[:]
+        field.extend(kept)
+    return len(repeats)
+
+
+def _metadata(node: onnx.NodeProto) -> dict[str, str]:
+    """A node's metadata_props as a dict."""
+    return {prop.key: prop.value for prop in node.metadata_props}
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int | str]]:
+    """Float tensors' shapes after ONNX shape inference: ints where static, dim_param names otherwise ("?")."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes: dict[str, list[int | str]] = {}
+    for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        tensor = info.type.tensor_type
+        if tensor.elem_type != onnx.TensorProto.FLOAT or not tensor.HasField("shape"):
+            continue
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
+    return shapes
+
+
+def _spatial_mean(node: onnx.NodeProto, shapes: dict[str, list[int | str]], graph: onnx.GraphProto) -> bool:
+    """True for ReduceMean(x 4-D float, axes = the last two, keepdims=1), with axes as a constant input."""
+    if len(shapes.get(node.input[0], [])) != 4 or len(node.input) != 2:
+        return False
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("keepdims", 1) != 1 or attrs.get("noop_with_empty_axes", 0) != 0:
+        return False
+    axes = next((onnx.numpy_helper.to_array(i) for i in graph.initializer if i.name == node.input[1]), None)
+    return axes is not None and sorted(int(a) % 4 for a in axes.reshape(-1)) == [2, 3]
+
+
+def _channel_scale(node: onnx.NodeProto, shapes: dict[str, list[int | str]], constants: set[str]) -> tuple[int, int] | None:
+    """(index of x, index of s) for Mul(x [N, C, H, W], s [N, C, 1, 1]) with static H, W > 1 x 1; else None."""
+    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    a, b = (shapes.get(name) for name in node.input)
+    if not a or not b or len(a) != 4 or len(b) != 4:
+        return None
+    for big, small in ((0, 1), (1, 0)):
+        x, s = (a, b) if big == 0 else (b, a)
+        static_hw = all(isinstance(d, int) and d > 0 for d in x[2:]) and x[2:] != [1, 1]
+        same_nc = x[:2] == s[:2] and x[0] != "?" and x[1] != "?"
+        if static_hw and same_nc and s[2:] == [1, 1] and node.input[small] not in constants:
+            return big, small
+    return None
 
 
 def verify_onnx(
@@ -335,15 +466,16 @@ def quantize_int8(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     source = onnx.load(os.fspath(onnx_path))
+    undo_channel_scale_resizes(source)
     input_name = source.graph.input[0].name
     calibration = np.ascontiguousarray(calibration, dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as tmp_dir:
         # Shape inference first, so the quantizer knows every tensor's type; no ORT graph optimization,
-        # which would fuse nodes and drop the module-scope metadata used to pick nodes. ORT's symbolic
-        # shape inference cannot type STFT's output (onnxruntime 1.32), so a waveform graph gets ONNX's only.
+        # which would fuse nodes and drop the module-scope metadata used to pick nodes. ONNX's own shape
+        # inference is complete here (only the batch is dynamic); ORT's symbolic one cannot type STFT's
+        # output nor prove the batch of a Resize output equal to its input's (onnxruntime 1.32).
         prepared = Path(tmp_dir) / "prepared.onnx"
-        has_stft = any(node.op_type == "STFT" for node in source.graph.node)
-        quant_pre_process(source, prepared, skip_optimization=True, skip_symbolic_shape=has_stft)
+        quant_pre_process(source, prepared, skip_optimization=True, skip_symbolic_shape=True)
         prepared_model = onnx.load(prepared)
         keep = set(quantizable_nodes(prepared_model, exclude_head))
         excluded = [node.name for node in prepared_model.graph.node if node.name not in keep]
@@ -434,7 +566,11 @@ def openvino_model(onnx_path: str | os.PathLike) -> Any:
     kind = {p.key: p.value for p in model.metadata_props}.get("birdrounds.input")
     if kind != "spectrogram":
         raise ExportError(f"{onnx_path}: OpenVINO reads spectrogram graphs only, this one is {kind!r}")
-    return openvino.Core().read_model(os.fspath(onnx_path))
+    from birdrounds.infer import broadcast_channel_scales
+
+    ov_model = openvino.Core().read_model(os.fspath(onnx_path))
+    broadcast_channel_scales(ov_model)  # OpenVINO runs the SE scales faster broadcast (see nchwc_friendly)
+    return ov_model
 
 
 # ---------------------------------------------------------------- package

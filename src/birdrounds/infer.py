@@ -419,7 +419,9 @@ class OpenVinoModel(OnnxModel):
         config = {"INFERENCE_PRECISION_HINT": precision, "NUM_STREAMS": streams,
                   "INFERENCE_NUM_THREADS": streams * int(threads or usable_cores())}
         core = openvino.Core()
-        self.compiled = core.compile_model(core.read_model(self.path), "CPU", config)
+        model = core.read_model(self.path)
+        broadcast_channel_scales(model)
+        self.compiled = core.compile_model(model, "CPU", config)
         self.session = None  # metadata is kept; onnxruntime's copy of the weights is released
         self._local = threading.local()  # one infer request per calling thread (model workers)
 
@@ -431,6 +433,31 @@ class OpenVinoModel(OnnxModel):
         name = "framewise_probs" if framewise else "probs"
         out = request.infer({self.input_name: inputs})[self.compiled.output(name)]
         return np.array(out, dtype=np.float32)  # a copy: the request reuses its output memory
+
+
+def broadcast_channel_scales(model: Any) -> int:
+    """In an OpenVINO model, feed each Resize-repeated channel scale [N, C, 1, 1] to its Multiply directly.
+
+    The export repeats squeeze-excitation scales over H x W for ONNX Runtime's NCHWc kernels
+    (`birdrounds.export.nchwc_friendly`); OpenVINO broadcasts natively and runs the original form
+    3-4% faster (measured on EfficientNet-B0, one thread, f32 and bf16). Same values either way.
+    """
+    undone = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Interpolate":
+            continue
+        source = op.input_value(0)
+        shape = source.get_partial_shape()
+        targets = list(op.output(0).get_target_inputs())
+        if (shape.rank.is_dynamic or shape.rank.get_length() != 4 or shape[2] != 1 or shape[3] != 1
+                or not targets or any(t.get_node().get_type_name() != "Multiply" for t in targets)):
+            continue
+        for target in targets:
+            target.replace_source_output(source)
+        undone += 1
+    if undone:
+        model.validate_nodes_and_infer_types()
+    return undone
 
 
 ENGINES = ("onnxruntime", "openvino", "openvino_bf16")
