@@ -291,12 +291,12 @@ def nchwc_friendly(model: onnx.ModelProto) -> dict[str, int]:
     """
     graph = model.graph
     shapes = _static_shapes(model)
-    constants = {init.name for init in graph.initializer}
+    constants = {init.name: init for init in graph.initializer}
     nodes: list[onnx.NodeProto] = []
     counts = {"global_average_pool": 0, "channel_scale_resize": 0}
     axes_inputs = set()
     for node in graph.node:
-        if node.op_type == "ReduceMean" and node.domain in ("", "ai.onnx") and _spatial_mean(node, shapes, graph):
+        if node.op_type == "ReduceMean" and node.domain in ("", "ai.onnx") and _spatial_mean(node, shapes, constants):
             gap = onnx.helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name)
             gap.metadata_props.extend(node.metadata_props)
             nodes.append(gap)
@@ -375,18 +375,22 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int | str]]:
     return shapes
 
 
-def _spatial_mean(node: onnx.NodeProto, shapes: dict[str, list[int | str]], graph: onnx.GraphProto) -> bool:
+def _spatial_mean(node: onnx.NodeProto, shapes: dict[str, list[int | str]],
+                  constants: dict[str, onnx.TensorProto]) -> bool:
     """True for ReduceMean(x 4-D float, axes = the last two, keepdims=1), with axes as a constant input."""
     if len(shapes.get(node.input[0], [])) != 4 or len(node.input) != 2:
         return False
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     if attrs.get("keepdims", 1) != 1 or attrs.get("noop_with_empty_axes", 0) != 0:
         return False
-    axes = next((onnx.numpy_helper.to_array(i) for i in graph.initializer if i.name == node.input[1]), None)
-    return axes is not None and sorted(int(a) % 4 for a in axes.reshape(-1)) == [2, 3]
+    if node.input[1] not in constants:
+        return False
+    axes = onnx.numpy_helper.to_array(constants[node.input[1]])
+    return sorted(int(a) % 4 for a in axes.reshape(-1)) == [2, 3]
 
 
-def _channel_scale(node: onnx.NodeProto, shapes: dict[str, list[int | str]], constants: set[str]) -> tuple[int, int] | None:
+def _channel_scale(node: onnx.NodeProto, shapes: dict[str, list[int | str]],
+                   constants: dict[str, onnx.TensorProto]) -> tuple[int, int] | None:
     """(index of x, index of s) for Mul(x [N, C, H, W], s [N, C, 1, 1]) with static H, W > 1 x 1; else None."""
     if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
         return None
