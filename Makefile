@@ -13,10 +13,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The whole workflow: teacher + ROUNDS student rounds, ONNX export, submission.csv for the validation soundscapes.
+# The whole workflow: teacher + ROUNDS student rounds (each with its equal-compute control), ONNX export,
+# submission.csv for the validation soundscapes.
 ROUNDS ?= 2
 demo: $(STAMP)
-	$(VENV)/bin/python rounds/run.py round=$(ROUNDS) $(ARGS)
+	$(VENV)/bin/python rounds/run.py round=$(ROUNDS) control=true $(ARGS)
 	$(VENV)/bin/birdrounds export $(ARGS)
 	$(VENV)/bin/birdrounds predict $(ARGS)
 

@@ -1,13 +1,24 @@
-"""Do the rounds pay? The default `rounds/run.py round=2` for several seeds, teacher vs round-2 student.
+"""Do the rounds pay at equal compute? Teacher, control, student and oracle per round, over seeds.
 
-Runs the embedded default (synthetic mini-BirdCLEF, demo model, pseudo=first_2025) once per seed, each
-in its own run folder under --home (the generated data and audio cache are shared), then prints the
-validation-soundscape macro AUC of the round-0 teacher and of every student per seed, with mean ± std,
-and checks the goal: the round-2 student beats the teacher for every seed and by >= +0.02 on average.
+For each seed, two run folders under --home/runs (the generated data and audio cache are shared):
+- `seed<s>`: `rounds/run.py round=R control=true`: the teacher, then per round the pseudo-labeled
+  student and its equal-compute control (same initial weights, schedule and seed, labeled data only);
+- `seed<s>_oracle`: the same teacher (round_0 copied, so it is reused, not retrained), then students
+  trained on the synthetic data's true train-soundscape labels (`pseudo.truth`) through the same mixing
+  code: the headroom any pseudo-labeling could reach.
 
-    python bench/rounds_gain.py --home /tmp/rounds_gain [--seeds 0 1 2] [overrides ...]
+Prints validation-soundscape macro AUC per seed and as mean ± std, the student's gain over its
+control, the share of the oracle's headroom (oracle - control) it captures, the teacher's convergence
+(how much val_clip_auc the round-1 control adds), the time of each arm, and checks the goals:
 
-Exit status 0 when the goal is met, 1 when not. Rounds already complete in a run folder are reused.
+- teacher converged: the round-1 control adds < +0.01 val_clip_auc on average;
+- oracle - control >= +0.05 on average (round 1);
+- every student round beats its control by >= +0.02 on average;
+- the last round beats its control by >= +0.03 in every seed, and by at least half the oracle's headroom.
+
+    python bench/rounds_gain.py --home /tmp/rounds_gain [--seeds 0 1 2] [--rounds 2] [overrides ...]
+
+Exit status 0 when every goal is met, 1 when not. Rounds already complete in a run folder are reused.
 """
 
 from __future__ import annotations
@@ -15,31 +26,56 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+KEY = "val_soundscape_auc"
+CONVERGED_CLIP_GAIN = 0.01
+MIN_ORACLE_HEADROOM = 0.05
 MIN_MEAN_GAIN = 0.02
+MIN_LAST_GAIN = 0.03
+MIN_HEADROOM_SHARE = 0.5
 
 
-def run_seed(home: Path, seed: int, rounds: int, overrides: list[str]) -> tuple[list[dict], float]:
-    """Run rounds 0..`rounds` for one seed; returns each round's metrics.json and the wall time."""
-    run_dir = home / "runs" / f"seed{seed}"
+def run(home: Path, run_dir: Path, seed: int, rounds: int, overrides: list[str]) -> None:
+    """`rounds/run.py` for one arm; exits with its log on failure."""
     env = {**os.environ, "BIRDROUNDS_HOME": str(home), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    started = time.time()
     cmd = [sys.executable, str(REPO / "rounds" / "run.py"), f"round={rounds}", f"seed={seed}",
            f"run_dir={run_dir}", "logger=none", *overrides]
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seconds = time.time() - started
     if proc.returncode != 0:
-        sys.exit(f"seed {seed} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
-    metrics = [json.loads((run_dir / f"round_{k}" / "metrics.json").read_text()) for k in range(rounds + 1)]
-    return metrics, seconds
+        sys.exit(f"{run_dir.name} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+
+
+def arm(folder: Path) -> dict:
+    """An arm's final metrics with its wall time (manifest.json)."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return {**metrics, "seconds": json.loads((folder / "manifest.json").read_text())["seconds"]}
+
+
+def run_seed(home: Path, seed: int, rounds: int, truth: Path, overrides: list[str]) -> dict:
+    """Both run folders of one seed; returns teacher, and per round student, control and oracle."""
+    main_dir, oracle_dir = home / "runs" / f"seed{seed}", home / "runs" / f"seed{seed}_oracle"
+    run(home, main_dir, seed, rounds, ["control=true", *overrides])
+    if not (oracle_dir / "round_0" / "DONE").is_file():
+        shutil.rmtree(oracle_dir / "round_0", ignore_errors=True)
+        shutil.copytree(main_dir / "round_0", oracle_dir / "round_0")
+    run(home, oracle_dir, seed, rounds, [f"pseudo.truth={truth}", *overrides])
+    return {"teacher": arm(main_dir / "round_0"),
+            "rounds": [{"student": arm(main_dir / f"round_{k}"), "control": arm(main_dir / f"round_{k}" / "control"),
+                        "oracle": arm(oracle_dir / f"round_{k}")} for k in range(1, rounds + 1)]}
+
+
+def fmt(values: np.ndarray, signed: bool = False) -> str:
+    """Mean ± std (sample std) of a column."""
+    std = values.std(ddof=1) if len(values) > 1 else 0.0
+    return f"{values.mean():+.3f} ± {std:.3f}" if signed else f"{values.mean():.3f} ± {std:.3f}"
 
 
 def main() -> int:
@@ -47,36 +83,66 @@ def main() -> int:
     parser.add_argument("--home", type=Path, required=True, help="work folder (data, cache and run folders)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--truth", type=Path, default=None,
+                        help="true train-soundscape labels (default: the synthetic data's truth/train_soundscape_labels.csv)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
-    args.home.mkdir(parents=True, exist_ok=True)
-    key = "val_soundscape_auc"
-    table = []
-    for seed in args.seeds:
-        metrics, seconds = run_seed(args.home.resolve(), seed, args.rounds, args.overrides)
-        table.append(([m[key] for m in metrics], [m["val_clip_auc"] for m in metrics], seconds))
-        print(f"seed {seed}: {key} by round {[round(v, 4) for v in table[-1][0]]} in {seconds:.0f} s", flush=True)
+    home = args.home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    truth = args.truth or home / "data" / "synthetic" / "truth" / "train_soundscape_labels.csv"
+    if not truth.is_file():
+        # The data is generated by the first run; the oracle needs its truth table.
+        run(home, home / "runs" / f"seed{args.seeds[0]}", args.seeds[0], 0, args.overrides)
+    results = [run_seed(home, seed, args.rounds, truth, args.overrides) for seed in args.seeds]
 
-    soundscape = np.array([row[0] for row in table])
-    clip = np.array([row[1] for row in table])
-    gain = soundscape[:, -1] - soundscape[:, 0]
-    heads = [f"round {k}" for k in range(args.rounds + 1)]
-    print(f"\nvalidation soundscape macro AUC ({key}), round 0 = teacher\n")
-    print("| seed | " + " | ".join(heads) + f" | student {args.rounds} − teacher | val_clip_auc r0 → r{args.rounds} | time |")
-    print("| --- " * (len(heads) + 4) + "|")
-    for seed, row, clip_row, g in zip(args.seeds, table, clip, gain):
-        cells = " | ".join(f"{v:.3f}" for v in row[0])
-        print(f"| {seed} | {cells} | {g:+.3f} | {clip_row[0]:.3f} → {clip_row[-1]:.3f} | {row[2] / 60:.1f} min |")
-    mean, std = soundscape.mean(axis=0), soundscape.std(axis=0, ddof=1) if len(table) > 1 else np.zeros(len(heads))
-    cells = " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std))
-    gain_std = gain.std(ddof=1) if len(gain) > 1 else 0.0
-    print(f"| mean ± std | {cells} | {gain.mean():+.3f} ± {gain_std:.3f} | "
-          f"{clip[:, 0].mean():.3f} → {clip[:, -1].mean():.3f} | |")
-    every = bool((gain > 0).all())
-    ok = every and gain.mean() >= MIN_MEAN_GAIN
-    print(f"\nstudent beats teacher in every seed: {every}; mean gain {gain.mean():+.3f} (goal >= +{MIN_MEAN_GAIN}): "
-          f"{'MET' if ok else 'NOT MET'}")
-    return 0 if ok else 1
+    teacher = np.array([r["teacher"][KEY] for r in results])
+    teacher_clip = np.array([r["teacher"]["val_clip_auc"] for r in results])
+    control1_clip = np.array([r["rounds"][0]["control"]["val_clip_auc"] for r in results])
+    clip_gain = control1_clip - teacher_clip
+    print(f"\n### Teacher (round 0) and its convergence: val_clip_auc the round-1 control adds\n")
+    print("| seed | teacher val_soundscape_auc | teacher val_clip_auc | round-1 control val_clip_auc | added | time (s) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for seed, r, g in zip(args.seeds, results, clip_gain):
+        print(f"| {seed} | {r['teacher'][KEY]:.3f} | {r['teacher']['val_clip_auc']:.3f} | "
+              f"{r['rounds'][0]['control']['val_clip_auc']:.3f} | {g:+.3f} | {r['teacher']['seconds']:.0f} |")
+    print(f"| mean ± std | {fmt(teacher)} | {fmt(teacher_clip)} | {fmt(control1_clip)} | {fmt(clip_gain, True)} | |")
+
+    gains, headrooms = [], []
+    for k in range(1, args.rounds + 1):
+        arms = {name: np.array([r["rounds"][k - 1][name][KEY] for r in results]) for name in ("control", "student", "oracle")}
+        gain, headroom = arms["student"] - arms["control"], arms["oracle"] - arms["control"]
+        gains.append(gain)
+        headrooms.append(headroom)
+        print(f"\n### Round {k}: {KEY} (gain = student - control; headroom = oracle - control)\n")
+        print("| seed | control | student | oracle | gain | headroom | share of headroom | time (s): student / control / oracle |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for i, (seed, r) in enumerate(zip(args.seeds, results)):
+            rk = r["rounds"][k - 1]
+            share = gain[i] / headroom[i] if headroom[i] > 0 else float("nan")
+            print(f"| {seed} | {arms['control'][i]:.3f} | {arms['student'][i]:.3f} | {arms['oracle'][i]:.3f} | "
+                  f"{gain[i]:+.3f} | {headroom[i]:+.3f} | {share:.2f} | "
+                  f"{rk['student']['seconds']:.0f} / {rk['control']['seconds']:.0f} / {rk['oracle']['seconds']:.0f} |")
+        share = gain.mean() / headroom.mean() if headroom.mean() > 0 else float("nan")
+        print(f"| mean ± std | {fmt(arms['control'])} | {fmt(arms['student'])} | {fmt(arms['oracle'])} | "
+              f"{fmt(gain, True)} | {fmt(headroom, True)} | {share:.2f} (of the means) | |")
+
+    last_gain, last_headroom = gains[-1], headrooms[-1]
+    goals = [
+        (f"teacher converged: round-1 control adds {clip_gain.mean():+.3f} val_clip_auc (< +{CONVERGED_CLIP_GAIN})",
+         clip_gain.mean() < CONVERGED_CLIP_GAIN),
+        (f"oracle - control, round 1: {headrooms[0].mean():+.3f} (>= +{MIN_ORACLE_HEADROOM})",
+         headrooms[0].mean() >= MIN_ORACLE_HEADROOM),
+        *[(f"round {k} student - control: {g.mean():+.3f} on average (>= +{MIN_MEAN_GAIN})", g.mean() >= MIN_MEAN_GAIN)
+          for k, g in enumerate(gains, start=1)],
+        (f"round {args.rounds} student - control in every seed: {', '.join(f'{g:+.3f}' for g in last_gain)} "
+         f"(>= +{MIN_LAST_GAIN})", bool((last_gain >= MIN_LAST_GAIN).all())),
+        (f"round {args.rounds} share of the oracle's headroom: {last_gain.mean():+.3f} of {last_headroom.mean():+.3f} "
+         f"(>= {MIN_HEADROOM_SHARE:.0%})", last_gain.mean() >= MIN_HEADROOM_SHARE * last_headroom.mean()),
+    ]
+    print("\n### Goals\n")
+    for text, met in goals:
+        print(f"- {'MET' if met else 'NOT MET'}: {text}")
+    return 0 if all(met for _, met in goals) else 1
 
 
 if __name__ == "__main__":

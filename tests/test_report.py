@@ -43,9 +43,10 @@ def test_rows_changes_and_files(tmp_path):
     report = write_report(tmp_path).read_text()
     table = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| -")]
     assert len(table) == 1 + 3  # header + rounds 0..2
-    assert table[2].split(" | ")[:5] == ["| 1", "0.700", "+0.100", "0.850", "-0.050"]
+    # round, soundscape AUC, change, control, gain, clip AUC, change, control, gain (no control here: dashes)
+    assert table[2].split(" | ")[:9] == ["| 1", "0.700", "+0.100", "–", "–", "0.850", "-0.050", "–", "–"]
     assert table[2].endswith("| 4 | 0.50 | 0.500 | 80 |")  # chunks, coverage, mean of [0.9, 0.3, 0.7, 0.1], time
-    assert table[3].split(" | ")[3] == "–"  # a missing metric is a dash, not a crash
+    assert table[3].split(" | ")[5] == "–"  # a missing metric is a dash, not a crash
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert not list(tmp_path.glob("*.tmp*"))

@@ -275,3 +275,26 @@ def test_soundscapes_are_harder_than_focal_clips_but_learnable(root: Path, train
     assert focal_auc >= 0.9, f"focal classes are not separable: AUC {focal_auc:.2f}"
     assert soundscape_auc <= focal_auc - 0.05, f"no domain gap: focal {focal_auc:.2f}, soundscape {soundscape_auc:.2f}"
     assert soundscape_auc >= 0.65, f"soundscapes not learnable from focal clips: AUC {soundscape_auc:.2f}"
+
+
+def test_soundscape_dialect_shifts_soundscape_calls_only(tmp_path: Path) -> None:
+    """With `soundscape_dialect`, both soundscape folders hear each species shifted in pitch and tempo;
+    focal recordings, tables and the plan's random draws stay the same; 0 changes nothing."""
+    from birdrounds.data.synthetic import _done_record, regional_dialect
+
+    plain, shifted = make_plan(tmp_path, TINY), make_plan(tmp_path, SynthSpec(**{**TINY.__dict__, "soundscape_dialect": 0.2}))
+    pd.testing.assert_frame_equal(plain.train, shifted.train)
+    assert [job.path for job in plain.jobs] == [job.path for job in shifted.jobs]
+    assert plain.jobs[len(plain.train_soundscapes) + len(plain.val_soundscapes):] == \
+        shifted.jobs[len(shifted.train_soundscapes) + len(shifted.val_soundscapes):]  # focal + archive jobs
+    by_label = {sp.label: sp for sp in plain.species}
+    for job in (*shifted.train_soundscapes, *shifted.val_soundscapes):
+        for sp in job.species:
+            if sp.label in by_label:
+                pitch, tempo = sp.f0_hz / by_label[sp.label].f0_hz, sp.rate_hz / by_label[sp.label].rate_hz
+                assert 0.1 - 1e-9 <= abs(pitch - 1) <= 0.2 + 1e-9 and 0.1 - 1e-9 <= abs(tempo - 1) <= 0.2 + 1e-9
+    assert regional_dialect(plain.species, 0.0, 0) is plain.species
+    # A folder made before the option existed (no key in DONE.json) still matches the default spec.
+    assert "soundscape_dialect" not in _done_record(TINY)["spec"]
+    with pytest.raises(ValueError, match="soundscape_dialect"):
+        SynthSpec(soundscape_dialect=0.6)

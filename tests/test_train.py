@@ -154,7 +154,10 @@ def test_gradient_accumulation_matches_one_big_batch(data, tmp_path):
     assert runs[0]["step"] == runs[1]["step"] == 2
     assert runs[1]["train_loss"] == pytest.approx(runs[0]["train_loss"], rel=1e-5)
     weights = [_state_dict(tmp_path / f"accum{accum}" / "model.pt") for accum in (1, 2)]
-    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-5) for k in weights[0])
+    # Summing 2 half-batch gradients rounds differently from 1 full batch; Adam divides by the gradient's
+    # scale, so a weight whose gradient is near zero can move ~1e-5 apart (seen with timm 1.0.31). A broken
+    # accumulation (an update per micro-batch, or a mis-scaled loss) moves weights apart by ~lr = 5e-4.
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=5e-5) for k in weights[0])
 
 
 # ----------------------------------------------------------------------------- a real fit

@@ -53,6 +53,7 @@ def validate(cfg: DictConfig) -> None:
     require(cfg, "round", lambda v: isinstance(v, int) and v >= 0, "must be a non-negative integer")
     require(cfg, "recompute_from", lambda v: v is None or (isinstance(v, int) and v >= 0),
             "must be null or a round number")
+    require(cfg, "control", lambda v: isinstance(v, bool), "must be true or false")
     if cfg.round > 0:
         require(cfg, "pseudo.student_init", lambda v: v in ("teacher", "scratch"), "must be 'teacher' or 'scratch'")
         require(cfg, "pseudo.window_s", lambda v: isinstance(v, (int, float)) and v >= 5.0,

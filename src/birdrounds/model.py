@@ -321,6 +321,15 @@ def checkpoint_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
+def weights_hash(model: nn.Module) -> str:
+    """First 16 hex digits of a sha256 over the state dict's names and tensor bytes (the weights, not a file)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _unwrap(model: nn.Module) -> BirdModel:
     """The BirdModel inside DDP (`.module`) or torch.compile (`._orig_mod`) wrappers."""
     while not isinstance(model, BirdModel):

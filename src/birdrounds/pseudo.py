@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from birdrounds.artifacts import atomic_open
+from birdrounds.config import ConfigError
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.infer import overlap_to_chunks
 
@@ -330,6 +331,43 @@ def read_pseudo_labels(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str,
 def split_table(table: pd.DataFrame, classes: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray]:
     """(rows, probs float32 [n, C]) from a pseudo-label table."""
     return table[ROW_KEYS].copy(), table[list(classes)].to_numpy(dtype=np.float32)
+
+
+def read_truth(path: str | os.PathLike, row_ids: Sequence[str], classes: Sequence[str],
+               skipped_stems: Collection[str] = ()) -> np.ndarray:
+    """True labels [len(row_ids), C] from a Kaggle solution-format CSV (row_id + one column per class).
+
+    The oracle arm's input. Refused (ConfigError naming `pseudo.truth`) when its classes differ from
+    `classes`, a chunk has no row, it has rows for chunks that do not exist (rows of soundscapes that
+    were skipped as unreadable excepted), or a value is not a number in [0, 1].
+    """
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError(f"pseudo.truth: {path}: {reason}")
+
+    if not Path(path).is_file():
+        raise refuse("file not found")
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as err:
+        raise refuse(f"cannot read it as CSV ({str(err).splitlines()[0]})") from None
+    if "row_id" not in table.columns:
+        raise refuse("no row_id column")
+    columns = [c for c in table.columns if c != "row_id"]
+    missing, extra = sorted(set(classes) - set(columns)), sorted(set(columns) - set(classes))
+    if missing or extra:
+        raise refuse(f"its classes do not match the class list (missing {missing[:5]}, unknown {extra[:5]})")
+    table = table.drop_duplicates("row_id").set_index("row_id")
+    absent = [r for r in row_ids if r not in table.index]
+    if absent:
+        raise refuse(f"{len(absent)} train-soundscape chunks have no row, e.g. {absent[:3]}")
+    known = set(row_ids)
+    unknown = [r for r in table.index if r not in known and str(r).rsplit("_", 1)[0] not in skipped_stems]
+    if unknown:
+        raise refuse(f"{len(unknown)} rows name no train-soundscape chunk, e.g. {unknown[:3]}")
+    values = table.loc[list(row_ids), list(classes)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    if not np.isfinite(values).all() or values.min(initial=0.0) < 0 or values.max(initial=0.0) > 1:
+        raise refuse("values must be numbers in [0, 1]")
+    return values.astype(np.float32)
 
 
 def pseudo_stats(probs: np.ndarray, classes: Sequence[str] | None = None) -> dict[str, Any]:

@@ -1,7 +1,10 @@
-"""The run folder's report: `report.md` (one row per completed round) and `report.png`.
+"""The run folder's report: `report.md` (one row per completed round), `report.png` and `metrics.json`.
 
-Built from the round records alone (`round_k/metrics.json`, `manifest.json`, `pseudo_labels.parquet`),
-so it can be rewritten at any time, e.g. after each round or by hand on a copied run folder.
+Built from the round records alone (`round_k/metrics.json`, `manifest.json`, `pseudo_labels.parquet`,
+and `round_k/control/` where the round has an equal-compute control), so it can be rewritten at any
+time, e.g. after each round or by hand on a copied run folder. A student's gain over its control
+(`gain_vs_control`) is what the pseudo-labels bought; its change against the previous round also
+counts the extra training.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from birdrounds.artifacts import atomic_open
+from birdrounds.artifacts import atomic_open, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 AUC_KEYS = ("val_soundscape_auc", "val_clip_auc")
+CONTROL_DIR = "control"  # written by birdrounds.rounds (which imports this module)
+SUMMARY_FILE = "metrics.json"  # the run folder's summary, beside report.md
 
 
 def completed_rounds(run_dir: Path) -> list[tuple[int, Path]]:
@@ -31,22 +36,53 @@ def completed_rounds(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(rounds)
 
 
+def _control(folder: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(metrics, manifest) of a round's completed control, or None."""
+    control = folder / CONTROL_DIR
+    if not (control / "DONE").is_file():
+        return None
+    return json.loads((control / "metrics.json").read_text()), json.loads((control / "manifest.json").read_text())
+
+
+def _difference(a: Any, b: Any) -> float | None:
+    return a - b if a is not None and b is not None else None
+
+
 def round_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """One record per completed round: AUCs, change against the previous round, pseudo statistics, time."""
+    """One record per completed round: AUCs, change against the previous round, control and gain over it,
+    pseudo statistics, time."""
     rows: list[dict[str, Any]] = []
     for idx, folder in completed_rounds(run_dir):
         metrics = json.loads((folder / "metrics.json").read_text())
         manifest = json.loads((folder / "manifest.json").read_text())
         pseudo = metrics.get("pseudo") or {}
+        control = _control(folder)
         row = {"round": idx, "seconds": manifest.get("seconds"), "pseudo_chunks": pseudo.get("chunks"),
-               "coverage_above_0.5": pseudo.get("coverage_above_0.5"), "mean_max_prob": pseudo.get("mean_max_prob")}
+               "coverage_above_0.5": pseudo.get("coverage_above_0.5"), "mean_max_prob": pseudo.get("mean_max_prob"),
+               "control_seconds": control[1].get("seconds") if control else None}
         for key in AUC_KEYS:
             value = metrics.get(key)
             row[key] = value
             previous = rows[-1].get(key) if rows and rows[-1]["round"] == idx - 1 else None
-            row[f"{key}_change"] = value - previous if value is not None and previous is not None else None
+            row[f"{key}_change"] = _difference(value, previous)
+            row[f"control_{key}"] = control[0].get(key) if control else None
+            row[f"gain_vs_control_{key}"] = _difference(value, row[f"control_{key}"])
         rows.append(row)
     return rows
+
+
+def run_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run folder's metrics.json: per round, the student's (or teacher's) and its control's AUCs and the gain."""
+    rounds = []
+    for r in rows:
+        entry = {"round": r["round"], "arm": "teacher" if r["round"] == 0 else "student", "seconds": r["seconds"],
+                 **{key: r[key] for key in AUC_KEYS}}
+        if r["round"] > 0:
+            entry["control"] = ({key: r[f"control_{key}"] for key in AUC_KEYS} | {"seconds": r["control_seconds"]}
+                                if r["control_seconds"] is not None else None)
+            entry["gain_vs_control"] = {key: r[f"gain_vs_control_{key}"] for key in AUC_KEYS}
+        rounds.append(entry)
+    return {"rounds": rounds}
 
 
 def _fmt(value: Any, digits: int = 3, signed: bool = False) -> str:
@@ -63,18 +99,24 @@ def render_markdown(rows: list[dict[str, Any]], run_dir: Path) -> str:
         f"# Rounds report: {run_dir.name}",
         "",
         ("Round 0 is the teacher trained on labeled clips; round k >= 1 is a student trained on labeled data "
-         "plus the round k-1 model's pseudo-labels. Change = against the previous round. "
+         "plus the round k-1 model's pseudo-labels. Change = against the previous round. Control = the round's "
+         "equal-compute control (`control=true`): the same rounds on labeled data only, from the same initial "
+         "weights (round 1: the teacher's; round k: round k-1's control), with the same schedule and seed; "
+         "gain = student - control: what the pseudo-labels bought, without the extra training. "
          "Pseudo columns describe the labels the round's student was trained on."),
         "",
-        ("| round | val_soundscape_auc | change | val_clip_auc | change | pseudo chunks | coverage > 0.5 "
-         "| mean max prob | time (s) |"),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ("| round | val_soundscape_auc | change | control | gain vs control | val_clip_auc | change | control "
+         "| gain vs control | pseudo chunks | coverage > 0.5 | mean max prob | time (s), student + control |"),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['round']} | {_fmt(r['val_soundscape_auc'])} | {_fmt(r['val_soundscape_auc_change'], signed=True)} "
-            f"| {_fmt(r['val_clip_auc'])} | {_fmt(r['val_clip_auc_change'], signed=True)} | {_fmt(r['pseudo_chunks'])} "
-            f"| {_fmt(r['coverage_above_0.5'], 2)} | {_fmt(r['mean_max_prob'], 3)} | {_fmt(r['seconds'], 0)} |")
+        cells = [str(r["round"])]
+        for key in AUC_KEYS:
+            cells += [_fmt(r[key]), _fmt(r[f"{key}_change"], signed=True), _fmt(r[f"control_{key}"]),
+                      _fmt(r[f"gain_vs_control_{key}"], signed=True)]
+        seconds = _fmt(r["seconds"], 0) + (f" + {_fmt(r['control_seconds'], 0)}" if r["control_seconds"] is not None else "")
+        cells += [_fmt(r["pseudo_chunks"]), _fmt(r["coverage_above_0.5"], 2), _fmt(r["mean_max_prob"], 3), seconds]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "![AUC by round and pseudo-label confidence](report.png)", ""]
     lines += _predict_section(run_dir)
     return "\n".join(lines)
@@ -121,7 +163,13 @@ def render_plot(rows: list[dict[str, Any]], run_dir: Path) -> bytes:
     rounds = [r["round"] for r in rows]
     for key, marker in zip(AUC_KEYS, ("o", "s")):
         values = [np.nan if r[key] is None else r[key] for r in rows]
-        left.plot(rounds, values, marker=marker, label=key)
+        (line,) = left.plot(rounds, values, marker=marker, label=key)
+        # The controls continue the teacher on labeled data alone: teacher -> control 1 -> control 2 ...
+        chain = [(r["round"], r[key] if r["round"] == 0 else r[f"control_{key}"]) for r in rows]
+        chain = [(k, v) for k, v in chain if v is not None]
+        if any(k > 0 for k, _ in chain):
+            left.plot(*zip(*chain), linestyle="--", marker=marker, markerfacecolor="none", color=line.get_color(),
+                      label=f"{key}, control")
     left.set(xlabel="round", ylabel="macro ROC-AUC", title="AUC by round")
     left.set_xticks(rounds)
     left.grid(alpha=0.3)
@@ -146,9 +194,10 @@ def render_plot(rows: list[dict[str, Any]], run_dir: Path) -> bytes:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """(Re)write `report.md` and `report.png` in `run_dir` from its completed rounds; returns report.md."""
+    """(Re)write `report.md`, `report.png` and `metrics.json` in `run_dir` from its completed rounds; returns report.md."""
     run_dir = Path(run_dir)
     rows = round_rows(run_dir)
+    write_json_atomic(run_dir / SUMMARY_FILE, run_summary(rows))
     with atomic_open(run_dir / "report.png", "wb") as f:
         f.write(render_plot(rows, run_dir))
     path = run_dir / "report.md"

@@ -3,6 +3,13 @@
 Round 0 is the teacher, trained on the labeled clips. Round k >= 1: the round k-1 model pseudo-labels
 `train_soundscapes/` (`configs/pseudo/`: window, de-noising transform, mixing strategy), then a student,
 initialised from the teacher or from scratch, is trained on labeled + pseudo-labeled data.
+
+With `control=true` every student round also gets its equal-compute control in `round_k/control/`: the
+same rounds on labeled data only (round 1's control starts from the student's initial weights, round
+k's from round k-1's control), with the same schedule, seed and data pipeline. The student's gain over
+its control is what the pseudo-labels bought; the gain over the teacher also counts the extra training.
+With `pseudo.truth=PATH` the student trains on true chunk labels instead of the teacher's (the oracle
+arm of a benchmark: the headroom any pseudo-labeling could reach).
 """
 
 from __future__ import annotations
@@ -34,25 +41,29 @@ from birdrounds.data.layout import DEFAULT_PATHS
 from birdrounds.data.prepare import PreparedData, prepare_data
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.mixing import ConcatPseudoDataset, PseudoChunkDataset
-from birdrounds.model import checkpoint_hash, load_checkpoint
+from birdrounds.model import checkpoint_hash, load_checkpoint, weights_hash
 from birdrounds.pseudo import (
     chunk_rows,
     is_framewise,
     predict_windows,
     pseudo_stats,
     read_pseudo_labels,
+    read_truth,
     shard_range,
     split_table,
     windows_to_chunks,
     write_pseudo_labels,
 )
-from birdrounds.report import write_report
-from birdrounds.train import epoch_seed, fit
+# round_k/control/: the round's equal-compute control (the report reads it too)
+from birdrounds.report import CONTROL_DIR, write_report
+from birdrounds.train import METRICS_FILE, MODEL_FILE, epoch_seed, fit
 
 log = logging.getLogger(__name__)
 
+# The run folder's file names (train.py owns model.pt, metrics.json and checkpoints/ inside each round).
 DONE_FILE = "DONE"
 PSEUDO_FILE = "pseudo_labels.parquet"
+MANIFEST_FILE = "manifest.json"
 INIT_SEED_TAG = 7919  # keeps the weight-init seed apart from the per-epoch training seeds
 # Kaggle scores soundscapes in 5-s rows, whatever window the model was trained on.
 SCORED_CHUNK_S = 5.0
@@ -118,6 +129,11 @@ def pseudo_label(cfg: DictConfig, prepared: PreparedData, teachers: list[Path], 
         return path
     chunks = SoundscapeChunks(prepared.data.soundscapes, prepared.audio, window_s=cfg.pseudo.window_s,
                               stride_s=cfg.pseudo.stride_s)
+    if cfg.pseudo.get("truth"):
+        if accelerator.is_main_process:
+            write_truth_labels(cfg, chunks, prepared.data.classes, round_idx, path)
+        accelerator.wait_for_everyone()
+        return path
     framewise = is_framewise(chunks, SCORED_CHUNK_S)
     rank, world = accelerator.process_index, accelerator.num_processes
     partial = round_dir / "pseudo_partial"
@@ -147,6 +163,22 @@ def pseudo_label(cfg: DictConfig, prepared: PreparedData, teachers: list[Path], 
         write_pseudo_labels(path, rows[keep].reset_index(drop=True), probs[keep], prepared.data.classes, provenance)
     accelerator.wait_for_everyone()
     return path
+
+
+def write_truth_labels(cfg: DictConfig, chunks: SoundscapeChunks, classes: list[str], round_idx: int,
+                       path: Path) -> None:
+    """The oracle's table: `pseudo.truth`'s labels for every train-soundscape chunk, de-noised like the teacher's."""
+    truth_path = Path(cfg.pseudo.truth)
+    rows = chunk_rows(chunks, SCORED_CHUNK_S)
+    skipped = {Path(p).stem for p, _ in chunks.skipped}
+    probs = read_truth(truth_path, rows["row_id"].tolist(), classes, skipped_stems=skipped)
+    transform = instantiate(cfg.pseudo.transform)
+    probs, keep = transform(probs, round_idx=round_idx)
+    provenance = {"round": round_idx, "truth": str(truth_path), "truth_hash": checkpoint_hash(truth_path),
+                  "transform": transform.describe(round_idx), "window_s": SCORED_CHUNK_S,
+                  "stride_s": SCORED_CHUNK_S, "kept_chunks": int(keep.sum()), "processes": 1}
+    log.info("oracle: %d train-soundscape chunks labeled from %s", int(keep.sum()), truth_path)
+    write_pseudo_labels(path, rows[keep].reset_index(drop=True), probs[keep], classes, provenance)
 
 
 def student_parts(cfg: DictConfig, prepared: PreparedData, pseudo_path: Path, parts: dict[str, Any]) -> dict[str, Any]:
@@ -179,30 +211,84 @@ def build_model(cfg: DictConfig, num_classes: int, round_idx: int) -> torch.nn.M
     return instantiate(cfg.model, **overrides)(num_classes=num_classes)
 
 
+def initial_model(cfg: DictConfig, num_classes: int, round_idx: int, start: Path | None) -> torch.nn.Module:
+    """The weights round `round_idx` starts from: seeded init, or `start`'s for `student_init=teacher`.
+
+    `start` is the round k-1 model for the student, the round k-1 control for the control.
+    """
+    model = build_model(cfg, num_classes, round_idx)
+    if round_idx > 0 and cfg.pseudo.student_init == "teacher":
+        model.load_state_dict(load_checkpoint(start)[0].state_dict())
+    return model
+
+
+def control_start(run_dir: Path, round_idx: int) -> Path:
+    """Where round k's control starts: the teacher for k = 1, round k-1's control after that.
+
+    The controls form the run as it would have gone on labeled data alone: round 1's control starts
+    from exactly the student's weights, and every control has had the same compute as its student.
+    """
+    previous = run_dir / f"round_{round_idx - 1}"
+    return (previous / CONTROL_DIR if round_idx > 1 else previous) / MODEL_FILE
+
+
+def student_data_config(cfg: DictConfig) -> DictConfig:
+    """`data` for a student: `pseudo.background_p`, where set, replaces `data.augment.background_p`.
+
+    The background augmentation mixes unlabeled soundscape audio into labeled clips under the clip's
+    target alone, while the mixing step brings soundscape audio with its pseudo-labels; this lets a
+    student drop the former. Measured on the demo (README): dropping it lowered students and oracle.
+    """
+    background_p = cfg.pseudo.get("background_p")
+    if background_p is None:
+        return cfg.data
+    data = cfg.data.copy()
+    data.augment.background_p = background_p
+    return data
+
+
+def round_train_config(cfg: DictConfig, round_idx: int) -> DictConfig:
+    """`train` for the teacher; for students and their controls, `train` with `pseudo.student_train`'s values."""
+    train = cfg.train.copy()
+    student = cfg.pseudo.get("student_train") if round_idx > 0 else None
+    if student:
+        for key, target in (("epochs", "epochs"), ("lr", "optimizer.lr"), ("warmup_epochs", "scheduler.warmup_epochs")):
+            if student.get(key) is not None:
+                OmegaConf.update(train, target, student[key], merge=False)
+    return train
+
+
 def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerator, round_dir: Path,
-                round_idx: int = 0, teachers: list[Path] | None = None) -> dict[str, Any]:
-    """Round 0: the teacher on the labeled clips; round k: pseudo-label with the teacher, train the student."""
-    parts = build_datasets(prepared, cfg.data, cfg.seed)
+                round_idx: int = 0, teachers: list[Path] | None = None, control: bool = False) -> dict[str, Any]:
+    """Round 0: the teacher on the labeled clips; round k: pseudo-label with the teacher, train the student.
+
+    `control=True` trains round k's control instead, in `round_dir/control/`: started from
+    `teachers[0]` (see `control_start`), with the student's schedule and seed, on the labeled data alone.
+    """
+    student = round_idx > 0 and not control
+    parts = build_datasets(prepared, student_data_config(cfg) if student else cfg.data, cfg.seed)
     stats = None
-    if round_idx > 0:
+    if student:
         parts = student_parts(cfg, prepared, pseudo_label(cfg, prepared, teachers, round_idx, round_dir,
                                                          accelerator), parts)
         stats = parts.pop("pseudo_stats")
     parts.pop("train_table")
-    model = build_model(cfg, len(prepared.data.classes), round_idx)
-    if round_idx > 0 and cfg.pseudo.student_init == "teacher":
-        model.load_state_dict(load_checkpoint(teachers[0])[0].state_dict())
+    model = initial_model(cfg, len(prepared.data.classes), round_idx, teachers[0] if teachers else None)
+    init_hash = weights_hash(model)
     loss_fn = instantiate(cfg.loss)(class_counts=parts.pop("class_counts"))
     metrics = fit(
-        accelerator, model, parts.pop("train_set"), loss_fn, prepared.data.classes, round_dir,
-        instantiate(cfg.train), config=OmegaConf.to_container(cfg, resolve=True),
+        accelerator, model, parts.pop("train_set"), loss_fn, prepared.data.classes,
+        round_dir / CONTROL_DIR if control else round_dir, instantiate(round_train_config(cfg, round_idx)),
+        config=OmegaConf.to_container(cfg, resolve=True),
         logger=instantiate(cfg.logger) if cfg.logger.log_with else None, window_s=cfg.data.window_s, **parts,
     )
-    return {**metrics, "round": round_idx, **({"pseudo": stats} if stats is not None else {})}
+    return {**metrics, "round": round_idx, "arm": "control" if control else ("teacher" if round_idx == 0 else "student"),
+            "init_weights_hash": init_hash, **({"pseudo": stats} if stats is not None else {})}
 
 
 # Keys that do not change what a round computes: where things live, how it is tracked, how far to go.
-NON_RESULT_KEYS = ("round", "recompute_from", "logger", "paths", "xc", "export", "predict", "run_dir")
+# `control` only adds the control arm beside each round; it changes no round's own result.
+NON_RESULT_KEYS = ("round", "recompute_from", "control", "logger", "paths", "xc", "export", "predict", "run_dir")
 
 
 def config_hash(cfg: DictConfig, round_idx: int) -> str:
@@ -216,7 +302,7 @@ def config_hash(cfg: DictConfig, round_idx: int) -> str:
 
 def check_unchanged(round_dir: Path, round_idx: int, current_hash: str) -> None:
     """Refuse to reuse a completed round whose config differs from the one asked for now."""
-    manifest = json.loads((round_dir / "manifest.json").read_text())
+    manifest = json.loads((round_dir / MANIFEST_FILE).read_text())
     if manifest.get("config_hash") != current_hash:
         raise ConfigError(
             f"recompute_from: round {round_idx} in {round_dir} was completed with another config "
@@ -252,11 +338,12 @@ def input_hashes(prepared: PreparedData) -> dict[str, Any]:
 
 def write_round_record(round_dir: Path, cfg: DictConfig, round_idx: int, metrics: dict, started: float,
                        prepared: PreparedData, teachers: list[Path] | None) -> None:
-    """Resolved config, manifest and the completion marker (written last) of a finished round."""
+    """Resolved config, manifest and the completion marker (written last) of a finished round (or control)."""
     with atomic_open(round_dir / "config.yaml", "w") as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    write_json_atomic(round_dir / "manifest.json", {
-        "round": round_idx, "config_hash": config_hash(cfg, round_idx), "code_version": code_version(),
+    write_json_atomic(round_dir / MANIFEST_FILE, {
+        "round": round_idx, "arm": metrics.get("arm"), "config_hash": config_hash(cfg, round_idx),
+        "code_version": code_version(),
         "seconds": round(time.time() - started, 1),
         "teachers": [{"path": str(t), "hash": checkpoint_hash(t)} for t in teachers or []],
         "model_hash": checkpoint_hash(round_dir / "model.pt"),
@@ -282,25 +369,30 @@ def run(cfg: DictConfig) -> Path:
     prepared = None
     for round_idx in range(cfg.round + 1):
         round_dir = run_dir / f"round_{round_idx}"
-        if (round_dir / DONE_FILE).is_file():
-            check_unchanged(round_dir, round_idx, config_hash(cfg, round_idx))
-            log.info("round %d already complete in %s", round_idx, round_dir)
-            continue
-        started = time.time()
-        if prepared is None:
-            # The main process generates data and fills the cache; the others then find it ready.
-            with accelerator.main_process_first():
-                prepared = prepare_data(cfg.data, seed=cfg.seed, progress=accelerator.is_local_main_process)
-            log.info("data: %s", {k: v for k, v in prepared.summary().items() if k != "unreadable_audio"})
-        teachers = teacher_paths(cfg, run_dir, round_idx) if round_idx else None
-        metrics = train_round(cfg, prepared, accelerator, round_dir, round_idx, teachers)
-        if accelerator.is_main_process:
-            write_json_atomic(round_dir / "metrics.json", metrics)
-            write_round_record(round_dir, cfg, round_idx, metrics, started, prepared, teachers)
-            log.info("round %d done: %s", round_idx,
-                     {k: metrics.get(k) for k in ("val_clip_auc", "val_soundscape_auc")})
-            write_report(run_dir)
-        accelerator.wait_for_everyone()
+        # The student first (the next round needs it), then its control when asked for.
+        for control in (False, True) if cfg.control and round_idx > 0 else (False,):
+            out_dir = round_dir / CONTROL_DIR if control else round_dir
+            name = f"round {round_idx}{' control' if control else ''}"
+            if (out_dir / DONE_FILE).is_file():
+                check_unchanged(out_dir, round_idx, config_hash(cfg, round_idx))
+                log.info("%s already complete in %s", name, out_dir)
+                continue
+            started = time.time()
+            if prepared is None:
+                # The main process generates data and fills the cache; the others then find it ready.
+                with accelerator.main_process_first():
+                    prepared = prepare_data(cfg.data, seed=cfg.seed, progress=accelerator.is_local_main_process)
+                log.info("data: %s", {k: v for k, v in prepared.summary().items() if k != "unreadable_audio"})
+            teachers = None
+            if round_idx:
+                teachers = [control_start(run_dir, round_idx)] if control else teacher_paths(cfg, run_dir, round_idx)
+            metrics = train_round(cfg, prepared, accelerator, round_dir, round_idx, teachers, control=control)
+            if accelerator.is_main_process:
+                write_json_atomic(out_dir / METRICS_FILE, metrics)
+                write_round_record(out_dir, cfg, round_idx, metrics, started, prepared, teachers)
+                log.info("%s done: %s", name, {k: metrics.get(k) for k in ("val_clip_auc", "val_soundscape_auc")})
+                write_report(run_dir)
+            accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         report = write_report(run_dir)
         log.info("report: %s\n%s", report, "\n".join(line for line in report.read_text().splitlines() if line.startswith("|")))

@@ -43,7 +43,7 @@ CHUNK_S = 5.0  # BirdCLEF scores soundscapes per 5-s chunk
 MIN_CHUNK_OVERLAP_S = 0.5
 
 # Seed streams, so adding files of one kind never shifts the random numbers of another.
-_STREAM_PLAN, _STREAM_FOCAL, _STREAM_ARCHIVE, _STREAM_TRAIN_SC, _STREAM_VAL_SC = range(5)
+_STREAM_PLAN, _STREAM_FOCAL, _STREAM_ARCHIVE, _STREAM_TRAIN_SC, _STREAM_VAL_SC, _STREAM_DIALECT = range(6)
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,9 @@ class SynthSpec:
     minority_max_files: int = 5  # classes with <= this many focal files get archive recordings
     focal_min_s: float = 5.0
     focal_max_s: float = 30.0
+    # Regional dialect of the soundscape site: each species' call there is shifted in pitch and tempo by a
+    # factor between 1 + d/2 and 1 + d (up or down) against its focal recordings (0 = no shift).
+    soundscape_dialect: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -77,6 +80,8 @@ class SynthSpec:
             problems.append("need 1 <= focal_min_s <= focal_max_s")
         if min(self.n_train_soundscapes, self.n_val_soundscapes, self.n_archive_per_minority) < 0:
             problems.append("counts must be >= 0")
+        if not 0.0 <= self.soundscape_dialect < 0.5:
+            problems.append("soundscape_dialect must be in [0, 0.5)")
         if problems:
             raise ValueError(f"invalid SynthSpec {self}: " + "; ".join(problems))
 
@@ -642,6 +647,23 @@ def make_unlisted_species(n_species: int, seed: int) -> list[Species]:
     return [dataclasses.replace(s, label=UNLISTED_PREFIX + s.label) for s in others]
 
 
+def regional_dialect(species: list[Species], dialect: float, seed: int) -> list[Species]:
+    """The species as they call at the soundscape site: pitch and tempo shifted per species (`SynthSpec.soundscape_dialect`).
+
+    Focal recordings come from across a species' range, soundscapes from one site, whose population
+    sings its own dialect: a model trained on focal clips alone hears it a little off.
+    """
+    if dialect == 0:
+        return species
+    rng = np.random.default_rng([seed, _STREAM_DIALECT])
+    regional = []
+    for sp in species:
+        pitch, tempo = (1 + rng.choice((-1, 1)) * rng.uniform(dialect / 2, dialect) for _ in range(2))
+        regional.append(dataclasses.replace(sp, f0_hz=sp.f0_hz * pitch, bandwidth_hz=sp.bandwidth_hz * pitch,
+                                            rate_hz=sp.rate_hz * tempo, bout_s=sp.bout_s / tempo))
+    return regional
+
+
 def soundscape_prior(species: list[Species], counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Species prior in soundscapes: unlike the focal one, rare focal classes tend to be common here."""
     weights = (counts.min() / counts) ** 0.7 * np.exp(rng.normal(0.0, 0.6, size=len(species)))
@@ -722,11 +744,13 @@ def make_plan(root: Path, spec: SynthSpec) -> _Plan:
     _assign_ids(rows, archive, rng)
     prior = soundscape_prior(species, counts, rng)
     unlisted = make_unlisted_species(max(2, spec.n_species // 3), spec.seed)
+    # Train and validation soundscapes come from the same region: the same species mix, noise and dialect.
+    regional = regional_dialect(species, spec.soundscape_dialect, spec.seed)
     train_sc = _soundscape_jobs(root, "train_soundscapes", _plan_soundscapes(
-        spec, species, prior, rng, unlisted, spec.n_train_soundscapes, ("H01", "H02", "H03", "H04")),
+        spec, regional, prior, rng, unlisted, spec.n_train_soundscapes, ("H01", "H02", "H03", "H04")),
         spec, _STREAM_TRAIN_SC)
     val_sc = _soundscape_jobs(root, "val_soundscapes", _plan_soundscapes(
-        spec, species, prior, rng, unlisted, spec.n_val_soundscapes, ("V01", "V02")), spec, _STREAM_VAL_SC)
+        spec, regional, prior, rng, unlisted, spec.n_val_soundscapes, ("V01", "V02")), spec, _STREAM_VAL_SC)
     train = pd.DataFrame([_train_row(r) for r in rows])
     order = train.sort_values(["primary_label", "filename"]).index
     jobs = [*train_sc, *val_sc, *_focal_jobs(root, rows, spec), *_archive_jobs(root, archive, spec)]
@@ -810,8 +834,16 @@ def _events_table(plan: _Plan, events: dict[str, list[Event]]) -> pd.DataFrame:
 # Entry point: idempotent, atomic generation
 # ----------------------------------------------------------------------------------------------------
 
+def _spec_record(spec: SynthSpec) -> dict:
+    """The spec as DONE.json records it; a dialect of 0 is left out, so folders made before it existed still match."""
+    record = dataclasses.asdict(spec)
+    if record["soundscape_dialect"] == 0.0:
+        del record["soundscape_dialect"]
+    return record
+
+
 def _done_record(spec: SynthSpec) -> dict:
-    return {"version": GENERATOR_VERSION, "spec": dataclasses.asdict(spec)}
+    return {"version": GENERATOR_VERSION, "spec": _spec_record(spec)}
 
 
 def _read_done(out_dir: Path) -> dict | None:
@@ -836,7 +868,7 @@ def _check_target(out_dir: Path, spec: SynthSpec, overwrite: bool) -> None:
                          "refusing to replace it; choose another out_dir or remove it")
     if not overwrite:
         old = done.get("spec", {})
-        diff = {k: (old.get(k), v) for k, v in dataclasses.asdict(spec).items() if old.get(k) != v}
+        diff = {k: (old.get(k), v) for k, v in _spec_record(spec).items() if old.get(k) != v}
         version = "" if done.get("version") == GENERATOR_VERSION else f" (generator version {done.get('version')})"
         raise ValueError(f"{out_dir} holds a synthetic dataset made with a different spec{version} "
                          f"(field: (existing, requested) = {diff}); pass overwrite=True or choose another out_dir")
