@@ -20,13 +20,14 @@ log = logging.getLogger("birdrounds")
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from birdrounds.cli import config_errors
+    from birdrounds.config import error_line
     from birdrounds.rounds import run
 
     try:
         run(cfg)
     except config_errors() as err:
         # Bad config or bad tables: one line naming the key or file, no traceback.
-        log.error("%s", str(err).splitlines()[0])
+        log.error("%s", error_line(err))
         sys.exit(2)
 
 

@@ -292,3 +292,15 @@ def test_write_audio_in_blocks_round_trips(tmp_path):
     write_audio(tmp_path / "t.ogg", tone, 32000)
     back = load_audio(tmp_path / "t.ogg", 32000)
     assert len(back) == len(tone) and np.abs(back - tone).max() < 0.05
+
+
+def test_cache_build_refuses_an_unwritable_cache_in_one_line(tmp_path):
+    from birdrounds.config import ConfigError
+
+    path = write(tmp_path / "tone.ogg", sine(440.0, 1.0, SR_HZ))
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")  # unwritable even for root
+    with pytest.raises(ConfigError, match=r"^data\.cache_dir: cannot write to .*1 file\(s\) are not cached yet"):
+        AudioCache(blocker / "cache", SR_HZ).build([path], num_workers=1, progress=False)
+    cache = AudioCache(tmp_path / "cache", SR_HZ)
+    assert cache.build([path], num_workers=1, progress=False).n_decoded == 1

@@ -71,6 +71,10 @@ def test_smoke_experiment_shrinks_everything():
     ("round=-1", "round"),
     ("round=1 pseudo.student_init=warm", "pseudo.student_init"),
     ("round=2 pseudo.window_s=2", "pseudo.window_s"),
+    ("train.epochs=-1", "train.epochs"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("model.backbone=nonexistent_net", "model.backbone"),
+    ("model.pretrained_path=/no/such/weights.pth", "model.pretrained_path"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match=rf"^{key}:"):
@@ -95,6 +99,8 @@ def test_cli_synth_writes_dataset_and_is_idempotent(home):
     (["synth", "data.fold=9"], "data.fold"),
     (["synth", "data.no_such_key=1"], "no_such_key"),
     (["synth", "data=birdclef2025", "data.root=/x"], "data.synth"),
+    (["synth", "model.backbone=nonexistent_net"], "model.backbone: unknown timm model"),
+    (["synth", "train.epochs=-1"], "train.epochs: must be an integer >= 1"),
 ])
 def test_cli_bad_config_is_one_line_error(args, needle, home):
     proc = subprocess.run([sys.executable, "-m", "birdrounds.cli", *args], capture_output=True, text=True,
@@ -108,3 +114,15 @@ def test_console_script_is_installed():
     exe = Path(sys.executable).parent / "birdrounds"
     proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "synth" in proc.stdout
+
+
+def test_error_line_gives_the_reason_of_a_failed_instantiate():
+    from hydra.errors import InstantiationException
+
+    from birdrounds.config import error_line
+
+    cfg = compose(["train.epochs=-1"])
+    with pytest.raises(InstantiationException) as info:
+        instantiate(cfg.train)
+    assert error_line(info.value) == "train: train.epochs must be >= 1, got -1"
+    assert error_line(ConfigError("data.fold: bad\nmore")) == "data.fold: bad"

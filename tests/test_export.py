@@ -460,3 +460,32 @@ def test_package_runs_with_its_infer_script(tmp_path, chunks):
     rows = [line.split(",") for line in lines[1:]]
     assert [row[0] for row in rows[:2]] == ["rec_5", "rec_10"]  # a partial last chunk is infer.py's business
     assert all(0 <= float(p) <= 1 for row in rows for p in row[1:])
+
+
+def test_predict_settings_are_recorded_and_checked(tmp_path, chunks):
+    from birdrounds import infer
+
+    ckpt = tiny_checkpoint(tmp_path / "a.pt", "clip")
+    settings = infer.recorded_settings(infer.InferenceSettings(smoothing=(0.1, 0.8, 0.1), file_scale_alpha=0.2))
+    report = export_onnx([ckpt], tmp_path / "m.onnx", verify_audio=chunks[:2], predict_settings=settings)
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+    assert json.loads(meta["birdrounds.predict_settings"]) == settings == \
+        json.loads(report["metadata"]["birdrounds.predict_settings"])
+    assert infer.load_models([tmp_path / "m.onnx"])[0].info.predict_settings["smoothing"] == (0.1, 0.8, 0.1)
+    for bad in ({"smoothing": [0.5, 0.5]}, {"batch_size": 8}):
+        with pytest.raises(ExportError, match="predict_settings"):
+            export_onnx([ckpt], tmp_path / "bad.onnx", verify_audio=chunks[:2], predict_settings=bad)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_the_contract_is_defined_once_in_infer():
+    """export.py and submit.py take names, keys, the chunk length and the frontend keys from infer.py."""
+    from birdrounds import export, infer
+
+    assert export.FRONTEND_KEYS is infer.FRONTEND_KEYS and export.FORMAT_VERSION is infer.FORMAT_VERSION
+    assert export.KINDS == tuple(infer.INPUT_KINDS) and export.DEFAULT_WINDOW_S == infer.SCORED_CHUNK_S
+    for module in (export, __import__("birdrounds.submit").submit):
+        source = Path(module.__file__).read_text()
+        for literal in ('"birdrounds.format_version"', '"birdrounds.classes"', '"birdrounds.input"', '"probs"',
+                        '"framewise_probs"', '"sample_rate_hz", "n_fft"', "FORMAT_VERSION = "):
+            assert literal not in source, (module.__name__, literal)

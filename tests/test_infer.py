@@ -325,6 +325,60 @@ def test_unreadable_and_empty_files_get_zero_rows_and_a_warning(tmp_path, caplog
     assert short.row_ids == ["corrupt_5", "corrupt_10", "corrupt_15", "corrupt_20"]
 
 
+def encode(path, wave, sample_rate_hz=SR) -> Path:
+    """Write mono audio in the format of the path's suffix, 1 s per call (libsndfile, as the data layer does)."""
+    formats = {".ogg": ("OGG", "VORBIS"), ".flac": ("FLAC", "PCM_16"), ".wav": ("WAV", "FLOAT"),
+               ".mp3": ("MP3", "MPEG_LAYER_III")}
+    fmt, subtype = formats[Path(path).suffix]
+    with sf.SoundFile(str(path), "w", samplerate=sample_rate_hz, channels=1, format=fmt, subtype=subtype) as f:
+        for start in range(0, len(wave), sample_rate_hz):
+            f.write(np.asarray(wave[start:start + sample_rate_hz], dtype=np.float32))
+    return Path(path)
+
+
+@pytest.mark.parametrize("suffix", [".ogg", ".flac", ".wav", ".mp3"])
+def test_a_truncated_file_keeps_its_rows_with_silence_past_the_cut(tmp_path, caplog, suffix):
+    """A 60-s soundscape cut to 30% of its bytes: 12 rows, the decoded part predicted, the rest silence.
+
+    Each format fails its own way: Ogg decodes to the cut without error (no end-of-stream page, no
+    declared length), FLAC stops with a decode error, MP3 and WAV decode less than their headers declare.
+    """
+    model = level_graph(tmp_path / "m.onnx")
+    wave = 0.3 * np.sin(2 * np.pi * 440 * np.arange(60 * SR) / SR) + np.repeat(np.linspace(-0.2, 0.2, 60), SR)
+    full = encode(tmp_path / f"full{suffix}", wave)
+    data = full.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: int(0.3 * len(data))])
+    with caplog.at_level(logging.WARNING, logger="birdrounds.infer"):
+        result = predict([model], [full, cut])
+    assert result.row_ids == [f"full_{5 * k}" for k in range(1, 13)] + [f"cut_{5 * k}" for k in range(1, 13)]
+    whole, truncated = result.files
+    assert whole.truncated is None and truncated.readable and truncated.truncated
+    assert result.truncated == [truncated] and not result.unreadable
+    assert "1 truncated" in result.summary()
+    assert any(str(cut) in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+    assert truncated.duration_s < 20
+    # Before the cut: the same predictions as the complete file; after it: the model's output on silence.
+    np.testing.assert_allclose(result.raw_probs[12:14], result.raw_probs[:2], rtol=0, atol=1e-6)
+    silence = level_ref(np.zeros((1, 5 * SR)))[0][0]
+    np.testing.assert_allclose(result.raw_probs[12 + 5:], np.tile(silence, (7, 1)), rtol=0, atol=1e-6)
+    if suffix == ".ogg":  # no declared length: rows up to expected_duration_s
+        assert predict([model], [cut], expected_duration_s=30.0).row_ids == [f"cut_{5 * k}" for k in range(1, 7)]
+    else:  # the header's length wins over expected_duration_s
+        assert len(predict([model], [cut], expected_duration_s=30.0).row_ids) == 12
+
+
+def test_files_sharing_a_stem_are_named_in_the_warning(tmp_path, caplog):
+    model = level_graph(tmp_path / "m.onnx")
+    a_wav = write_wav(tmp_path / "a.wav", np.full(5 * SR, 0.1))
+    a_flac = encode(tmp_path / "a.flac", np.full(5 * SR, 0.2))
+    with caplog.at_level(logging.WARNING, logger="birdrounds.infer"):
+        result = predict([model], tmp_path)
+    assert result.row_ids == ["a_5", "a_5"]
+    (warning,) = [r.getMessage() for r in caplog.records if "duplicate row ids" in r.getMessage()]
+    assert str(a_wav) in warning and str(a_flac) in warning
+
+
 def test_stereo_is_averaged_and_other_rates_are_resampled(tmp_path, monkeypatch, caplog):
     model = level_graph(tmp_path / "m.onnx")
     stereo = tmp_path / "stereo.wav"
@@ -535,6 +589,84 @@ def test_cli_options_reach_the_settings(tmp_path, capsys):
     with pytest.raises(SystemExit):
         infer.main(argv[:6] + ["--smooth", "0.5,0.5"])
     assert "odd number" in capsys.readouterr().err
+
+
+def test_settings_recorded_at_export_are_the_cli_defaults_and_flags_override_them(tmp_path, caplog):
+    recorded = {"smoothing": [0.2, 0.6, 0.2], "file_scale_alpha": 0.3, "window_stride_s": None, "tta_shift_s": 1.0,
+                "expected_duration_s": 20.0}
+    model = level_graph(tmp_path / "m.onnx", meta_overrides={infer.META_PREDICT_SETTINGS: json.dumps(recorded)})
+    assert infer.load_models([model])[0].info.predict_settings == {**recorded, "smoothing": (0.2, 0.6, 0.2)}
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    write_wav(audio / "rec.wav", np.random.default_rng(5).uniform(-1, 1, 22 * SR))
+    (audio / "broken.wav").write_bytes(b"RIFF not audio")
+    out = tmp_path / "submission.csv"
+    argv = ["--model", str(model), "--input-dir", str(audio), "--output", str(out), "--threads", "1"]
+    assert infer.main(argv) == 0
+    want = predict([model], audio, smoothing=(0.2, 0.6, 0.2), file_scale_alpha=0.3, tta_shift_s=1.0,
+                   expected_duration_s=20.0)
+    _, ids, values = read_csv(out)
+    assert ids == want.row_ids and ids.count("broken_20") == 1 and "broken_25" not in ids
+    np.testing.assert_allclose(values, want.probs, rtol=0, atol=1e-6)
+    # Flags win: smoothing and file scaling off, no TTA.
+    plain = predict([model], audio, expected_duration_s=20.0)
+    for off in (["--smooth", "off"], ["--smooth", "1"]):
+        assert infer.main([*argv, *off, "--file-scale-alpha", "0", "--tta-shift-s", "0"]) == 0
+        np.testing.assert_allclose(read_csv(out)[2], plain.probs, rtol=0, atol=1e-6)
+    assert not np.allclose(plain.probs, want.probs, atol=1e-3)
+    # Models recording different settings: the first one's, with a warning naming the other.
+    other = level_graph(tmp_path / "other.onnx")
+    with caplog.at_level(logging.WARNING, logger="birdrounds.infer"):
+        assert infer.main(["--model", str(model), "--model", str(other), *argv[2:]]) == 0
+    assert any(str(other) in r.getMessage() and "predict settings" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("recorded", ['{"smoothing": [0.5, 0.5]}', '{"batch_size": 8}', '[1, 2]'])
+def test_bad_recorded_settings_are_refused(tmp_path, recorded):
+    model = level_graph(tmp_path / "m.onnx", meta_overrides={infer.META_PREDICT_SETTINGS: recorded})
+    with pytest.raises(infer.ModelFormatError, match="bad birdrounds metadata"):
+        infer.load_models([model])
+
+
+def one_line_error(capsys) -> str:
+    """The single stderr line of a failed `infer.main` (no traceback)."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("problem", ["corrupt model", "output under a file", "output is a folder", "columns"])
+def test_cli_input_errors_are_one_line_before_the_run(tmp_path, capsys, monkeypatch, problem):
+    model = level_graph(tmp_path / "m.onnx")
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    write_wav(audio / "rec.wav", np.full(10 * SR, 0.1))
+    out = tmp_path / "out" / "submission.csv"
+    extra: list[str] = []
+    if problem == "corrupt model":
+        model.write_bytes(b"garbage, not a protobuf" * 10)
+        expected = f"{model}: not a readable ONNX model"
+    elif problem == "output under a file":
+        (tmp_path / "blocker").write_text("a file where the output folder should be")
+        out = tmp_path / "blocker" / "submission.csv"
+        expected = f"cannot write {out}"
+    elif problem == "output is a folder":
+        out = audio
+        expected = f"cannot write {out}: is a folder"
+    else:
+        (tmp_path / "sample.csv").write_text("row_id,aaa,bbb,zzz\n")
+        extra = ["--sample-submission", str(tmp_path / "sample.csv")]
+        expected = "sample submission columns do not match"
+
+    def never(*args, **kwargs):
+        raise AssertionError("predicted before checking its inputs")
+
+    monkeypatch.setattr(infer, "predict_files", never)
+    assert infer.main(["--model", str(model), "--input-dir", str(audio), "--output", str(out), *extra]) == 2
+    line = one_line_error(capsys)
+    assert line.startswith("infer: error: ") and expected in line, line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 # ---------------------------------------------------------------- the standalone script

@@ -39,3 +39,36 @@ def test_config_hash_ignores_where_and_how_not_what():
     assert config_hash(base, 0) == config_hash(compose(["experiment=smoke", "pseudo=second_2025"]), 0)
     assert config_hash(base, 1) != config_hash(compose(["experiment=smoke", "pseudo=second_2025"]), 1)
     assert config_hash(base, 1) != config_hash(compose(["experiment=smoke", "pseudo.student_drop_path_rate=0.1"]), 1)
+
+
+def test_changed_inputs_names_tables_and_audio_lists():
+    from birdrounds.rounds import _changed_inputs
+
+    before = {"tables": {"train.csv": "a", "taxonomy.csv": "b"}, "train_audio": {"files": 10, "hash": "x"},
+              "train_soundscapes": {"files": 2, "hash": "y"}, "val_soundscapes": {"files": 1, "hash": "z"}}
+    assert _changed_inputs(before, before) == []
+    after = {**before, "tables": {"train.csv": "A", "taxonomy.csv": "b"}, "train_audio": {"files": 13, "hash": "w"}}
+    assert _changed_inputs(before, after) == ["train.csv", "train_audio (10 -> 13 files)"]
+
+
+def test_a_pseudo_table_from_another_teacher_is_refused(tmp_path):
+    import numpy as np
+    import pandas as pd
+    from omegaconf import OmegaConf
+
+    from birdrounds.config import ConfigError
+    from birdrounds.model import checkpoint_hash
+    from birdrounds.pseudo import write_pseudo_labels
+    from birdrounds.rounds import check_pseudo_source
+
+    teacher = tmp_path / "model.pt"
+    teacher.write_bytes(b"teacher one")
+    rows = pd.DataFrame({"row_id": ["s_5"], "file": ["s.ogg"], "start_s": [0.0], "end_s": [5.0]})
+    path = tmp_path / "pseudo_labels.parquet"
+    write_pseudo_labels(path, rows, np.array([[0.2, 0.9]]), ["a", "b"],
+                        {"teachers": [{"path": str(teacher), "hash": checkpoint_hash(teacher)}]})
+    cfg = OmegaConf.create({"pseudo": {"truth": None}})
+    check_pseudo_source(path, cfg, [teacher], round_idx=1)  # same teacher: reused
+    teacher.write_bytes(b"teacher two, retrained")
+    with pytest.raises(ConfigError, match=r"recompute_from: .*pseudo_labels.parquet was made from another teacher"):
+        check_pseudo_source(path, cfg, [teacher], round_idx=1)

@@ -137,6 +137,36 @@ def test_round0_data_picks_up_external_rows_in_training_folds_only(home):
     assert prepare_data(cfg.data, progress=False).summary()["external_clips"] == 0
 
 
+def add_external_rows(home: Path, n: int = 3) -> None:
+    """`n` labeled rows in xc-download's layout under external_data/xeno_canto (copies of focal clips)."""
+    root = home / "data" / "synthetic_smoke"
+    train = pd.read_csv(root / "train.csv")
+    ext = home / "external_data" / "xeno_canto"
+    rows = train.iloc[:n].copy()
+    rows["filename"] = [f"{label}/XC99900{i}.ogg" for i, label in enumerate(rows["primary_label"])]
+    for src, dst in zip(train.iloc[:n]["filename"], rows["filename"]):
+        (ext / dst).parent.mkdir(parents=True, exist_ok=True)
+        (ext / dst).write_bytes((root / "train_audio" / src).read_bytes())
+    rows.to_csv(ext / "train.csv", index=False)
+
+
+@pytest.mark.slow
+def test_reuse_refuses_a_round_whose_inputs_changed(home):
+    """Xeno-canto rows added after round 0: the teacher is not silently reused; recompute_from redoes it."""
+    assert run_rounds(home, "logger=none").returncode == 0
+    add_external_rows(home)
+    proc = run_rounds(home, "logger=none")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "recompute_from" in line]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "round 0" in lines[0] and "train_audio" in lines[0] and "recompute_from=0" in lines[0]
+    redo = run_rounds(home, "logger=none", "recompute_from=0")
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    manifest = json.loads((home / "runs" / "smoke" / "round_0" / "manifest.json").read_text())
+    assert manifest["data"]["external_clips"] == 3
+    assert run_rounds(home, "logger=none").returncode == 0  # now unchanged: reused
+
+
 HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: test-only delays so a run can be killed mid-step
 # Short pseudo windows with a 1-s stride and small batches: ~24 teacher batches to kill in between.
 RESUME_OVERRIDES = ("logger=none", "round=1", "pseudo.window_s=5", "pseudo.stride_s=1", "train.batch_size=2")

@@ -1,19 +1,80 @@
 """`birdrounds export` + `birdrounds predict` as a user runs them, after a smoke run."""
 
 import json
+import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pandas as pd
 import pytest
+import soundfile as sf
+import torch
+from onnx import TensorProto, helper, numpy_helper
 
-from birdrounds import cli
+from birdrounds import cli, infer
+from birdrounds.config import compose, validate
+from birdrounds.model import BirdModel, save_checkpoint
+from birdrounds.submit import run_predict
 
 REPO = Path(__file__).resolve().parents[1]
+SR = 32000
+CLASSES = ["amerob", "blujay", "cangoo"]
+# `predict` settings other than the config's defaults, so that the package could not match by chance.
+PREDICT_OVERRIDES = ["predict.smoothing=[0.2,0.6,0.2]", "predict.file_scale_alpha=0.3", "predict.tta_shift_s=1.0",
+                     "predict.expected_duration_s=30"]
+
+
+def tiny_onnx(path: Path, classes: list[str] = CLASSES) -> Path:
+    """A birdrounds waveform graph in a few nodes: probs = sigmoid(mean of the window * weights)."""
+    n = round(infer.SCORED_CHUNK_S * SR)
+    nodes = [helper.make_node("ReduceMean", ["waveform", "axis"], ["level"], keepdims=1),
+             helper.make_node("Mul", ["level", "weights"], ["logits"]),
+             helper.make_node("Sigmoid", ["logits"], [infer.OUTPUT_PROBS])]
+    inits = [numpy_helper.from_array(np.array([1], np.int64), "axis"),
+             numpy_helper.from_array(np.linspace(-1, 1, len(classes)).astype(np.float32), "weights")]
+    inputs = [helper.make_tensor_value_info("waveform", TensorProto.FLOAT, ["batch", n])]
+    outputs = [helper.make_tensor_value_info(infer.OUTPUT_PROBS, TensorProto.FLOAT, ["batch", len(classes)])]
+    graph = helper.make_graph(nodes, "tiny", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    helper.set_model_props(model, {
+        infer.META_FORMAT_VERSION: infer.FORMAT_VERSION, infer.META_CLASSES: json.dumps(classes),
+        infer.META_SAMPLE_RATE_HZ: str(SR), infer.META_WINDOW_S: str(infer.SCORED_CHUNK_S),
+        infer.META_INPUT: "waveform", infer.META_MEMBERS: "[]"})
+    onnx.save(model, str(path))
+    return path
+
+
+def soundscapes(folder: Path) -> Path:
+    """Noise and tones of several lengths, an unreadable file and a 60-s Ogg cut short."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    t = np.arange(60 * SR) / SR
+    for name, seconds in [("long", 21.0), ("mid", 12.5), ("short", 3.0)]:
+        n = round(seconds * SR)
+        wave = 0.05 * rng.standard_normal(n) + 0.3 * np.sin(2 * np.pi * 3000 * t[:n]) * (np.sin(t[:n]) > 0)
+        sf.write(folder / f"{name}.wav", wave.astype(np.float32), SR, subtype="FLOAT")
+    with sf.SoundFile(folder / "cut.ogg", "w", samplerate=SR, channels=1, format="OGG", subtype="VORBIS") as f:
+        for start in range(0, 60 * SR, SR):
+            f.write((0.2 * np.sin(2 * np.pi * (500 + 40 * start / SR) * t[start:start + SR])).astype(np.float32))
+    data = (folder / "cut.ogg").read_bytes()
+    (folder / "cut.ogg").write_bytes(data[: int(0.3 * len(data))])
+    (folder / "broken.ogg").write_bytes(b"OggS" + bytes(100))
+    return folder
+
+
+def one_line_error(capsys) -> str:
+    """The single stderr line of a failed command (no traceback)."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
 
 
 def birdrounds(home: Path, *args: str) -> subprocess.CompletedProcess:
@@ -60,7 +121,7 @@ def test_export_predict_and_the_standalone_package(home):
     solution = pd.read_csv(root / "val_solution.csv")
     assert set(solution["row_id"]) <= set(submission["row_id"])
     record = json.loads((run_dir / "predict.json").read_text())
-    assert record["unreadable"] == [str(inputs / "broken.ogg")]
+    assert record["unreadable"] == [str(inputs / "broken.ogg")] and record["truncated"] == []
     assert 0 <= record["auc_raw"] <= 1 and 0 <= record["auc_postprocessed"] <= 1
     assert "AUC, raw" in (run_dir / "report.md").read_text()
 
@@ -72,9 +133,9 @@ def test_export_predict_and_the_standalone_package(home):
     alone = home / "kaggle"
     shutil.copytree(package, alone)
     standalone_out = home / "standalone.csv"
+    # No post-processing flags: the predict config's smoothing was recorded in model.onnx at export.
     proc = subprocess.run([sys.executable, "-I", "infer.py", "--model", "model.onnx", "--input-dir", str(inputs),
-                           "--output", str(standalone_out), "--smooth", "0.1,0.8,0.1",
-                           "--sample-submission", str(root / "sample_submission.csv")],
+                           "--output", str(standalone_out), "--sample-submission", str(root / "sample_submission.csv")],
                           capture_output=True, text=True, cwd=alone, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     standalone = pd.read_csv(standalone_out)
@@ -119,3 +180,84 @@ def test_export_and_predict_read_the_soundscape_folders_data_names(home, capsys,
     assert cli.main(["predict", "experiment=smoke", f"predict.models=[{model}]", f"predict.input_dir={tmp_path}",
                      f"data.sample_submission={tmp_path}/moved.csv"]) == 2
     assert f"predict.sample_submission: not found: {tmp_path}/moved.csv" in capsys.readouterr().err
+
+
+def test_package_readme_command_writes_what_predict_writes(home, tmp_path, caplog):
+    """`birdrounds export` records the predict config's post-processing in the model: the package's README
+    command, with no flags, then writes the CSV `birdrounds predict` writes."""
+    torch.manual_seed(0)
+    model = BirdModel(num_classes=len(CLASSES), backbone="test_efficientnet", head="sed", n_mels=32, hop_length=2048,
+                      f_max_hz=8000)
+    save_checkpoint(tmp_path / "model.pt", model, CLASSES, extra={"window_s": infer.SCORED_CHUNK_S})
+    package = tmp_path / "export"
+    assert cli.main(["export", "experiment=smoke", f"export.checkpoints=[{tmp_path / 'model.pt'}]",
+                     "export.kinds=[spectrogram]", f"export.out_dir={package}", *PREDICT_OVERRIDES]) == 0
+    sounds = soundscapes(tmp_path / "soundscapes")
+
+    predicted = tmp_path / "predict.csv"
+    cfg = compose(["experiment=smoke", f"predict.models=[{package / 'model.onnx'}]", f"predict.input_dir={sounds}",
+                   f"predict.output={predicted}", "predict.sample_submission=null", *PREDICT_OVERRIDES])
+    validate(cfg)
+    with caplog.at_level(logging.WARNING):
+        record = run_predict(cfg)
+    assert not [r for r in caplog.records if "other predict settings" in r.getMessage()]
+    assert record["unreadable"] == [str(sounds / "broken.ogg")] and record["truncated"] == [str(sounds / "cut.ogg")]
+
+    # The package alone, from a plain folder, with the README's command as written.
+    kaggle = tmp_path / "kaggle"
+    shutil.copytree(package, kaggle)
+    (line,) = [l for l in (kaggle / "README.md").read_text().splitlines() if l.startswith("python infer.py")]
+    command = [sys.executable, "-I", *shlex.split(line)[1:]]
+    command[command.index("--input-dir") + 1] = str(sounds)
+    proc = subprocess.run(command, cwd=kaggle, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 unreadable, 1 truncated" in proc.stderr
+    ours, theirs = pd.read_csv(kaggle / "submission.csv"), pd.read_csv(predicted)
+    assert list(ours.columns) == list(theirs.columns) == ["row_id", *CLASSES]
+    assert list(ours["row_id"]) == list(theirs["row_id"])
+    # expected_duration_s=30: the rows of the unreadable file, and of the cut Ogg (whose header declares no length)
+    assert sum(ours["row_id"].str.startswith("cut_")) == 6 and sum(ours["row_id"].str.startswith("broken_")) == 6
+    np.testing.assert_allclose(ours.iloc[:, 1:].to_numpy(), theirs.iloc[:, 1:].to_numpy(), rtol=0, atol=1e-6)
+
+    # The recorded settings matter, and flags override them.
+    proc = subprocess.run([*command, "--smooth", "off", "--file-scale-alpha", "0", "--tta-shift-s", "0"], cwd=kaggle,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw = pd.read_csv(kaggle / "submission.csv")
+    assert not np.allclose(raw.iloc[:, 1:].to_numpy(), theirs.iloc[:, 1:].to_numpy(), atol=1e-4)
+
+    # predict run with settings other than the export's says so.
+    cfg.predict.smoothing = [0.1, 0.8, 0.1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_predict(cfg)
+    assert any("other predict settings" in r.getMessage() and "smoothing" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("problem", ["corrupt model", "unwritable output", "columns"])
+def test_predict_input_errors_are_one_line_before_the_run(home, tmp_path, capsys, monkeypatch, problem):
+    model = tiny_onnx(tmp_path / "m.onnx")
+    sounds = tmp_path / "soundscapes"
+    sounds.mkdir()
+    sf.write(sounds / "a.wav", np.zeros(10 * SR, np.float32), SR)
+    sample = tmp_path / "sample_submission.csv"
+    sample.write_text("row_id," + ",".join(CLASSES) + "\n")
+    output = tmp_path / "out" / "submission.csv"
+    if problem == "corrupt model":
+        model.write_bytes(b"\x08garbage" * 50)
+        expected = f"predict.models: {model}: not a readable ONNX model"
+    elif problem == "unwritable output":
+        (tmp_path / "out").write_text("a file where the output folder should be")
+        expected = f"predict.output: cannot write {output}"
+    else:
+        sample.write_text("row_id,amerob,blujay,zzz\n")
+        expected = f"predict.sample_submission: {sample}: sample submission columns do not match"
+
+    def never(*args, **kwargs):
+        raise AssertionError("predicted before checking its inputs")
+
+    monkeypatch.setattr(infer, "predict_files", never)
+    code = cli.main(["predict", "experiment=smoke", f"predict.models=[{model}]", f"predict.input_dir={sounds}",
+                     f"predict.output={output}", f"predict.sample_submission={sample}"])
+    line = one_line_error(capsys)
+    assert code == 2 and line.startswith(f"birdrounds predict: error: {expected}"), line

@@ -325,3 +325,95 @@ def test_select_species_threshold_list_and_synonyms():
     s.species = ["zzz"]
     with pytest.raises(ConfigError, match="xc.species"):
         select_species(train, tax, s)
+
+
+def closed_port_url() -> str:
+    """An API URL on 127.0.0.1 where nothing listens: every connection is refused."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/api/3/recordings"
+
+
+def cli_download(data_root: Path, out: Path, api_url: str, *overrides: str) -> int:
+    from birdrounds.cli import main
+
+    return main(["xc-download", f"data.root={data_root}", f"xc.out_dir={out}", f"xc.api_url={api_url}",
+                 "xc.api_key=good-key", "xc.min_interval_s=0", "xc.max_retries=1", "xc.backoff_base_s=0.001",
+                 "xc.progress=false", "xc.min_length_s=5", "xc.per_page=2", *overrides])
+
+
+def test_unreachable_server_exits_1_and_keeps_train_csv(fake_xc, data_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("XC_API_KEY", raising=False)  # the key comes from xc.api_key= on the command line
+    fake_xc.faults.clear()
+    live, down = f"{fake_xc.base}/api/3/recordings", closed_port_url()
+    out = tmp_path / "xc"
+    assert cli_download(data_root, out, live, "xc.species=[spa]") == 0
+    good = (out / "train.csv").read_bytes()
+    assert len(pd.read_csv(out / "train.csv")) == 2
+    capsys.readouterr()
+
+    assert cli_download(data_root, out, down) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == (
+        "birdrounds xc-download: error: 3 of 3 species failed (bad, lar, spa), 0 recording(s) failed; "
+        "rerun to retry what is missing")
+    assert "3 species: 0 downloaded" in captured.out
+    assert (out / "train.csv").read_bytes() == good
+    assert {s["status"] for s in json.loads((out / "summary.json").read_text())} == {"failed"}
+
+    # A first run that gets nothing writes no (header-only) table at all.
+    assert cli_download(data_root, tmp_path / "fresh", down) == 1
+    assert not (tmp_path / "fresh" / "train.csv").exists()
+
+    # Partly successful: still exit 1, and the new rows join the earlier ones.
+    fake_xc.faults[("api", "Badus badus", 1)] = ["always"]
+    assert cli_download(data_root, out, live) == 1
+    assert "1 of 3 species failed (bad)" in capsys.readouterr().err
+    lines = (out / "train.csv").read_text().splitlines()
+    assert set(good.decode().splitlines()) <= set(lines) and len(lines) == 4  # header, 2 spa, 1 lar
+
+
+def test_recording_failures_count(fake_xc, data_root, tmp_path, monkeypatch, capsys):
+    """A species whose every selected recording fails has failed; one failed file alone only warns."""
+    fake_xc.faults[("audio", "737917")] = ["always"]  # served, but not audio
+    out = tmp_path / "xc"
+    assert cli_download(data_root, out, f"{fake_xc.base}/api/3/recordings", "xc.species=[lar]") == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "1 of 1 species failed (lar), 2 recording(s) failed; rerun to retry what is missing")
+    assert not (out / "train.csv").exists()
+
+    fake_xc.faults[("audio", "1001")] = ["404"]
+    assert cli_download(data_root, out, f"{fake_xc.base}/api/3/recordings", "xc.species=[spa]") == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == (
+        "birdrounds xc-download: warning: 1 recording(s) failed; rerun to retry what is missing")
+    assert pd.read_csv(out / "train.csv")["filename"].tolist() == ["spa/XC254462.ogg"]
+
+
+def test_runs_merge_into_train_csv(fake_xc, data_root, tmp_path):
+    """A later run for other species adds its rows; earlier rows stay exactly as written."""
+    fake_xc.faults.clear()
+    out = tmp_path / "xc"
+    download_xeno_canto(settings_for(fake_xc, data_root, out, species=["spa"]), sleep=lambda s: None)
+    spa_lines = (out / "train.csv").read_text().splitlines()
+    assert len(spa_lines) == 3
+    [lar] = download_xeno_canto(settings_for(fake_xc, data_root, out, species=["lar"]), sleep=lambda s: None)
+    assert lar.downloaded == 1
+    lines = (out / "train.csv").read_text().splitlines()
+    assert set(spa_lines) <= set(lines) and len(lines) == 4
+    table = pd.read_csv(out / "train.csv")
+    assert table["filename"].tolist() == ["lar/XC737917.ogg", "spa/XC1001.ogg", "spa/XC254462.ogg"]
+    prepared, missing, _ = prepare_train_table(table, out, CLASSES, out / "train.csv", on_missing_file="error")
+    assert missing == [] and len(prepared) == 3
+
+
+def test_foreign_train_csv_stops_before_any_request(fake_xc, data_root, tmp_path):
+    out = tmp_path / "xc"
+    out.mkdir()
+    (out / "train.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ConfigError, match="xc.out_dir: .*train.csv has no filename column"):
+        download_xeno_canto(settings_for(fake_xc, data_root, out), sleep=lambda s: None)
+    assert not fake_xc.hits and (out / "train.csv").read_text() == "a,b\n1,2\n"

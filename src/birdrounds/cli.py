@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from omegaconf import DictConfig
 
-from birdrounds.config import ConfigError, compose, validate
+from birdrounds.config import ConfigError, compose, error_line, validate
 from birdrounds.data.layout import LayoutError
 
 log = logging.getLogger("birdrounds")
@@ -31,13 +31,25 @@ def cmd_synth(cfg: DictConfig) -> None:
     print(root)
 
 
-def cmd_xc_download(cfg: DictConfig) -> None:
-    """Download Xeno-canto recordings of minority classes into `xc.out_dir` (xc.dry_run=true: list only)."""
+def cmd_xc_download(cfg: DictConfig) -> int:
+    """Download Xeno-canto recordings of minority classes into `xc.out_dir` (xc.dry_run=true: list only).
+
+    Prints a per-species summary; exits 1 with one line when a species failed (query failed after its
+    retries, or every recording it selected failed), after keeping whatever did succeed.
+    """
     from hydra.utils import instantiate
 
-    from birdrounds.xeno_canto import download_xeno_canto
+    from birdrounds.xeno_canto import download_xeno_canto, failure_line, format_summary
 
-    download_xeno_canto(instantiate(cfg.xc, _convert_="all"))
+    summaries = download_xeno_canto(instantiate(cfg.xc, _convert_="all"))
+    print(format_summary(summaries))
+    problem = failure_line(summaries)
+    if problem and any(s.species_failed for s in summaries):
+        print(f"birdrounds xc-download: error: {problem}", file=sys.stderr)
+        return 1
+    if problem:
+        print(f"birdrounds xc-download: warning: {problem}", file=sys.stderr)
+    return 0
 
 
 def cmd_export(cfg: DictConfig) -> None:
@@ -56,7 +68,8 @@ def cmd_predict(cfg: DictConfig) -> None:
     print(record["output"])
 
 
-COMMANDS: dict[str, tuple[Callable[[DictConfig], None], str]] = {
+# A command returns its exit status, or None for 0.
+COMMANDS: dict[str, tuple[Callable[[DictConfig], int | None], str]] = {
     "synth": (cmd_synth, "generate the synthetic mini-BirdCLEF dataset (data=synthetic)"),
     "xc-download": (cmd_xc_download, "download Xeno-canto recordings for minority classes (--dry-run: list only)"),
     "export": (cmd_export, "export a round's model(s) to ONNX + a standalone inference package (export.*)"),
@@ -88,11 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = compose(args.overrides)
         validate(cfg)
-        COMMANDS[args.command][0](cfg)
+        status = COMMANDS[args.command][0](cfg)
     except config_errors() as err:
-        print(f"birdrounds {args.command}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        print(f"birdrounds {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Two graph kinds (recorded in the metadata key `birdrounds.input`):
   "spectrogram": input `spec` [batch, 1, n_mels, n_frames] (the output of `model.frontend`) -> heads;
   "waveform":    input `waveform` [batch, n_samples] -> each member's own frontend -> heads (most portable).
 Outputs: `probs` [batch, n_classes] = sigmoid(logits) averaged over members, plus `framewise_probs`
-[batch, T', n_classes] when every member has an SED head. Only the batch dimension is dynamic: the
+[batch, T', n_classes] when every member has an SED head. The contract (names, metadata keys, format
+version) is defined in `birdrounds.infer`, which reads these graphs without birdrounds installed. Only the batch dimension is dynamic: the
 frontend and the SED head make torch.export specialise the time axis to the window length.
 
 Every export is checked against PyTorch in ONNX Runtime before it is written (`verify_onnx`); a model
@@ -32,16 +33,32 @@ from torch import nn
 
 import birdrounds
 from birdrounds.artifacts import atomic_open, write_json_atomic
+from birdrounds.infer import (
+    FORMAT_VERSION,
+    FRONTEND_KEYS,
+    INPUT_KINDS,
+    META_CLASSES,
+    META_FORMAT_VERSION,
+    META_FRONTEND,
+    META_INPUT,
+    META_MEMBER_FRONTENDS,
+    META_MEMBERS,
+    META_PREDICT_SETTINGS,
+    META_QUANTIZATION,
+    META_SAMPLE_RATE_HZ,
+    META_WINDOW_S,
+    OUTPUT_FRAMEWISE,
+    OUTPUT_PROBS,
+    SCORED_CHUNK_S,
+    parse_predict_settings,
+)
 from birdrounds.model import BirdModel, MelFrontend, checkpoint_hash, load_checkpoint
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"
-KINDS = ("spectrogram", "waveform")
-INPUT_NAMES = {"spectrogram": "spec", "waveform": "waveform"}
-# MelFrontend's arguments, as stored in a checkpoint's model_kwargs.
-FRONTEND_KEYS = ("sample_rate_hz", "n_fft", "hop_length", "n_mels", "f_min_hz", "f_max_hz", "top_db", "norm")
-DEFAULT_WINDOW_S = 5.0
+KINDS = tuple(INPUT_KINDS)
+# The window of a checkpoint that recorded none: it was trained on the scored chunks.
+DEFAULT_WINDOW_S = SCORED_CHUNK_S
 # Example batch for tracing: 2, because torch.export specialises a dimension traced at size 1.
 _TRACE_BATCH = 2
 # Written by the dynamo exporter on every node: the module path(s) the op came from.
@@ -84,12 +101,12 @@ class EnsembleExport(nn.Module):
     @property
     def input_name(self) -> str:
         """Name of the graph input: "spec" or "waveform"."""
-        return INPUT_NAMES[self.mode]
+        return INPUT_KINDS[self.mode]
 
     @property
     def output_names(self) -> list[str]:
         """Names of the graph outputs, in the order `forward` returns them."""
-        return ["probs", "framewise_probs"] if self.framewise else ["probs"]
+        return [OUTPUT_PROBS, OUTPUT_FRAMEWISE] if self.framewise else [OUTPUT_PROBS]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Member-averaged sigmoid probabilities (probabilities, not logits, are averaged)."""
@@ -155,27 +172,27 @@ def load_ensemble(checkpoints: Sequence[str | os.PathLike], kind: str = "spectro
                 "the class list in the same order"
             )
     rates = {ckpt["audio"]["sample_rate_hz"] for ckpt in ckpts}
-    windows = {_window_s(ckpt) for ckpt in ckpts}
+    windows = {checkpoint_window_s(ckpt) for ckpt in ckpts}
     if len(rates) > 1 or len(windows) > 1:
         raise ExportError(f"members disagree on audio input: sample_rate_hz {sorted(rates)}, window_s {sorted(windows)}")
     ensemble = EnsembleExport(list(models), kind)
     frontends = [frontend_kwargs(ckpt["model_kwargs"]) for ckpt in ckpts]
     metadata = {
-        "birdrounds.format_version": FORMAT_VERSION,
-        "birdrounds.classes": json.dumps(list(classes)),
-        "birdrounds.sample_rate_hz": str(rates.pop()),
-        "birdrounds.window_s": str(windows.pop()),
-        "birdrounds.input": kind,
+        META_FORMAT_VERSION: FORMAT_VERSION,
+        META_CLASSES: json.dumps(list(classes)),
+        META_SAMPLE_RATE_HZ: str(rates.pop()),
+        META_WINDOW_S: str(windows.pop()),
+        META_INPUT: kind,
         # The first member's; a waveform graph whose members differ also lists each one below.
-        "birdrounds.frontend": json.dumps(frontends[0]),
-        "birdrounds.members": json.dumps([{"path": str(path), "hash": checkpoint_hash(path)} for path in checkpoints]),
+        META_FRONTEND: json.dumps(frontends[0]),
+        META_MEMBERS: json.dumps([{"path": str(path), "hash": checkpoint_hash(path)} for path in checkpoints]),
     }
     if any(f != frontends[0] for f in frontends):
-        metadata["birdrounds.member_frontends"] = json.dumps(frontends)
+        metadata[META_MEMBER_FRONTENDS] = json.dumps(frontends)
     return ensemble, metadata
 
 
-def _window_s(ckpt: dict[str, Any]) -> float:
+def checkpoint_window_s(ckpt: dict[str, Any]) -> float:
     """The checkpoint's training window in seconds (DEFAULT_WINDOW_S when it was not recorded)."""
     window_s = ckpt["audio"].get("window_s")
     return float(DEFAULT_WINDOW_S if window_s is None else window_s)
@@ -199,15 +216,24 @@ def export_onnx(
     opset: int = 18,
     verify_audio: np.ndarray | None = None,
     atol: float = 1e-4,
+    predict_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export checkpoints as one ONNX ensemble, check it in ONNX Runtime, then write it atomically.
 
     verify_audio: waveform windows [B, window_samples] (real soundscape chunks) for the parity check;
     None -> seeded random noise. Raises ExportError when ONNX and PyTorch differ by more than `atol`.
+    predict_settings: `birdrounds.infer.recorded_settings(...)` of the predict config, stored as the
+    graph's META_PREDICT_SETTINGS (infer.py's defaults); None stores none (infer.py then uses its own).
     """
     start = time.perf_counter()
     ensemble, metadata = load_ensemble(checkpoints, kind)
-    window_samples = round(float(metadata["birdrounds.window_s"]) * int(metadata["birdrounds.sample_rate_hz"]))
+    if predict_settings is not None:
+        metadata[META_PREDICT_SETTINGS] = json.dumps(predict_settings)
+        try:
+            parse_predict_settings(metadata[META_PREDICT_SETTINGS])
+        except (TypeError, ValueError) as err:
+            raise ExportError(f"predict_settings: {err}") from None
+    window_samples = round(float(metadata[META_WINDOW_S]) * int(metadata[META_SAMPLE_RATE_HZ]))
     audio, audio_source = _verification_audio(verify_audio, window_samples)
     inputs = ensemble.input_from_audio(audio)
 
@@ -491,7 +517,7 @@ def quantize_int8(
         )
         model = onnx.load(quantized)
         props = {p.key: p.value for p in source.metadata_props}
-        props["birdrounds.quantization"] = json.dumps({
+        props[META_QUANTIZATION] = json.dumps({
             "scheme": "static int8 QDQ, per-channel int8 weights, uint8 activations, MinMax calibration",
             "n_calibration": len(calibration), "exclude_head": exclude_head,
             "n_quantizable_nodes": len(keep), "n_float_nodes": len(excluded),
@@ -567,7 +593,7 @@ def openvino_model(onnx_path: str | os.PathLike) -> Any:
     except ImportError as e:
         raise ExportError("openvino is not installed: pip install openvino") from e
     model = onnx.load(os.fspath(onnx_path), load_external_data=False)
-    kind = {p.key: p.value for p in model.metadata_props}.get("birdrounds.input")
+    kind = {p.key: p.value for p in model.metadata_props}.get(META_INPUT)
     if kind != "spectrogram":
         raise ExportError(f"{onnx_path}: OpenVINO reads spectrogram graphs only, this one is {kind!r}")
     from birdrounds.infer import broadcast_channel_scales
@@ -587,17 +613,22 @@ def export_package(
     verify_audio: np.ndarray | None = None,
     int8: bool = False,
     calibration: np.ndarray | None = None,
+    predict_settings: dict[str, Any] | None = None,
+    atol: float = 1e-4,
 ) -> dict[str, Any]:
     """A self-contained inference folder: model.onnx (+ model_int8.onnx), classes.json, infer.py, README.md.
 
     verify_audio, calibration: waveform windows [B, window_samples] from soundscapes; int8 calibrates on
-    `calibration`, or on `verify_audio` when it is None. Writes out_dir/export.json (the report) last.
+    `calibration`, or on `verify_audio` when it is None. predict_settings: see `export_onnx` (the
+    package's infer.py then writes what `birdrounds predict` with those settings writes). Writes
+    out_dir/export.json (the report) last.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"onnx": export_onnx(checkpoints, out_dir / "model.onnx", kind, verify_audio=verify_audio)}
+    report: dict[str, Any] = {"onnx": export_onnx(checkpoints, out_dir / "model.onnx", kind, verify_audio=verify_audio,
+                                                  atol=atol, predict_settings=predict_settings)}
     metadata = report["onnx"]["metadata"]
-    write_json_atomic(out_dir / "classes.json", json.loads(metadata["birdrounds.classes"]))
+    write_json_atomic(out_dir / "classes.json", json.loads(metadata[META_CLASSES]))
     files = ["model.onnx", "classes.json"]
     if int8:
         report["int8"] = _export_int8(out_dir, metadata, calibration if calibration is not None else verify_audio)
@@ -618,14 +649,14 @@ def _export_int8(out_dir: Path, metadata: dict[str, str], calibration_audio: np.
         raise ExportError("int8 needs calibration audio (soundscape windows); random noise would calibrate wrong ranges")
     start = time.perf_counter()
     inputs = np.asarray(calibration_audio, dtype=np.float32)
-    if metadata["birdrounds.input"] == "spectrogram":
-        frontend = MelFrontend(**json.loads(metadata["birdrounds.frontend"])).eval()
+    if metadata[META_INPUT] == "spectrogram":
+        frontend = MelFrontend(**json.loads(metadata[META_FRONTEND])).eval()
         with torch.no_grad():
             inputs = frontend(torch.from_numpy(inputs)).numpy()
     path = quantize_int8(out_dir / "model.onnx", out_dir / "model_int8.onnx", inputs)
-    input_name = INPUT_NAMES[metadata["birdrounds.input"]]
-    float_probs = _cpu_session(out_dir / "model.onnx").run(["probs"], {input_name: inputs})[0]
-    int8_probs = _cpu_session(path).run(["probs"], {input_name: inputs})[0]
+    input_name = INPUT_KINDS[metadata[META_INPUT]]
+    float_probs = _cpu_session(out_dir / "model.onnx").run([OUTPUT_PROBS], {input_name: inputs})[0]
+    int8_probs = _cpu_session(path).run([OUTPUT_PROBS], {input_name: inputs})[0]
     return {
         "path": str(path),
         "n_calibration": len(inputs),
@@ -646,28 +677,43 @@ def _copy_infer_script(destination: Path) -> bool:
     return True
 
 
+PACKAGE_COMMAND = "python infer.py --model model.onnx --input-dir {input_dir} --output submission.csv"
+
+
 def _package_readme(metadata: dict[str, str], int8: bool) -> str:
     """README.md of an exported package: what is in it and how to run it on a Kaggle test set."""
-    n_classes = len(json.loads(metadata["birdrounds.classes"]))
-    n_members = len(json.loads(metadata["birdrounds.members"]))
+    n_classes = len(json.loads(metadata[META_CLASSES]))
+    n_members = len(json.loads(metadata[META_MEMBERS]))
     int8_line = "- `model_int8.onnx`: the same graph with the backbone quantized to INT8 (head in float)\n" if int8 else ""
     int8_run = "\nFor the INT8 model pass `--model model_int8.onnx`; `--model` may be repeated to average models.\n"
+    recorded = metadata.get(META_PREDICT_SETTINGS)
+    if recorded is None:
+        settings_text = ("No `birdrounds predict` settings were recorded at export: infer.py's own defaults apply "
+                         "(no smoothing, no file scaling, no TTA).\n")
+    else:
+        settings_text = ("By default it applies the `birdrounds predict` settings recorded at export "
+                         f"(`{META_PREDICT_SETTINGS}` in the model's metadata): `{recorded}`, so its CSV is the one "
+                         "`birdrounds predict` writes with them. Flags override them: `--smooth off`, "
+                         "`--smooth 0.1,0.8,0.1`, `--file-scale-alpha 0`, `--tta-shift-s 0`, `--window-stride-s`, "
+                         "`--expected-duration-s`.\n")
     return (
         "# birdrounds ONNX package\n\n"
-        f"- `model.onnx`: {metadata['birdrounds.input']} graph, {n_members} member(s) averaged, {n_classes} classes, "
-        f"{metadata['birdrounds.window_s']} s windows at {metadata['birdrounds.sample_rate_hz']} Hz; classes, "
-        "frontend and members are in its metadata_props\n"
+        f"- `model.onnx`: {metadata[META_INPUT]} graph, {n_members} member(s) averaged, {n_classes} classes, "
+        f"{metadata[META_WINDOW_S]} s windows at {metadata[META_SAMPLE_RATE_HZ]} Hz; classes, "
+        "frontend, members and recorded predict settings are in its metadata_props\n"
         f"{int8_line}"
         "- `classes.json`: the class names, in output order\n"
         "- `infer.py`: soundscapes -> submission CSV; needs only numpy, soundfile and onnxruntime (scipy optional)\n"
         "- `export.json`: the export report (parity against PyTorch, timings)\n\n"
         "## Run\n\n"
         "```bash\n"
-        "python infer.py --model model.onnx --input-dir /kaggle/input/<competition>/test_soundscapes "
-        "--output submission.csv\n"
+        f"{PACKAGE_COMMAND.format(input_dir='/kaggle/input/<competition>/test_soundscapes')}\n"
         "```\n\n"
+        f"{settings_text}\n"
+        "Add `--sample-submission sample_submission.csv` to take the column order from it (checked against the "
+        "model's classes before the run).\n\n"
         "It uses every core it may run on: one model worker per core, each running onnxruntime on one thread "
         "(`--model-workers`, `--threads`), batches of 4 windows (`--batch-size`); `python infer.py --help` lists "
-        "smoothing, file scaling, TTA and the other options.\n"
+        "the other options.\n"
         f"{int8_run if int8 else ''}"
     )

@@ -8,7 +8,8 @@ a Kaggle submission folder and run offline on CPU:
 so it imports only the standard library, numpy, soundfile and onnxruntime (scipy when present, for a
 faster FFT and for resampling). It never imports torch or the rest of birdrounds.
 
-The ONNX contract (written by `birdrounds.export`), read from the graph's metadata_props:
+The ONNX contract is defined here (the constants below; `birdrounds.export` imports them and writes
+it), read from the graph's metadata_props:
   birdrounds.format_version  "1"
   birdrounds.classes         JSON list of class names, in output column order
   birdrounds.sample_rate_hz  sample rate the model expects
@@ -19,6 +20,9 @@ The ONNX contract (written by `birdrounds.export`), read from the graph's metada
   birdrounds.frontend        JSON dict: sample_rate_hz, n_fft, hop_length, n_mels, f_min_hz, f_max_hz,
                              top_db (float or null), norm ("standard" | "minmax" | "standard_minmax")
   birdrounds.members         JSON list describing the ensemble members averaged inside the graph
+  birdrounds.predict_settings  optional JSON dict: the `birdrounds predict` settings of the export's
+                             config (RECORDED_SETTINGS: smoothing, file scaling, window stride, TTA
+                             shift, expected duration); this script's defaults, which its flags override
 Outputs: `probs` float32 [batch, n_classes] (sigmoid, already averaged over members) and, for SED
 heads, `framewise_probs` float32 [batch, T', n_classes].
 
@@ -28,6 +32,12 @@ run onnxruntime on a batch of their own (which also releases the GIL). Each dist
 frontend, window) is computed once per window and fed to every model that shares it. Per file, chunk
 probabilities are the mean over models; smoothing along the chunk axis and file-level scaling are
 optional post-processing steps.
+
+Rows: every file gets a row '<stem>_<end second>' per 5-s chunk (`row_ids`). An unreadable file gets
+`expected_duration_s` of zero rows. A truncated file (decoding stops early, or yields less than its
+header declares, or an Ogg stream lacks its end page) keeps the rows of its declared duration, or of
+`expected_duration_s` when its header declares none; the audio that is missing counts as silence
+(zeros run through the model). Both are named in a warning and counted in the summary.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +89,32 @@ def _single_thread_blas() -> Any:
 
 log = logging.getLogger("birdrounds.infer")
 
+# ---- the ONNX contract and the submission format: defined here only (this file runs without
+# birdrounds installed, so the package imports them from here: birdrounds.export, birdrounds.submit).
 FORMAT_VERSION = "1"
 META = "birdrounds."
-INPUT_KINDS = {"spectrogram": "spec", "waveform": "waveform"}
+META_FORMAT_VERSION = META + "format_version"
+META_CLASSES = META + "classes"
+META_SAMPLE_RATE_HZ = META + "sample_rate_hz"
+META_WINDOW_S = META + "window_s"
+META_INPUT = META + "input"
+META_FRONTEND = META + "frontend"
+META_MEMBERS = META + "members"
+META_MEMBER_FRONTENDS = META + "member_frontends"   # waveform ensembles whose members' frontends differ
+META_PREDICT_SETTINGS = META + "predict_settings"   # optional: RECORDED_SETTINGS of the export's config
+META_QUANTIZATION = META + "quantization"           # INT8 graphs: how they were quantized
+INPUT_KINDS = {"spectrogram": "spec", "waveform": "waveform"}   # graph kind -> name of its input
+OUTPUT_PROBS = "probs"                   # [batch, n_classes]
+OUTPUT_FRAMEWISE = "framewise_probs"     # [batch, T', n_classes], SED heads only
+# MelFrontend's arguments: the keys of birdrounds.frontend (and of a checkpoint's model_kwargs).
+FRONTEND_KEYS = ("sample_rate_hz", "n_fft", "hop_length", "n_mels", "f_min_hz", "f_max_hz", "top_db", "norm")
+SCORED_CHUNK_S = 5.0                     # BirdCLEF scores soundscapes per 5-s chunk
+# The InferenceSettings an export records under META_PREDICT_SETTINGS: those, besides speed knobs,
+# that change the CSV and that `birdrounds predict` takes from its config.
+RECORDED_SETTINGS = ("smoothing", "file_scale_alpha", "window_stride_s", "tta_shift_s", "expected_duration_s")
+
 NORM_MODES = ("standard", "minmax", "standard_minmax")
 AUDIO_EXTENSIONS = (".ogg", ".wav", ".flac", ".mp3")
-FRONTEND_KEYS = ("sample_rate_hz", "n_fft", "hop_length", "n_mels", "f_min_hz", "f_max_hz", "top_db", "norm")
 # The constants of birdrounds.model.MelFrontend / torchaudio.AmplitudeToDB, repeated here because
 # this file cannot import the package; tests/test_infer.py checks the parity.
 _NORM_EPS = 1e-6
@@ -96,6 +126,13 @@ _POWER_FLOOR = 1e-10
 _FRONTEND_BLOCK_BYTES = 4 << 20
 # Mel filters per block GEMM in the frontend (4..16 measured within 20% of each other; 8 fastest).
 _FILTERS_PER_GEMM = 8
+# Truncation checks, the policy of birdrounds.data.audio (which training applies): a header's frame
+# count may overstate a complete file by this fraction (MP3 headers without a Xing frame estimate it);
+# an Ogg page is at most 27 + 255 + 255 * 255 bytes, so a file's last this-many bytes hold its last page.
+_TRUNCATION_TOLERANCE = 0.02
+_OGG_TAIL_BYTES = 65_307 + 1024
+_OGG_EOS_FLAG = 0x04
+_WAV_HEADER_BYTES = 1 << 16
 
 
 class ModelFormatError(ValueError):
@@ -104,6 +141,10 @@ class ModelFormatError(ValueError):
 
 class AudioReadError(Exception):
     """A file that cannot be decoded (corrupt, empty, unsupported, or needs resampling without scipy)."""
+
+
+class OutputError(ValueError):
+    """An output file that cannot be written (its folder cannot be created or written to)."""
 
 
 # ---------------------------------------------------------------- the mel frontend in numpy
@@ -300,33 +341,36 @@ class ModelInfo:
     input_kind: str
     frontend: FrontendConfig | None
     members: list[Any]
+    predict_settings: dict[str, Any] = field(default_factory=dict)   # recorded at export; {} when none
 
 
 def parse_metadata(meta: dict[str, str], source: str = "model") -> ModelInfo:
     """Validate and parse the `birdrounds.*` metadata_props of an ONNX graph."""
     def get(key: str) -> str:
-        if META + key not in meta:
-            raise ModelFormatError(f"{source}: metadata {META + key} missing (not a birdrounds ONNX export?)")
-        return meta[META + key]
+        if key not in meta:
+            raise ModelFormatError(f"{source}: metadata {key} missing (not a birdrounds ONNX export?)")
+        return meta[key]
 
     try:
-        version = get("format_version")
+        version = get(META_FORMAT_VERSION)
         if version != FORMAT_VERSION:
-            raise ModelFormatError(f"{source}: {META}format_version is {version!r}, this code reads {FORMAT_VERSION!r}")
-        input_kind = get("input")
+            raise ModelFormatError(f"{source}: {META_FORMAT_VERSION} is {version!r}, "
+                                   f"this code reads {FORMAT_VERSION!r}")
+        input_kind = get(META_INPUT)
         if input_kind not in INPUT_KINDS:
-            raise ModelFormatError(f"{source}: {META}input must be one of {sorted(INPUT_KINDS)}, got {input_kind!r}")
-        classes = json.loads(get("classes"))
+            raise ModelFormatError(f"{source}: {META_INPUT} must be one of {sorted(INPUT_KINDS)}, got {input_kind!r}")
+        classes = json.loads(get(META_CLASSES))
         if not isinstance(classes, list) or not classes or len(set(map(str, classes))) != len(classes):
-            raise ModelFormatError(f"{source}: {META}classes must be a non-empty JSON list of distinct names")
-        frontend_json = meta.get(META + "frontend")
+            raise ModelFormatError(f"{source}: {META_CLASSES} must be a non-empty JSON list of distinct names")
+        frontend_json = meta.get(META_FRONTEND)
         if input_kind == "spectrogram" and frontend_json is None:
-            get("frontend")  # raises the missing-key error
+            get(META_FRONTEND)  # raises the missing-key error
         frontend = FrontendConfig.from_dict(json.loads(frontend_json)) if frontend_json is not None else None
         info = ModelInfo(
-            classes=[str(c) for c in classes], sample_rate_hz=int(get("sample_rate_hz")),
-            window_s=float(get("window_s")), input_kind=input_kind, frontend=frontend,
-            members=json.loads(meta.get(META + "members", "[]")),
+            classes=[str(c) for c in classes], sample_rate_hz=int(get(META_SAMPLE_RATE_HZ)),
+            window_s=float(get(META_WINDOW_S)), input_kind=input_kind, frontend=frontend,
+            members=json.loads(meta.get(META_MEMBERS, "[]")),
+            predict_settings=parse_predict_settings(meta.get(META_PREDICT_SETTINGS)),
         )
     except ModelFormatError:
         raise
@@ -338,6 +382,27 @@ def parse_metadata(meta: dict[str, str], source: str = "model") -> ModelInfo:
         raise ModelFormatError(f"{source}: frontend sample rate {frontend.sample_rate_hz} Hz "
                                f"!= model's {info.sample_rate_hz} Hz")
     return info
+
+
+def parse_predict_settings(text: str | None) -> dict[str, Any]:
+    """The META_PREDICT_SETTINGS JSON as InferenceSettings values, validated ({} when absent)."""
+    if text is None:
+        return {}
+    values = json.loads(text)
+    if not isinstance(values, dict) or set(values) - set(RECORDED_SETTINGS):
+        raise ValueError(f"{META_PREDICT_SETTINGS} must be a JSON dict with keys among {list(RECORDED_SETTINGS)}")
+    if "smoothing" in values:
+        values["smoothing"] = tuple(float(w) for w in values["smoothing"] or ())
+    InferenceSettings(**values)  # raises ValueError for a bad value
+    return values
+
+
+def recorded_settings(settings: InferenceSettings) -> dict[str, Any]:
+    """The RECORDED_SETTINGS of `settings` as JSON values: what an export stores under META_PREDICT_SETTINGS."""
+    stride = settings.window_stride_s
+    return {"smoothing": [float(w) for w in settings.smoothing], "file_scale_alpha": float(settings.file_scale_alpha),
+            "window_stride_s": None if stride is None else float(stride), "tta_shift_s": float(settings.tta_shift_s),
+            "expected_duration_s": float(settings.expected_duration_s)}
 
 
 def usable_cores() -> int:
@@ -370,8 +435,13 @@ class OnnxModel:
         self.path = str(path)
         if not Path(self.path).is_file():
             raise FileNotFoundError(f"model not found: {self.path}")
-        self.session = ort.InferenceSession(self.path, sess_options=options or session_options(),
-                                            providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(self.path, sess_options=options or session_options(),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            raise ModelFormatError(
+                f"{self.path}: not a readable ONNX model ({type(err).__name__}: {first_line})") from None
         self.info = parse_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
         self.input_name = INPUT_KINDS[self.info.input_kind]
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -380,17 +450,17 @@ class OnnxModel:
                                    f"has {sorted(inputs)}")
         self.input_shape = list(inputs[self.input_name].shape)
         self.outputs = [o.name for o in self.session.get_outputs()]
-        if "probs" not in self.outputs:
-            raise ModelFormatError(f"{self.path}: output 'probs' missing (outputs: {self.outputs})")
+        if OUTPUT_PROBS not in self.outputs:
+            raise ModelFormatError(f"{self.path}: output {OUTPUT_PROBS!r} missing (outputs: {self.outputs})")
 
     @property
     def has_framewise(self) -> bool:
         """Whether the graph has the SED head's `framewise_probs` output."""
-        return "framewise_probs" in self.outputs
+        return OUTPUT_FRAMEWISE in self.outputs
 
     def run(self, inputs: np.ndarray, framewise: bool = False) -> np.ndarray:
         """Clip probs [B, C], or framewise probs [B, T', C] when `framewise`."""
-        name = "framewise_probs" if framewise else "probs"
+        name = OUTPUT_FRAMEWISE if framewise else OUTPUT_PROBS
         out = self.session.run([name], {self.input_name: inputs})[0]
         if out.shape[-1] != len(self.info.classes):
             raise ModelFormatError(f"{self.path}: {out.shape[-1]} outputs for {len(self.info.classes)} classes")
@@ -430,7 +500,7 @@ class OpenVinoModel(OnnxModel):
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
-        name = "framewise_probs" if framewise else "probs"
+        name = OUTPUT_FRAMEWISE if framewise else OUTPUT_PROBS
         out = request.infer({self.input_name: inputs})[self.compiled.output(name)]
         return np.array(out, dtype=np.float32)  # a copy: the request reuses its output memory
 
@@ -504,7 +574,7 @@ def ensemble_classes(models: Sequence[OnnxModel]) -> tuple[list[str], list[np.nd
 class InferenceSettings:
     """How to run: chunking, windows, threads, batching and post-processing (defaults: BirdCLEF, no TTA)."""
 
-    chunk_s: float = 5.0                   # scored chunk length; row ids end at multiples of it
+    chunk_s: float = SCORED_CHUNK_S        # scored chunk length; row ids end at multiples of it
     batch_size: int = 4                    # windows per model call (bench/inference.py: 4 fastest on 2 cores)
     intra_op_threads: int | None = 1       # onnxruntime threads per model call (None: one per core)
     model_workers: int | None = None       # model calls run side by side, on their own batches (None: one per core)
@@ -517,7 +587,7 @@ class InferenceSettings:
     tta_shift_s: float = 0.0               # > 0: also predict windows shifted by -/+ this and average
     smoothing: tuple[float, ...] = ()      # odd-length kernel along chunks within a file; () = off
     file_scale_alpha: float = 0.0          # p * (1 - a + a * file max of p); 0 = off
-    expected_duration_s: float = 60.0      # rows written for an unreadable file
+    expected_duration_s: float = 60.0      # rows of an unreadable file, or a truncated one whose header declares none
     min_duration_s: float = 0.0            # files shorter than this get zero-padded rows up to it
     progress_every: int = 50               # log a progress line every this many files (0: never)
     engine: str = "onnxruntime"            # or "openvino" / "openvino_bf16" (spectrogram graphs, optional package)
@@ -550,11 +620,21 @@ class FileInfo:
     stem: str
     n_chunks: int
     duration_s: float | None = None   # decoded duration; None when unreadable
-    error: str | None = None
+    error: str | None = None          # why it could not be read: its rows are zeros
+    truncated: str | None = None      # why it is incomplete: rows past the cut are predicted on silence
 
     @property
     def readable(self) -> bool:
         return self.error is None
+
+
+@dataclass
+class DecodedAudio:
+    """A decoded file: its samples and, when it is cut short, why and how long it should be."""
+
+    wave: np.ndarray                  # float32 mono at the requested rate: what could be decoded
+    truncated: str | None = None      # why the file is incomplete; None when it decoded completely
+    declared_s: float | None = None   # the full duration its header declares, when known and longer
 
 
 def list_audio_files(folder: str | os.PathLike, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> list[Path]:
@@ -568,19 +648,99 @@ def list_audio_files(folder: str | os.PathLike, extensions: Sequence[str] = AUDI
 
 
 def read_audio(path: str | os.PathLike, sample_rate_hz: int) -> np.ndarray:
-    """Whole file as float32 1-D mono (mean of channels) at `sample_rate_hz`; raises AudioReadError."""
+    """Whole file as float32 1-D mono (mean of channels) at `sample_rate_hz` (a truncated file: up to
+    its cut); raises AudioReadError."""
+    return decode_audio(path, sample_rate_hz).wave
+
+
+def decode_audio(path: str | os.PathLike, sample_rate_hz: int) -> DecodedAudio:
+    """Decode a whole file, mono at `sample_rate_hz`, and check it is complete; raises AudioReadError.
+
+    A file cut short keeps the audio before the cut and says why it is incomplete: decoding failed
+    part-way (e.g. FLAC losing sync), it decoded clearly fewer frames than its header declares
+    (FLAC, MP3, WAV), or its Ogg stream lacks the end-of-stream page (a cut Ogg decodes without error
+    and its header declares no length). Nothing decoded, non-finite samples: AudioReadError.
+    """
+    path = str(path)
+    failure: Exception | None = None
     try:
-        frames, file_rate_hz = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(path) as f:
+            declared, file_rate_hz, container = f.frames, int(f.samplerate), f.format
+            try:
+                frames = f.read(dtype="float32", always_2d=True)
+            except Exception as err:  # libsndfile raises several types mid-stream
+                failure = err
+        if failure is not None:
+            frames, failure = _read_until_failure(path, file_rate_hz)
     except Exception as err:  # libsndfile raises several types for corrupt input
         raise AudioReadError(f"{type(err).__name__}: {err}") from err
-    if frames.shape[0] == 0:
-        raise AudioReadError("no audio frames")
+    n_frames = frames.shape[0]
+    if n_frames == 0:
+        raise AudioReadError("no audio frames" if failure is None else f"{type(failure).__name__}: {failure}")
     mono = frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else frames[:, 0]
     if not np.isfinite(mono).all():
         raise AudioReadError("non-finite samples (NaN/inf)")
+    if container == "WAV":  # libsndfile clamps a cut WAV's frame count to the bytes present
+        declared = max(declared, _wav_declared_frames(path) or 0)
+    truncated = None
+    if failure is not None:
+        truncated = f"decoding failed after {n_frames / file_rate_hz:.1f} s: {type(failure).__name__}: {failure}"
+    elif declared > 0 and n_frames < (1.0 - _TRUNCATION_TOLERANCE) * declared:
+        truncated = (f"decoded {n_frames / file_rate_hz:.1f} s of the {declared / file_rate_hz:.1f} s "
+                     "its header declares")
+    elif container == "OGG" and not _ogg_ends_with_eos_page(path):
+        truncated = "its Ogg stream ends without the end-of-stream page"
     if file_rate_hz != sample_rate_hz:
-        mono = _resample(mono, int(file_rate_hz), sample_rate_hz)
-    return np.ascontiguousarray(mono, dtype=np.float32)
+        mono = _resample(mono, file_rate_hz, sample_rate_hz)
+    declared_s = declared / file_rate_hz if truncated is not None and declared > n_frames else None
+    return DecodedAudio(np.ascontiguousarray(mono, dtype=np.float32), truncated, declared_s)
+
+
+def _read_until_failure(path: str, block_frames: int) -> tuple[np.ndarray, Exception | None]:
+    """Frames [n, channels] read block by block up to the first decode error, and that error (None if none)."""
+    blocks: list[np.ndarray] = []
+    failure: Exception | None = None
+    with sf.SoundFile(path) as f:
+        channels = f.channels
+        try:
+            while len(block := f.read(block_frames, dtype="float32", always_2d=True)):
+                blocks.append(block)
+        except Exception as err:  # the first decode error ends the file
+            failure = err
+    frames = np.concatenate(blocks) if blocks else np.zeros((0, channels), dtype=np.float32)
+    return frames, failure
+
+
+def _wav_declared_frames(path: str) -> int | None:
+    """Frames the data chunk of a RIFF/WAVE header declares (None when the header does not say)."""
+    with open(path, "rb") as f:
+        head = f.read(_WAV_HEADER_BYTES)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos, block_align = 12, 0
+    while pos + 8 <= len(head):
+        chunk_id, size = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
+        if chunk_id == b"fmt " and pos + 22 <= len(head):
+            block_align = int.from_bytes(head[pos + 20 : pos + 22], "little")  # 12 bytes into the fmt data
+        elif chunk_id == b"data":
+            return size // block_align if block_align and size != 0xFFFFFFFF else None  # 0xFFFFFFFF: streamed
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _ogg_ends_with_eos_page(path: str) -> bool:
+    """Whether the file's last Ogg page is complete and carries the end-of-stream flag."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - _OGG_TAIL_BYTES))
+        tail = f.read()
+    start = tail.rfind(b"OggS")
+    if start < 0 or len(tail) - start < 27:
+        return False
+    n_segments = tail[start + 26]
+    lacing = tail[start + 27 : start + 27 + n_segments]
+    complete = len(lacing) == n_segments and len(tail) - start >= 27 + n_segments + sum(lacing)
+    return complete and bool(tail[start + 5] & _OGG_EOS_FLAG)
 
 
 def _resample(wave: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
@@ -599,17 +759,26 @@ def _n_chunks(n_samples: int, chunk: int) -> int:
 
 
 def _decode(path: Path, sample_rate_hz: int, settings: InferenceSettings) -> tuple[FileInfo, np.ndarray | None]:
-    """Decode one file; never raises: an unreadable file gets `expected_duration_s` of zero rows."""
+    """Decode one file; never raises: an unreadable file gets `expected_duration_s` of zero rows, a
+    truncated one the rows of its declared duration (else `expected_duration_s`), silence past the cut."""
     chunk = round(settings.chunk_s * sample_rate_hz)
     min_chunks = _n_chunks(round(settings.min_duration_s * sample_rate_hz), chunk) if settings.min_duration_s else 1
+    expected_chunks = _n_chunks(round(settings.expected_duration_s * sample_rate_hz), chunk)
     try:
-        wave = read_audio(path, sample_rate_hz)
+        audio = decode_audio(path, sample_rate_hz)
     except Exception as err:  # whatever goes wrong with one file, the others and its rows go on
-        n_chunks = _n_chunks(round(settings.expected_duration_s * sample_rate_hz), chunk)
+        n_chunks = max(expected_chunks, min_chunks)
         log.warning("cannot read %s (%s); writing %d rows of zeros", path, err, n_chunks)
-        return FileInfo(str(path), path.stem, max(n_chunks, min_chunks), error=str(err) or type(err).__name__), None
-    n_chunks = max(_n_chunks(len(wave), chunk), min_chunks)
-    return FileInfo(str(path), path.stem, n_chunks, duration_s=len(wave) / sample_rate_hz), wave
+        return FileInfo(str(path), path.stem, n_chunks, error=str(err) or type(err).__name__), None
+    n_chunks = max(_n_chunks(len(audio.wave), chunk), min_chunks)
+    if audio.truncated is not None:
+        declared = _n_chunks(round(audio.declared_s * sample_rate_hz), chunk) if audio.declared_s else None
+        n_chunks = max(n_chunks, declared or expected_chunks)
+        log.warning("truncated file %s (%s); writing %d rows, the audio missing after %.1f s predicted as silence",
+                    path, audio.truncated, n_chunks, len(audio.wave) / sample_rate_hz)
+    info = FileInfo(str(path), path.stem, n_chunks, duration_s=len(audio.wave) / sample_rate_hz,
+                    truncated=audio.truncated)
+    return info, audio.wave
 
 
 def _decode_in_order(files: Sequence[Path], sample_rate_hz: int,
@@ -628,7 +797,7 @@ def _decode_in_order(files: Sequence[Path], sample_rate_hz: int,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def row_ids(stem: str, n_chunks: int, chunk_s: float = 5.0) -> list[str]:
+def row_ids(stem: str, n_chunks: int, chunk_s: float = SCORED_CHUNK_S) -> list[str]:
     """BirdCLEF row ids '<stem>_<chunk end in whole seconds>' for chunks 1..n_chunks."""
     return [f"{stem}_{round((i + 1) * chunk_s)}" for i in range(n_chunks)]
 
@@ -1017,13 +1186,19 @@ class Predictions:
 
     @property
     def unreadable(self) -> list[FileInfo]:
+        """Files that could not be decoded (rows of zeros)."""
         return [f for f in self.files if not f.readable]
 
+    @property
+    def truncated(self) -> list[FileInfo]:
+        """Files cut short (rows up to their declared or expected duration, silence past the cut)."""
+        return [f for f in self.files if f.truncated is not None]
+
     def summary(self) -> str:
-        """One line: files, chunks, unreadable files, time and throughput."""
+        """One line: files, chunks, unreadable and truncated files, time and throughput."""
         rate = len(self.row_ids) / max(self.seconds, 1e-9)
         return (f"{len(self.files)} files, {len(self.row_ids)} chunks, {len(self.unreadable)} unreadable, "
-                f"{self.seconds:.1f} s, {rate:.1f} chunks/s")
+                f"{len(self.truncated)} truncated, {self.seconds:.1f} s, {rate:.1f} chunks/s")
 
 
 def predict_files(models: Sequence[OnnxModel], files: Sequence[str | os.PathLike],
@@ -1033,6 +1208,7 @@ def predict_files(models: Sequence[OnnxModel], files: Sequence[str | os.PathLike
     classes, orders = ensemble_classes(models)
     streams = _build_streams(models, orders, settings)
     files = [Path(f) for f in files]
+    warn_shared_stems(files)
     sample_rate_hz = models[0].info.sample_rate_hz
     collector = _Collector(streams, len(files), len(classes), settings)
     messages: queue.Queue = queue.Queue(maxsize=settings.prefetch_batches)
@@ -1071,13 +1247,48 @@ def predict_files(models: Sequence[OnnxModel], files: Sequence[str | os.PathLike
     raw = np.concatenate(probs) if probs else np.zeros((0, len(classes)), dtype=np.float32)
     file_index = np.repeat(np.arange(len(infos)), [info.n_chunks for info in infos])
     ids = [rid for info in infos for rid in row_ids(info.stem, info.n_chunks, settings.chunk_s)]
-    if len(set(ids)) != len(ids):
-        log.warning("duplicate row ids: several input files share a stem")
     result = Predictions(classes, ids, file_index, raw,
                          postprocess(raw, file_index, settings.smoothing, settings.file_scale_alpha),
                          infos, time.perf_counter() - start)
     log.info("done: %s", result.summary())
     return result
+
+
+def check_run(models: Sequence[OnnxModel], settings: InferenceSettings) -> list[str]:
+    """The ensemble's classes, once the models are known to run together with `settings` (before any file).
+
+    Raises ModelFormatError (models that cannot be ensembled) or ValueError (settings they cannot use).
+    """
+    classes, orders = ensemble_classes(models)
+    _build_streams(models, orders, settings)
+    return classes
+
+
+def warn_shared_stems(files: Sequence[str | os.PathLike]) -> dict[str, list[str]]:
+    """Warn, naming the files, about files whose stems (and so row ids) coincide; returns {stem: paths}."""
+    by_stem: dict[str, list[str]] = {}
+    for path in files:
+        by_stem.setdefault(Path(path).stem, []).append(str(path))
+    shared = {stem: paths for stem, paths in by_stem.items() if len(paths) > 1}
+    for stem, paths in shared.items():
+        log.warning("duplicate row ids: %s share the stem %r, so their rows get the same row ids",
+                    " and ".join(paths), stem)
+    return shared
+
+
+def check_output(path: str | os.PathLike) -> Path:
+    """`path` once a file can be written there (its folder is created if missing); raises OutputError."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
+    return path
 
 
 def predict_folder(model_paths: Sequence[str | os.PathLike], inputs: str | os.PathLike | Sequence[str | os.PathLike],
@@ -1144,7 +1355,9 @@ def write_submission(path: str | os.PathLike, row_ids: Sequence[str], classes: S
 
 
 def _kernel_arg(text: str) -> tuple[float, ...]:
-    """'0.1,0.8,0.1' -> (0.1, 0.8, 0.1), validated."""
+    """'0.1,0.8,0.1' -> (0.1, 0.8, 0.1), validated; 'off' (or '1') -> () (no smoothing)."""
+    if text.strip().lower() in ("off", "none", "1", "1.0", ""):
+        return ()
     try:
         kernel = tuple(float(v) for v in text.split(",") if v.strip())
         validate_kernel(kernel)
@@ -1154,6 +1367,7 @@ def _kernel_arg(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line; the RECORDED_SETTINGS flags default to what the model's export recorded."""
     p = argparse.ArgumentParser(description="Predict BirdCLEF chunk probabilities with birdrounds ONNX models.")
     p.add_argument("--model", action="append", required=True, help="ONNX file; repeat to average several models")
     p.add_argument("--input-dir", required=True, help="folder of soundscapes (.ogg/.wav/.flac/.mp3)")
@@ -1166,23 +1380,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-workers", type=int, default=None,
                    help="model calls run side by side on their own batches (default: one per core)")
     p.add_argument("--decode-workers", type=int, default=d.decode_workers, help="threads decoding audio files")
-    p.add_argument("--window-stride-s", type=float, default=None, help="stride of windows longer than a chunk")
-    p.add_argument("--tta-shift-s", type=float, default=d.tta_shift_s, help="also predict shifted by -/+ this (s)")
-    p.add_argument("--smooth", type=_kernel_arg, default=(), help="kernel along chunks, e.g. 0.1,0.8,0.1")
-    p.add_argument("--file-scale-alpha", type=float, default=d.file_scale_alpha,
-                   help="p * (1 - a + a * file max of p); 0 = off")
-    p.add_argument("--expected-duration-s", type=float, default=d.expected_duration_s,
-                   help="rows of zeros written for an unreadable file")
     p.add_argument("--min-duration-s", type=float, default=d.min_duration_s,
                    help="pad shorter files with rows up to this duration")
     p.add_argument("--progress-every", type=int, default=d.progress_every, help="files between progress lines")
     p.add_argument("--engine", choices=ENGINES, default=d.engine,
                    help="runtime for the model: onnxruntime (default) or OpenVINO f32/bf16 (spectrogram graphs)")
+    recorded = p.add_argument_group(
+        "settings recorded at export", "default: the `birdrounds predict` settings the first model was exported with "
+        f"(its {META_PREDICT_SETTINGS} metadata), else the value shown")
+    recorded.add_argument("--smooth", dest="smoothing", type=_kernel_arg, default=None,
+                          help="kernel along chunks, e.g. 0.1,0.8,0.1; 'off' (or 1) disables it (default: off)")
+    recorded.add_argument("--file-scale-alpha", type=float, default=None,
+                          help=f"p * (1 - a + a * file max of p); 0 = off (default: {d.file_scale_alpha})")
+    recorded.add_argument("--window-stride-s", type=float, default=None,
+                          help="stride of windows longer than a chunk (default: the shorter of chunk and window)")
+    recorded.add_argument("--tta-shift-s", type=float, default=None,
+                          help=f"also predict shifted by -/+ this (s); 0 = off (default: {d.tta_shift_s})")
+    recorded.add_argument("--expected-duration-s", type=float, default=None,
+                          help="rows of an unreadable file, or of a truncated one whose header declares no length "
+                               f"(default: {d.expected_duration_s})")
     return p
 
 
+def exported_settings(models: Sequence[OnnxModel]) -> dict[str, Any]:
+    """The predict settings the first model's export recorded ({} if none); a warning when models disagree."""
+    recorded = models[0].info.predict_settings
+    for model in models[1:]:
+        if model.info.predict_settings != recorded:
+            log.warning("%s was exported with other predict settings than %s (%s against %s); using the first's",
+                        model.path, models[0].path, model.info.predict_settings, recorded)
+    return dict(recorded)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point: predict a folder and write the submission CSV."""
+    """Command line entry point: predict a folder and write the submission CSV.
+
+    Everything that can be checked before the run is: the models, the settings, the sample
+    submission's columns and the output folder; an error there (or any input error) is one line, exit 2.
+    """
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -1190,21 +1425,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = InferenceSettings(
             chunk_s=args.chunk_s, batch_size=args.batch_size, intra_op_threads=args.threads or None,
-            model_workers=args.model_workers,
-            decode_workers=args.decode_workers, window_stride_s=args.window_stride_s,
-            tta_shift_s=args.tta_shift_s, smoothing=args.smooth, file_scale_alpha=args.file_scale_alpha,
-            expected_duration_s=args.expected_duration_s, min_duration_s=args.min_duration_s,
-            progress_every=args.progress_every, engine=args.engine,
+            model_workers=args.model_workers, decode_workers=args.decode_workers,
+            min_duration_s=args.min_duration_s, progress_every=args.progress_every, engine=args.engine,
         )
         models = load_models(args.model, settings.intra_op_threads, settings.inter_op_threads, engine=settings.engine,
                              model_workers=settings.n_model_workers)
+        given = {name: getattr(args, name) for name in RECORDED_SETTINGS if getattr(args, name) is not None}
+        settings = replace(settings, **{**exported_settings(models), **given})
+        log.info("settings: %s", recorded_settings(settings))
+        classes = check_run(models, settings)
         if args.sample_submission is not None:  # fail before the long run, not after it
-            classes, _ = ensemble_classes(models)
             align_columns(classes, np.zeros((0, len(classes))), read_submission_header(args.sample_submission))
+        check_output(args.output)
         result = predict_files(models, list_audio_files(args.input_dir), settings)
         write_submission(args.output, result.row_ids, result.classes, result.probs, args.sample_submission)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"infer: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # ModelFormatError and OutputError are ValueErrors
+        message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"infer: error: {message}", file=sys.stderr)
         return 2
     log.info("wrote %s (%d rows)", args.output, len(result.row_ids))
     return 0

@@ -20,6 +20,7 @@ import torchaudio
 from torch import nn
 
 from birdrounds.artifacts import atomic_open
+from birdrounds.config import redact_secrets
 
 CHECKPOINT_FORMAT_VERSION = 1
 NORM_MODES = ("standard", "minmax", "standard_minmax")
@@ -290,7 +291,7 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "classes": list(classes),
         "audio": {"sample_rate_hz": model.sample_rate_hz, "window_s": extra.get("window_s")},
-        "config": _to_plain(config),
+        "config": redact_secrets(_to_plain(config)),  # no xc.api_key & co. in a shareable file
         "extra": extra,
     }
     path = Path(path)

@@ -30,7 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from birdrounds.artifacts import atomic_open, write_json_atomic
-from birdrounds.config import ConfigError, validate
+from birdrounds.config import ConfigError, redact_secrets, validate
 from birdrounds.data.clips import (
     ClipDataset,
     MixUpCollate,
@@ -84,6 +84,9 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int) -> d
     data, audio = prepared.data, prepared.audio
     held_out = prepared.folds == data_cfg.fold
     train_table, val_table = data.train[~held_out].reset_index(drop=True), data.train[held_out].reset_index(drop=True)
+    if train_table.empty:
+        raise ConfigError(f"data.fold: holding out fold {data_cfg.fold} leaves no training rows "
+                          f"({len(data.train)} usable rows, all in that fold)")
     augment = instantiate(data_cfg.augment, background_paths=[str(p) for p in data.soundscapes], background_audio=audio)
     clip_args = OmegaConf.to_container(data_cfg.clips, resolve=True)
     train_set = ClipDataset(train_table, data.classes, audio, window_s=data_cfg.window_s, augment=augment,
@@ -126,6 +129,7 @@ def pseudo_label(cfg: DictConfig, prepared: PreparedData, teachers: list[Path], 
     """
     path = round_dir / PSEUDO_FILE
     if path.is_file():
+        check_pseudo_source(path, cfg, teachers, round_idx)
         return path
     chunks = SoundscapeChunks(prepared.data.soundscapes, prepared.audio, window_s=cfg.pseudo.window_s,
                               stride_s=cfg.pseudo.stride_s)
@@ -163,6 +167,22 @@ def pseudo_label(cfg: DictConfig, prepared: PreparedData, teachers: list[Path], 
         write_pseudo_labels(path, rows[keep].reset_index(drop=True), probs[keep], prepared.data.classes, provenance)
     accelerator.wait_for_everyone()
     return path
+
+
+def check_pseudo_source(path: Path, cfg: DictConfig, teachers: list[Path], round_idx: int) -> None:
+    """Refuse to reuse a pseudo-label table made by other teachers (or another truth file) than today's."""
+    _, provenance = read_pseudo_labels(path)
+    if cfg.pseudo.get("truth"):
+        recorded, current, what = provenance.get("truth_hash"), checkpoint_hash(cfg.pseudo.truth), "pseudo.truth file"
+    else:
+        current, what = [checkpoint_hash(t) for t in teachers], "teacher checkpoint(s)"
+        if "teachers" in provenance:
+            recorded = [t.get("hash") for t in provenance["teachers"]]
+        else:  # tables written before every teacher was recorded
+            recorded, current = [provenance.get("teacher_hash")], current[:1]
+    if recorded != current:
+        raise ConfigError(f"recompute_from: {path} was made from another {what} than the current one "
+                          f"({recorded} vs {current}); {_recompute_hint(round_idx)}")
 
 
 def write_truth_labels(cfg: DictConfig, chunks: SoundscapeChunks, classes: list[str], round_idx: int,
@@ -306,8 +326,42 @@ def check_unchanged(round_dir: Path, round_idx: int, current_hash: str) -> None:
     if manifest.get("config_hash") != current_hash:
         raise ConfigError(
             f"recompute_from: round {round_idx} in {round_dir} was completed with another config "
-            f"(hash {manifest.get('config_hash')}, now {current_hash}); pass recompute_from={round_idx} to "
-            f"redo it and the rounds after it (their folders are kept, renamed *.replaced-<time>)")
+            f"(hash {manifest.get('config_hash')}, now {current_hash}); {_recompute_hint(round_idx)}")
+
+
+def _recompute_hint(round_idx: int) -> str:
+    return (f"pass recompute_from={round_idx} to redo it and the rounds after it "
+            f"(their folders are kept, renamed *.replaced-<time>)")
+
+
+def _changed_inputs(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Names of the inputs whose recorded hash differs from the current one (file counts beside lists)."""
+    changed = []
+    for name in sorted(set(recorded.get("tables", {})) | set(current.get("tables", {}))):
+        if recorded.get("tables", {}).get(name) != current.get("tables", {}).get(name):
+            changed.append(name)
+    for name in ("train_audio", "train_soundscapes", "val_soundscapes"):
+        before, now = recorded.get(name) or {}, current.get(name) or {}
+        if before.get("hash") != now.get("hash"):
+            changed.append(f"{name} ({before.get('files', '?')} -> {now.get('files', '?')} files)")
+    return changed
+
+
+def check_reusable(round_dir: Path, round_idx: int, prepared: PreparedData, teachers: list[Path] | None) -> None:
+    """Refuse to reuse a completed round whose inputs (tables, audio lists, teachers) changed since it ran.
+
+    `check_unchanged` compares the config; this compares what the round read, e.g. Xeno-canto rows
+    downloaded after round 0 (the external train.csv's rows join `train_audio`) or a teacher retrained.
+    Records written before inputs were recorded are not checked.
+    """
+    manifest = json.loads((round_dir / MANIFEST_FILE).read_text())
+    changed = _changed_inputs(manifest["inputs"], input_hashes(prepared)) if "inputs" in manifest else []
+    recorded_teachers = [t.get("hash") for t in manifest.get("teachers", [])]
+    if teachers is not None and recorded_teachers and recorded_teachers != [checkpoint_hash(t) for t in teachers]:
+        changed.append("teacher checkpoint(s) " + ", ".join(str(t) for t in teachers))
+    if changed:
+        raise ConfigError(f"recompute_from: round {round_idx} in {round_dir} was computed from other inputs "
+                          f"(changed since: {'; '.join(changed)}); {_recompute_hint(round_idx)}")
 
 
 def set_aside(run_dir: Path, first_round: int) -> None:
@@ -339,8 +393,9 @@ def input_hashes(prepared: PreparedData) -> dict[str, Any]:
 def write_round_record(round_dir: Path, cfg: DictConfig, round_idx: int, metrics: dict, started: float,
                        prepared: PreparedData, teachers: list[Path] | None) -> None:
     """Resolved config, manifest and the completion marker (written last) of a finished round (or control)."""
+    record = redact_secrets(cfg)  # secrets (xc.api_key ...) never reach a record
     with atomic_open(round_dir / "config.yaml", "w") as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+        f.write(OmegaConf.to_yaml(record))
     write_json_atomic(round_dir / MANIFEST_FILE, {
         "round": round_idx, "arm": metrics.get("arm"), "config_hash": config_hash(cfg, round_idx),
         "code_version": code_version(),
@@ -349,7 +404,7 @@ def write_round_record(round_dir: Path, cfg: DictConfig, round_idx: int, metrics
         "model_hash": checkpoint_hash(round_dir / "model.pt"),
         "inputs": input_hashes(prepared),
         "data": prepared.summary(), "final_metrics": {k: v for k, v in metrics.items() if k != "history"},
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": record,
     })
     write_json_atomic(round_dir / DONE_FILE, {"round": round_idx, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
@@ -373,11 +428,11 @@ def run(cfg: DictConfig) -> Path:
         for control in (False, True) if cfg.control and round_idx > 0 else (False,):
             out_dir = round_dir / CONTROL_DIR if control else round_dir
             name = f"round {round_idx}{' control' if control else ''}"
-            if (out_dir / DONE_FILE).is_file():
+            done = (out_dir / DONE_FILE).is_file()
+            if done:
                 check_unchanged(out_dir, round_idx, config_hash(cfg, round_idx))
-                log.info("%s already complete in %s", name, out_dir)
-                continue
-            started = time.time()
+            else:
+                started = time.time()
             if prepared is None:
                 # The main process generates data and fills the cache; the others then find it ready.
                 with accelerator.main_process_first():
@@ -386,6 +441,10 @@ def run(cfg: DictConfig) -> Path:
             teachers = None
             if round_idx:
                 teachers = [control_start(run_dir, round_idx)] if control else teacher_paths(cfg, run_dir, round_idx)
+            if done:
+                check_reusable(out_dir, round_idx, prepared, teachers)
+                log.info("%s already complete in %s", name, out_dir)
+                continue
             metrics = train_round(cfg, prepared, accelerator, round_dir, round_idx, teachers, control=control)
             if accelerator.is_main_process:
                 write_json_atomic(out_dir / METRICS_FILE, metrics)

@@ -6,6 +6,10 @@ export:  a round's checkpoint(s) -> `export.out_dir/` (model.onnx fast path, mod
 predict: exported model(s) over a folder of soundscapes -> submission.csv; on the labeled validation
          soundscapes it also scores the AUC with and without smoothing into `run_dir/predict.json`,
          which report.md shows.
+
+The export records the `predict` config's post-processing (infer.RECORDED_SETTINGS) in each graph, as
+the defaults of the package's infer.py: its README command then writes the CSV `birdrounds predict`
+writes. `predict` itself stays driven by its config and warns when that differs from the recording.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +86,11 @@ def _soundscape_folders(cfg: DictConfig) -> list[Path]:
 
 
 def run_export(cfg: DictConfig) -> dict[str, Any]:
-    """Export the checkpoints named by `cfg.export` as a package; returns export.json's content."""
-    from birdrounds.export import KINDS, export_onnx, export_package
+    """Export the checkpoints named by `cfg.export` as a package; returns export.json's content.
+
+    The `predict` config's post-processing at this moment is recorded in every graph (see the module doc).
+    """
+    from birdrounds.export import KINDS, checkpoint_window_s, export_onnx, export_package
     from birdrounds.model import load_checkpoint
 
     # The exporter's graph passes log every rewrite at INFO.
@@ -92,22 +100,29 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
     if not kinds or any(k not in KINDS for k in kinds):
         raise ConfigError(f"export.kinds: must be a non-empty list of {KINDS}, got {kinds}")
     checkpoints = export_checkpoints(cfg)
+    predict_settings = infer.recorded_settings(inference_settings(cfg))
+    out_dir = Path(cfg.export.out_dir)
+    try:
+        infer.check_output(out_dir / "export.json")
+    except infer.OutputError as err:
+        raise ConfigError(f"export.out_dir: {err}") from None
     _, ckpt = load_checkpoint(checkpoints[0])
-    window_s = ckpt["audio"].get("window_s") or 5.0
+    window_s = checkpoint_window_s(ckpt)
     n_audio = max(cfg.export.verify_chunks, cfg.export.calibration_chunks if cfg.export.int8 else 0)
     audio = soundscape_windows(_soundscape_folders(cfg), ckpt["audio"]["sample_rate_hz"], window_s, n_audio)
     if audio is None:
         log.warning("no readable soundscapes under %s: checking the export on noise", cfg.data.root)
     verify = audio[np.linspace(0, len(audio) - 1, min(cfg.export.verify_chunks, len(audio))).round().astype(int)] \
         if audio is not None else None
-    out_dir = Path(cfg.export.out_dir)
-    log.info("exporting %s as %s to %s", [str(p) for p in checkpoints], kinds, out_dir)
+    log.info("exporting %s as %s to %s (predict settings recorded: %s)", [str(p) for p in checkpoints], kinds,
+             out_dir, predict_settings)
     started = time.time()
     report = export_package([str(p) for p in checkpoints], out_dir, kind=kinds[0], verify_audio=verify,
-                            int8=cfg.export.int8, calibration=audio)
+                            int8=cfg.export.int8, calibration=audio, predict_settings=predict_settings,
+                            atol=cfg.export.atol)
     for kind in kinds[1:]:
         report[kind] = export_onnx([str(p) for p in checkpoints], out_dir / f"model_{kind}.onnx", kind,
-                                   verify_audio=verify, atol=cfg.export.atol)
+                                   verify_audio=verify, atol=cfg.export.atol, predict_settings=predict_settings)
         report["files"].insert(1, f"model_{kind}.onnx")
     report["seconds"] = round(time.time() - started, 1)
     write_json_atomic(out_dir / "export.json", report)
@@ -133,7 +148,11 @@ def inference_settings(cfg: DictConfig) -> infer.InferenceSettings:
 
 
 def run_predict(cfg: DictConfig) -> dict[str, Any]:
-    """Predict `predict.input_dir` with `predict.models`, write the submission, score it when labeled."""
+    """Predict `predict.input_dir` with `predict.models`, write the submission, score it when labeled.
+
+    The models, settings, sample submission columns and output folder are checked before any file is
+    predicted; a problem there is a ConfigError naming its predict.* key.
+    """
     from birdrounds.data.layout import read_table
     from birdrounds.train import soundscape_auc
 
@@ -154,14 +173,18 @@ def run_predict(cfg: DictConfig) -> dict[str, Any]:
     if sample is not None and not sample.is_file():
         raise ConfigError(f"predict.sample_submission: not found: {sample}")
     settings = inference_settings(cfg)
+    loaded = _load_models(models, settings)
+    _check_sample_submission(sample, loaded[0].info.classes)
     try:
-        preds = infer.predict_folder(models, input_dir, settings)
-        infer.write_submission(cfg.predict.output, preds.row_ids, preds.classes, preds.probs, sample_submission=sample)
-    except infer.ModelFormatError as err:
-        raise ConfigError(f"predict.models: {err}") from None
+        infer.check_output(cfg.predict.output)
+    except infer.OutputError as err:
+        raise ConfigError(f"predict.output: {err}") from None
+    preds = infer.predict_files(loaded, infer.list_audio_files(input_dir), settings)
+    infer.write_submission(cfg.predict.output, preds.row_ids, preds.classes, preds.probs, sample_submission=sample)
     record: dict[str, Any] = {
         "models": [str(m) for m in models], "input_dir": str(input_dir), "output": str(cfg.predict.output),
         "files": len(preds.files), "chunks": len(preds.row_ids), "unreadable": [f.path for f in preds.unreadable],
+        "truncated": [f.path for f in preds.truncated],
         "seconds": round(preds.seconds, 2), "chunks_per_s": round(len(preds.row_ids) / max(preds.seconds, 1e-9), 1),
         "settings": OmegaConf.to_container(cfg.predict, resolve=True),
     }
@@ -182,6 +205,38 @@ def run_predict(cfg: DictConfig) -> dict[str, Any]:
         write_json_atomic(run_dir / PREDICT_RECORD, record)
         write_report(run_dir)
     return record
+
+
+def _load_models(paths: list[Path], settings: infer.InferenceSettings) -> list[infer.OnnxModel]:
+    """The models, checked to run together with `settings`; warns where an export recorded other settings."""
+    try:
+        models = infer.load_models(paths, settings.intra_op_threads, settings.inter_op_threads,
+                                   settings.allow_spinning, settings.engine, settings.n_model_workers)
+        infer.check_run(models, settings)
+    except infer.ModelFormatError as err:
+        raise ConfigError(f"predict.models: {err}") from None
+    except ValueError as err:  # settings these models cannot use (e.g. a window stride leaving gaps)
+        raise ConfigError(f"predict: {err}") from None
+    ours = infer.recorded_settings(settings)
+    for model in models:
+        theirs = infer.recorded_settings(replace(settings, **model.info.predict_settings))
+        differing = {k: (ours[k], theirs[k]) for k in model.info.predict_settings if ours[k] != theirs[k]}
+        if differing:
+            log.warning("%s was exported with other predict settings ({key: (config, export)} %s); the package's "
+                        "infer.py would write another CSV unless given these as flags (or re-run birdrounds export)",
+                        model.path, differing)
+    return models
+
+
+def _check_sample_submission(sample: Path | None, classes: list[str]) -> None:
+    """ConfigError unless the sample submission's columns are the model's classes (in any order)."""
+    if sample is None:
+        return
+    try:
+        infer.align_columns(classes, np.zeros((0, len(classes))), infer.read_submission_header(sample))
+    except (ValueError, OSError) as err:
+        where = "" if str(sample) in str(err) else f"{sample}: "
+        raise ConfigError(f"predict.sample_submission: {where}{err}") from None
 
 
 def read_predict_record(run_dir: Path) -> dict[str, Any] | None:

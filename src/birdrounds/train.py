@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from birdrounds.artifacts import json_safe, write_json_atomic
+from birdrounds.config import redact_secrets, redacted_argv
 from birdrounds.metrics import macro_roc_auc
 from birdrounds.model import save_checkpoint
 
@@ -333,7 +334,9 @@ def fit(
 
     start_epoch, history = _resume(run, out_dir / CHECKPOINTS_DIR)
     if logger is not None:
-        accelerator.init_trackers(logger.project, config=config, init_kwargs=logger.init_kwargs(out_dir))
+        with redacted_argv():  # the tracker records the config and the command line: no secrets in either
+            accelerator.init_trackers(logger.project, config=redact_secrets(config),
+                                      init_kwargs=logger.init_kwargs(out_dir))
     for epoch in range(start_epoch, settings.epochs):
         _seed_epoch(accelerator, settings.seed, epoch, [train_loader, epoch_sampler, train_set, collate_fn])
         metrics = {"epoch": epoch, **_train_one_epoch(run, epoch)}

@@ -408,6 +408,38 @@ class SpeciesSummary:
     skipped: dict[str, int] = field(default_factory=dict)
     error: str | None = None
 
+    @property
+    def species_failed(self) -> bool:
+        """No usable query (error), or recordings to fetch and every one of them failed."""
+        return self.error is not None or (self.failed > 0 and self.downloaded + self.existing == 0)
+
+    def record(self) -> dict:
+        """The summary.json entry."""
+        return {**self.__dict__, "status": "failed" if self.species_failed else "ok"}
+
+
+def failure_line(summaries: list[SpeciesSummary]) -> str | None:
+    """One line counting failed species and recordings, or None when nothing failed."""
+    failed = [s.label for s in summaries if s.species_failed]
+    n_recordings = sum(s.failed for s in summaries)
+    if not failed and not n_recordings:
+        return None
+    names = ", ".join(failed[:5]) + (", ..." if len(failed) > 5 else "")
+    species = f"{len(failed)} of {len(summaries)} species failed ({names}), " if failed else ""
+    return f"{species}{n_recordings} recording(s) failed; rerun to retry what is missing"
+
+
+def format_summary(summaries: list[SpeciesSummary]) -> str:
+    """A per-species table (found, selected, new, present, failed, error) and a totals line."""
+    lines = [f"{'label':<12} {'found':>6} {'selected':>8} {'new':>5} {'present':>7} {'failed':>6}  error"]
+    for s in summaries:
+        lines.append(f"{s.label:<12} {s.found:>6} {s.selected:>8} {s.downloaded:>5} {s.existing:>7} "
+                     f"{s.failed:>6}  {s.error or ''}".rstrip())
+    lines.append(f"{len(summaries)} species: {sum(s.downloaded for s in summaries)} downloaded, "
+                 f"{sum(s.existing for s in summaries)} already present, {sum(s.failed for s in summaries)} "
+                 f"recording(s) failed, {sum(s.species_failed for s in summaries)} species failed")
+    return "\n".join(lines)
+
 
 def _fetch_one(client: XCClient, rec: dict, label: str, out_dir: Path, rate_hz: int) -> int:
     """Download and convert one recording; returns bytes fetched. Raises XCFetchError/AudioDecodeError."""
@@ -475,6 +507,7 @@ def download_xeno_canto(settings: XCSettings, sleep: Callable[[float], None] = t
     settings.key()  # fail before any work when there is no key
     train, taxonomy = read_tables(settings)
     out_dir = Path(settings.out_dir)
+    previous = read_previous_rows(out_dir / "train.csv")  # before any download: an unreadable one stops here
     client = XCClient(settings, sleep=sleep)
     species = select_species(train, taxonomy, settings)
     log.info("xeno-canto: %d species to extend", len(species))
@@ -494,11 +527,41 @@ def download_xeno_canto(settings: XCSettings, sleep: Callable[[float], None] = t
     lookup = label_lookup(taxonomy, settings.synonyms or {})
     rows = [train_row(rec, s.label, lookup) for s, rec in done + jobs
             if (out_dir / s.label / f"XC{rec['id']}.ogg").is_file()]
-    table = pd.DataFrame(rows, columns=list(TRAIN_COLUMNS)).sort_values("filename", kind="stable")
-    _atomic_write_text(out_dir / "train.csv", table.to_csv(index=False))
+    if merge_train_csv(out_dir / "train.csv", previous, rows):
+        log.info("xeno-canto: wrote %s", out_dir / "train.csv")
+    else:
+        log.info("xeno-canto: no new recordings; %s left as it was", out_dir / "train.csv")
     summaries = [s for s, _ in planned]
-    _atomic_write_text(out_dir / "summary.json", json.dumps([s.__dict__ for s in summaries], indent=1))
-    log.info("xeno-canto: %d downloaded, %d already present, %d failed -> %s",
-             sum(s.downloaded for s in summaries), sum(s.existing for s in summaries),
-             sum(s.failed for s in summaries), out_dir / "train.csv")
+    _atomic_write_text(out_dir / "summary.json", json.dumps([s.record() for s in summaries], indent=1))
     return summaries
+
+
+def read_previous_rows(path: Path) -> pd.DataFrame:
+    """The rows of an earlier run's train.csv, as text (so they are written back exactly); none if absent."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return pd.DataFrame(columns=list(TRAIN_COLUMNS))
+    try:
+        previous = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ConfigError(f"xc.out_dir: cannot read {path} ({err}); move it away to rebuild it") from None
+    if "filename" not in previous.columns:
+        raise ConfigError(f"xc.out_dir: {path} has no filename column; move it away to rebuild it")
+    return previous
+
+
+def merge_train_csv(path: Path, previous: pd.DataFrame, rows: list[dict]) -> bool:
+    """Write `previous` rows plus this run's to `path` (same filename: the new row wins); False = not written.
+
+    Rows of earlier runs stay (e.g. species whose query failed this time or that were not asked for),
+    and a file that would gain no new filename is left byte for byte as it was, so a failed run
+    never replaces a good table with an empty one.
+    """
+    new = pd.DataFrame(rows, columns=list(TRAIN_COLUMNS))
+    if not set(new["filename"]) - set(previous["filename"]):
+        return False
+    kept = previous[~previous["filename"].isin(set(new["filename"]))]
+    columns = list(TRAIN_COLUMNS) + [c for c in previous.columns if c not in TRAIN_COLUMNS]
+    parts = [frame for frame in (kept, new) if len(frame)]  # concat warns about empty frames
+    table = pd.concat(parts, ignore_index=True).reindex(columns=columns).sort_values("filename", kind="stable")
+    _atomic_write_text(path, table.to_csv(index=False))
+    return True

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,8 @@ import soxr
 from tqdm.auto import tqdm
 
 from birdrounds.artifacts import atomic_open
+from birdrounds.config import ConfigError
+from birdrounds.procs import spawn_pool
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +229,8 @@ class AudioCache:
         paths = [str(p) for p in paths]
         summary = CacheBuildSummary(n_files=len(paths), n_cached_before=0, n_decoded=0)
         jobs = self._plan_build(paths, summary)
+        if jobs:
+            self._check_writable(len(jobs))
         n_done = len(paths) - len(jobs)
         bar = tqdm(total=len(paths), initial=n_done, desc="audio cache", unit="file", disable=not progress)
         with bar:
@@ -241,6 +244,18 @@ class AudioCache:
                 summary.seconds_of_audio += n_samples / self.sample_rate_hz
         logger.info("audio cache %s: %s", self.cache_dir, summary)
         return summary
+
+    def _check_writable(self, n_missing: int) -> None:
+        """Refuse in one line, before decoding anything, when entries are missing and the folder takes no files."""
+        folder = self.cache_dir / str(self.sample_rate_hz)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_check_"):
+                pass
+        except OSError as err:
+            raise ConfigError(f"data.cache_dir: cannot write to {self.cache_dir} ({err.strerror or err}); "
+                              f"{n_missing} file(s) are not cached yet: make it writable or point "
+                              f"data.cache_dir elsewhere") from None
 
     def _plan_build(self, paths: list[str], summary: CacheBuildSummary) -> list[_BuildJob]:
         """Count readable entries and known failures into `summary`; return jobs for the rest."""
@@ -332,7 +347,5 @@ def _run_jobs(jobs: list[_BuildJob], num_workers: int) -> Iterator[tuple[int, st
     n_procs = min(num_workers, len(jobs))
     # Chunks amortise inter-process traffic yet stay small enough to balance long and short files.
     chunksize = max(1, min(16, len(jobs) // (n_procs * 8)))
-    # spawn, not fork: callers often hold torch threads, and forking a threaded process can deadlock.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=n_procs, mp_context=context) as pool:
+    with spawn_pool(n_procs) as pool:
         yield from pool.map(_build_job, jobs, chunksize=chunksize)

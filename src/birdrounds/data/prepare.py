@@ -11,6 +11,7 @@ import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from birdrounds.config import ConfigError
 from birdrounds.data.audio import AudioCache, CacheBuildSummary
 from birdrounds.data.layout import BirdCLEFData, load_birdclef, load_external
 from birdrounds.data.split import assign_folds
@@ -74,6 +75,9 @@ def prepare_data(data_cfg: DictConfig, seed: int = 0, progress: bool = True) -> 
         data.train = data.train[~data.train["path"].isin(bad)].reset_index(drop=True)
         data.soundscapes = [p for p in data.soundscapes if str(p) not in bad]
         data.val_soundscapes = [p for p in data.val_soundscapes if str(p) not in bad]
+    if data.train.empty:
+        raise ConfigError(f"data.train_csv: no usable rows in {data.paths['train_csv']} "
+                          f"({len(data.missing_files)} listed files missing, {len(bad)} unreadable audio files)")
     folds = assign_folds(data.train, n_folds=data_cfg.n_folds, seed=seed, audio=audio)
     n_external = 0
     if external is not None and len(external):

@@ -18,11 +18,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -33,6 +31,7 @@ from scipy import signal
 from tqdm.auto import tqdm
 
 from birdrounds.data.audio import write_audio
+from birdrounds.procs import spawn_pool
 
 log = logging.getLogger(__name__)
 
@@ -764,9 +763,7 @@ def _run_jobs(jobs: list, num_workers: int, progress: bool) -> list[list[Event]]
     if num_workers <= 1:
         results = [_tick(bar, _render_and_write(job)) for job in jobs]
     else:
-        # spawn: forking a process that may hold torch/BLAS threads can deadlock.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+        with spawn_pool(num_workers) as pool:
             results = [_tick(bar, events) for events in pool.map(_render_and_write, jobs, chunksize=2)]
     bar.close()
     return results

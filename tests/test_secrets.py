@@ -1,0 +1,87 @@
+"""Secrets given as overrides (xc.api_key=...) reach no record: config.yaml, manifest.json, model.pt, wandb."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from birdrounds.config import REDACTED, compose, is_secret_name, redact_argv, redact_secrets, redacted_argv
+from birdrounds.model import BirdModel, load_checkpoint, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "sk-TEST-SECRET-1234"
+
+
+def test_secret_names():
+    for name in ("api_key", "key", "KEY", "xc.api_key", "access_token", "token", "db_password", "client_secret",
+                 "credentials", "api-key"):
+        assert is_secret_name(name), name
+    for name in ("monkey", "keys", "keyword", "api_url", "tokenizer", "secretary", "run_name"):
+        assert not is_secret_name(name), name
+
+
+def test_redact_secrets_copies_and_keeps_the_live_value():
+    cfg = compose([f"xc.api_key={SECRET}"])
+    record = redact_secrets(cfg)
+    assert record["xc"]["api_key"] == REDACTED and SECRET not in json.dumps(record)
+    assert cfg.xc.api_key == SECRET  # the downloader still gets the real key
+    assert record["xc"]["api_url"] == cfg.xc.api_url and record["data"]["root"] == cfg.data.root  # resolved
+    assert redact_secrets(compose([]))["xc"]["api_key"] is None  # unset stays visible as unset
+    nested = redact_secrets({"a": [{"token": "t0k"}, {"name": "x"}], "password": "", "b": ("p", {"secret": 1})})
+    assert nested == {"a": [{"token": REDACTED}, {"name": "x"}], "password": "", "b": ["p", {"secret": REDACTED}]}
+
+
+def test_redact_argv_and_context():
+    argv = ["run.py", "experiment=smoke", f"xc.api_key={SECRET}", f"+wandb.token={SECRET}", "xc.api_key=", "key"]
+    assert redact_argv(argv) == ["run.py", "experiment=smoke", f"xc.api_key={REDACTED}", f"+wandb.token={REDACTED}",
+                                 "xc.api_key=", "key"]
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        with redacted_argv():
+            assert SECRET not in " ".join(sys.argv)
+        assert sys.argv is argv
+    finally:
+        sys.argv = saved
+
+
+def test_checkpoint_stores_redacted_config(tmp_path):
+    model = BirdModel(2, backbone="test_efficientnet", sample_rate_hz=16000, n_mels=32, hop_length=2048,
+                      f_max_hz=8000.0)
+    cfg = compose([f"xc.api_key={SECRET}"])
+    save_checkpoint(tmp_path / "model.pt", model, ["a", "b"], cfg)
+    assert SECRET.encode() not in (tmp_path / "model.pt").read_bytes()
+    assert load_checkpoint(tmp_path / "model.pt")[1]["config"]["xc"]["api_key"] == REDACTED
+
+
+def files_holding(folder: Path, needle: bytes) -> list[str]:
+    """Every file under `folder` whose raw bytes contain `needle`."""
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and needle in p.read_bytes())
+
+
+@pytest.mark.slow
+def test_smoke_run_records_hold_no_secret(tmp_path):
+    """A real `rounds/run.py` run logged to offline wandb: the key is in no file the run or Hydra wrote."""
+    env = {**os.environ, "BIRDROUNDS_HOME": str(tmp_path), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           **{name: str(tmp_path / "wandb_home" / name.lower())
+              for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_DIR")}}
+    env.pop("XC_API_KEY", None)
+    proc = subprocess.run([sys.executable, str(REPO / "rounds" / "run.py"), "experiment=smoke", "logger=wandb",
+                           f"xc.api_key={SECRET}"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    round_dir = tmp_path / "runs" / "smoke" / "round_0"
+    (wandb_log,) = (round_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert files_holding(tmp_path, SECRET.encode()) == []  # run folder, wandb run, Hydra's output, data, cwd
+    # The records are there and say the key was redacted, rather than the key being dropped silently.
+    assert REDACTED.encode() in wandb_log.read_bytes()  # config and command line as wandb recorded them
+    assert b"experiment=smoke" in wandb_log.read_bytes()  # the command line is still recorded
+    assert OmegaConf.load(round_dir / "config.yaml").xc.api_key == REDACTED
+    assert json.loads((round_dir / "manifest.json").read_text())["config"]["xc"]["api_key"] == REDACTED
+    ckpt = torch.load(round_dir / "model.pt", map_location="cpu", weights_only=True)
+    assert ckpt["config"]["xc"]["api_key"] == REDACTED and SECRET not in json.dumps(ckpt["config"])
+    assert not list(tmp_path.rglob(".hydra"))  # configs/config.yaml: hydra.output_subdir null
