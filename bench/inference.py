@@ -41,9 +41,10 @@ import torch
 from hydra.utils import instantiate
 
 from birdrounds import infer
+from birdrounds.artifacts import MODEL_FILE
 from birdrounds.config import compose
 from birdrounds.data.audio import write_audio
-from birdrounds.export import export_onnx, quantize_int8
+from birdrounds.export import export_onnx, frontend_kwargs, quantize_int8
 from birdrounds.model import load_checkpoint, save_checkpoint
 from birdrounds.submit import inference_settings
 
@@ -63,8 +64,9 @@ def make_soundscapes(folder: Path, n_files: int, duration_s: float, sr: int, see
     return paths
 
 
-def decode_chunks(path: Path, sr: int, chunk: int) -> np.ndarray:
-    """The file's 5-s chunks [n, chunk], the last one zero-padded."""
+def decode_chunks(path: Path, sr: int) -> np.ndarray:
+    """The file's scored 5-s chunks [n, chunk samples], the last one zero-padded."""
+    chunk = round(infer.SCORED_CHUNK_S * sr)
     wave = infer.read_audio(path, sr)
     n = max(1, -(-len(wave) // chunk))
     return np.pad(wave, (0, n * chunk - len(wave)))[: n * chunk].reshape(n, chunk)
@@ -76,7 +78,7 @@ def run_torch(files: list[Path], model: torch.nn.Module, sr: int, batch: int, ke
     outputs, index = [], []
     with torch.inference_mode():
         for i, path in enumerate(files):
-            chunks = decode_chunks(path, sr, 5 * sr)
+            chunks = decode_chunks(path, sr)
             probs = []
             for start in range(0, len(chunks), batch):
                 wave = torch.from_numpy(chunks[start : start + batch])
@@ -123,7 +125,7 @@ def stage_costs(files: list[Path], spec_path: Path, sr: int, batch: int) -> dict
         for f in files:  # each file dropped before the next, as the pipeline does
             infer.read_audio(f, sr)
         decode = time.perf_counter() - start
-        chunks = np.concatenate([decode_chunks(f, sr, 5 * sr) for f in files])
+        chunks = np.concatenate([decode_chunks(f, sr) for f in files])
         model.run(frontend(chunks[:batch]))  # warm-up
         start = time.perf_counter()
         specs = [frontend(chunks[i : i + batch]) for i in range(0, len(chunks), batch)]
@@ -147,26 +149,25 @@ def fast_settings(cfg, threads: int, engine: str = "onnxruntime") -> infer.Infer
 def auc_change(cfg, run_dir: Path, threads: int, openvino: bool) -> list[dict]:
     """Export the run's last round, quantize it, and score float / INT8 (/ OpenVINO) on its val soundscapes."""
     from birdrounds.data.layout import data_path, read_table
+    from birdrounds.metrics import ROW_ID_COLUMN, soundscape_auc
     from birdrounds.report import completed_rounds
     from birdrounds.submit import soundscape_windows
-    from birdrounds.train import soundscape_auc
 
     _, folder = completed_rounds(run_dir)[-1]
-    ckpt_path = folder / "model.pt"
+    ckpt_path = folder / MODEL_FILE
     _, ckpt = load_checkpoint(ckpt_path)
     data_cfg = ckpt["config"]["data"]
     where = lambda key: data_path(data_cfg["root"], key, data_cfg.get(key))  # noqa: E731
-    val_dir, solution = where("val_soundscapes_dir"), read_table(where("val_solution"), ("row_id",), "solution")
+    val_dir, solution = where("val_soundscapes_dir"), read_table(where("val_solution"), (ROW_ID_COLUMN,), "solution")
     sr = ckpt["audio"]["sample_rate_hz"]
-    calibration = soundscape_windows([where("soundscapes_dir")], sr, 5.0, 64)
+    calibration = soundscape_windows([where("soundscapes_dir")], sr, infer.SCORED_CHUNK_S, 64)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model.onnx"
         export_onnx([str(ckpt_path)], fp32, "spectrogram", verify_audio=calibration[:8])
         from birdrounds.model import MelFrontend
 
-        spec = MelFrontend(**{k: ckpt["model_kwargs"][k] for k in ("sample_rate_hz", "n_fft", "hop_length", "n_mels",
-                                                                    "f_min_hz", "f_max_hz", "top_db", "norm")})
+        spec = MelFrontend(**frontend_kwargs(ckpt["model_kwargs"]))
         with torch.no_grad():
             calib_spec = spec(torch.from_numpy(calibration)).numpy()
         int8 = quantize_int8(fp32, Path(tmp) / "model_int8.onnx", calib_spec)
@@ -209,13 +210,13 @@ def main() -> int:
         torch.manual_seed(0)
         model = instantiate(cfg.model)(num_classes=args.n_classes).eval()
         classes = [f"c{i:03d}" for i in range(args.n_classes)]
-        save_checkpoint(tmp / "model.pt", model, classes, extra={"window_s": 5.0})
-        verify = decode_chunks(files[0], sr, 5 * sr)[:4]
+        save_checkpoint(tmp / "model.pt", model, classes, extra={"window_s": infer.SCORED_CHUNK_S})
+        verify = decode_chunks(files[0], sr)[:4]
         spec_path, wave_path = tmp / "model.onnx", tmp / "model_waveform.onnx"
         export_onnx([str(tmp / "model.pt")], spec_path, "spectrogram", verify_audio=verify)
         if not args.skip_waveform:
             export_onnx([str(tmp / "model.pt")], wave_path, "waveform", verify_audio=verify)
-        n_chunks = sum(len(decode_chunks(f, sr, 5 * sr)) for f in files)
+        n_chunks = sum(len(decode_chunks(f, sr)) for f in files)
         print(f"{len(files)} files, {n_chunks} 5-s chunks, {args.threads} threads, model {args.model} "
               f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)", flush=True)
 
@@ -237,7 +238,7 @@ def main() -> int:
         variants.append(("fast path (infer.py, default)", spec_path, "onnxruntime"))
         if args.int8:
             calib = infer.MelFrontendNumpy(infer.OnnxModel(spec_path).info.frontend)(
-                np.concatenate([decode_chunks(f, sr, 5 * sr) for f in files[:4]])[:48])
+                np.concatenate([decode_chunks(f, sr) for f in files[:4]])[:48])
             variants.append(("fast path, INT8 backbone", quantize_int8(spec_path, tmp / "model_int8.onnx", calib),
                              "onnxruntime"))
         if args.openvino:

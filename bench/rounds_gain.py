@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from birdrounds.artifacts import DONE_FILE, MANIFEST_FILE, METRICS_FILE
+
 REPO = Path(__file__).resolve().parents[1]
 KEY = "val_soundscape_auc"
 CONVERGED_CLIP_GAIN = 0.01
@@ -57,8 +59,8 @@ def run(home: Path, run_dir: Path, seed: int, rounds: int, overrides: list[str])
 
 def arm(folder: Path) -> dict:
     """An arm's final metrics with its wall time (manifest.json)."""
-    metrics = json.loads((folder / "metrics.json").read_text())
-    return {**metrics, "seconds": json.loads((folder / "manifest.json").read_text())["seconds"]}
+    metrics = json.loads((folder / METRICS_FILE).read_text())
+    return {**metrics, "seconds": json.loads((folder / MANIFEST_FILE).read_text())["seconds"]}
 
 
 def seed_dir(home: Path, seed: int, tag: str | None) -> Path:
@@ -68,7 +70,7 @@ def seed_dir(home: Path, seed: int, tag: str | None) -> Path:
 
 def copy_teacher(source: Path, target: Path) -> None:
     """Copy a finished round_0, so the run reuses that teacher (its config hash is still checked)."""
-    if (source / "round_0" / "DONE").is_file() and not (target / "round_0" / "DONE").is_file():
+    if (source / "round_0" / DONE_FILE).is_file() and not (target / "round_0" / DONE_FILE).is_file():
         shutil.rmtree(target / "round_0", ignore_errors=True)
         shutil.copytree(source / "round_0", target / "round_0")
 

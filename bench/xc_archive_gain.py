@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from birdrounds.artifacts import MODEL_FILE
 from birdrounds.config import compose
 from birdrounds.data.audio import AudioCache
 from birdrounds.data.prepare import synthesize
@@ -80,7 +81,7 @@ def train_teacher(home: Path, name: str, external: bool, seed: int) -> Path:
     env = {**os.environ, "BIRDROUNDS_HOME": str(home)}
     subprocess.run([sys.executable, str(REPO / "rounds" / "run.py"), f"experiment_name={name}", f"seed={seed}",
                     "logger=none", f"data.external.enabled={str(external).lower()}"], check=True, env=env, cwd=home)
-    return home / "runs" / name / "round_0" / "model.pt"
+    return home / "runs" / name / "round_0" / MODEL_FILE
 
 
 @torch.no_grad()

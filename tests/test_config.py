@@ -1,59 +1,184 @@
-"""The Hydra tree: every group's objects build, bad values fail in one line naming the key, the CLI."""
+"""The Hydra tree: every option of every group composes, validates and builds; bad values fail in one line
+naming the key; the CLI."""
 
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from birdrounds import cli
 from birdrounds.config import ConfigError, compose, config_dir, validate
+from birdrounds.data.clips import ClipDataset
 from birdrounds.data.synthetic import SynthSpec
+from birdrounds.mixing import STRATEGIES, PseudoChunkDataset
+from birdrounds.model import BirdModel
+from birdrounds.rounds import build_model as build_round_model
+from birdrounds.rounds import round_train_config
+from birdrounds.train import LoggerSettings, TrainSettings
 
-GROUP_OPTIONS = {
-    group: sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
-    for group in ("data", "model", "loss", "train", "logger", "experiment")
-}
-
-
-@pytest.mark.parametrize("option", GROUP_OPTIONS["model"])
-def test_every_model_config_builds(option):
-    cfg = compose([f"model={option}"])
-    model = instantiate(cfg.model)(num_classes=3)
-    assert model(__import__("torch").zeros(2, cfg.data.sample_rate_hz))["logits"].shape == (2, 3)
-
-
-@pytest.mark.parametrize("option", GROUP_OPTIONS["loss"])
-def test_every_loss_config_builds(option):
-    loss = instantiate(compose([f"loss={option}"]).loss)(class_counts=[5, 1, 2])
-    import torch
-
-    terms = loss({"logits": torch.zeros(2, 3)}, torch.tensor([[1.0, 0, 0], [0, 1, 0]]), None)
-    assert torch.isfinite(terms["loss"])
+# configs/accelerate/ holds `accelerate launch --config_file` files, not a Hydra group.
+NOT_HYDRA = {"accelerate"}
+GROUPS = sorted(p.name for p in config_dir().iterdir() if p.is_dir() and p.name not in NOT_HYDRA)
+GROUP_OPTIONS = {group: sorted(p.stem for p in (config_dir() / group).glob("*.yaml")) for group in GROUPS}
+CASES = [(group, option) for group in GROUPS for option in GROUP_OPTIONS[group]]
+CLASSES = ["a", "b", "c"]
 
 
-@pytest.mark.parametrize("option", GROUP_OPTIONS["train"])
-def test_every_train_config_builds(option):
-    settings = instantiate(compose([f"train={option}"]).train)
-    assert settings.epochs >= 1 and settings.batch_size >= 1
+def composed(overrides: list[str], data_root: Path) -> DictConfig:
+    """compose(overrides), with `data.root=data_root` where the data config requires one (data=birdclef2025)."""
+    cfg = compose(overrides)
+    return compose([*overrides, f"data.root={data_root}"]) if OmegaConf.is_missing(cfg.data, "root") else cfg
 
 
-@pytest.mark.parametrize("option", GROUP_OPTIONS["logger"])
-def test_every_logger_config_builds(option):
-    logger = instantiate(compose([f"logger={option}"]).logger)
-    assert logger.log_with in (None, "wandb")
+class Silence:
+    """An audio source where every file is 12 s of silence at 100 Hz (enough for 5-s and 20-s windows)."""
+
+    sample_rate_hz = 100
+
+    def load(self, path) -> np.ndarray:
+        return np.zeros(1200, np.float32)
 
 
-@pytest.mark.parametrize("option", GROUP_OPTIONS["data"])
-def test_every_data_config_builds(option, tmp_path):
-    cfg = compose([f"data={option}", f"data.root={tmp_path}"])
-    validate(cfg)
+def build_data(cfg) -> None:
     assert instantiate(cfg.data.mixup).prob == cfg.data.mixup.prob
     assert callable(instantiate(cfg.data.augment))
     if cfg.data.synth is not None:
         spec = instantiate(cfg.data.synth)
         assert isinstance(spec, SynthSpec) and spec.sample_rate_hz == cfg.data.sample_rate_hz
+
+
+def build_model(cfg) -> None:
+    model = instantiate(cfg.model)(num_classes=3)
+    assert isinstance(model, BirdModel)
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(2, cfg.data.sample_rate_hz))["logits"].shape == (2, 3)
+
+
+def build_loss(cfg) -> None:
+    loss = instantiate(cfg.loss)(class_counts=[5, 1, 2])
+    terms = loss({"logits": torch.zeros(2, 3)}, torch.tensor([[1.0, 0, 0], [0, 1, 0]]), None)
+    assert torch.isfinite(terms["loss"])
+
+
+def build_train(cfg) -> None:
+    for round_idx in (0, 1):  # the teacher's schedule, then the students' (pseudo.student_train over train)
+        settings = instantiate(round_train_config(cfg, round_idx))
+        assert isinstance(settings, TrainSettings) and settings.epochs >= 1 and settings.batch_size >= 1
+        optimizer = settings.optimizer(torch.nn.Linear(2, 2).parameters())
+        scheduler = settings.scheduler(optimizer, steps_per_epoch=4, epochs=settings.epochs)
+        optimizer.step()
+        scheduler.step()
+        assert 0 < optimizer.param_groups[0]["lr"] <= optimizer.defaults["lr"]
+
+
+def build_logger(cfg) -> None:
+    logger = instantiate(cfg.logger)
+    assert isinstance(logger, LoggerSettings) and logger.log_with in (None, "wandb")
+
+
+def build_pseudo(cfg) -> None:
+    transform = instantiate(cfg.pseudo.transform)
+    probs = np.array([[0.2, 0.9, 0.0], [0.05, 0.01, 0.6], [0.7, 0.3, 0.1]], np.float32)
+    for round_idx in range(1, 6):  # past the last round a preset lists (its last value is reused)
+        out, keep = transform(probs, round_idx=round_idx)
+        assert out.shape == probs.shape and keep.shape == (3,) and keep.any()
+        assert np.isfinite(out).all() and transform.describe(round_idx)
+    # The student's training set, as rounds.student_parts builds it, from in-memory silent audio.
+    audio = Silence()
+    table = pd.DataFrame({"primary_label": CLASSES, "secondary_labels": [[], [], []], "path": ["l0", "l1", "l2"],
+                          "rating": [5.0] * 3})
+    labeled = ClipDataset(table, CLASSES, audio, window_s=cfg.data.window_s, window_mode="center")
+    rows = pd.DataFrame({"file": ["s0", "s0", "s1"], "start_s": [0.0, 5.0, 0.0], "end_s": [5.0, 10.0, 5.0]})
+    pseudo = PseudoChunkDataset(rows, probs, audio, window_s=cfg.data.window_s)
+    assert cfg.pseudo.mixing.strategy in STRATEGIES
+    mixed = instantiate(cfg.pseudo.mixing)(labeled=labeled, pseudo=pseudo, seed=cfg.seed)
+    assert len(mixed) >= len(labeled)
+    item = mixed[0]
+    assert item["audio"].shape == labeled[0]["audio"].shape and item["target"].shape == (len(CLASSES),)
+    student = build_round_model(cfg, num_classes=3, round_idx=1)  # with pseudo.student_drop_path_rate, if set
+    want = cfg.pseudo.student_drop_path_rate
+    assert student.init_kwargs["drop_path_rate"] == (cfg.model.drop_path_rate if want is None else want)
+
+
+def build_xc(cfg) -> None:
+    settings = instantiate(cfg.xc, _convert_="all")
+    assert settings.data_root == cfg.data.root and settings.sample_rate_hz == cfg.data.sample_rate_hz
+
+
+def build_export(cfg) -> None:
+    from birdrounds.export import KINDS
+    from birdrounds.submit import inference_settings
+
+    assert cfg.export.kinds and set(cfg.export.kinds) <= set(KINDS)
+    assert Path(cfg.export.out_dir).is_relative_to(cfg.run_dir)
+    inference_settings(cfg)  # an export records the predict settings
+
+
+def build_predict(cfg) -> None:
+    from birdrounds.submit import inference_settings
+
+    settings = inference_settings(cfg)
+    assert settings.smoothing == tuple(cfg.predict.smoothing or ())
+    assert settings.engine == cfg.predict.engine
+
+
+def build_paths(cfg) -> None:
+    root = Path(cfg.paths.root)
+    assert all(Path(cfg.paths[key]).parent == root for key in ("data_dir", "runs_dir", "external_dir"))
+
+
+BUILDERS = {"data": build_data, "model": build_model, "loss": build_loss, "train": build_train,
+            "logger": build_logger, "pseudo": build_pseudo, "xc": build_xc, "export": build_export,
+            "predict": build_predict, "paths": build_paths}
+
+
+def test_every_config_folder_is_a_group_of_the_root_config():
+    defaults = OmegaConf.load(config_dir() / "config.yaml").defaults
+    listed = {key for entry in defaults if not isinstance(entry, str) for key in entry}
+    assert listed == set(GROUPS) and set(BUILDERS) == listed - {"experiment"}
+
+
+@pytest.mark.parametrize("group, option", CASES, ids=[f"{g}={o}" for g, o in CASES])
+def test_every_option_composes_validates_and_builds(group, option, home):
+    # round=1: the student's keys (pseudo.*) are validated too.
+    cfg = composed([f"{group}={option}", "round=1"], home / "birdclef-2025")
+    validate(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    if group == "experiment":  # a global override file, not a key of its own
+        assert resolved["experiment_name"] == option
+    else:
+        assert resolved[group] is not None
+    assert resolved["run_dir"].startswith(str(home))  # paths follow BIRDROUNDS_HOME
+    # An experiment selects options of several groups: build everything it composes.
+    for builder in BUILDERS.values() if group == "experiment" else [BUILDERS[group]]:
+        builder(cfg)
+
+
+def test_birdclef2025_experiment_is_the_real_competition_recipe(tmp_path):
+    cfg = composed(["experiment=birdclef2025"], tmp_path)
+    validate(cfg)
+    assert cfg.data.root == str(tmp_path) and cfg.data.synth is None
+    assert cfg.model.backbone == "efficientnet_b0" and cfg.model.n_mels == 128
+    # configs/train/default.yaml: the 1st-place 2025 supervised schedule (docs/recipes.md).
+    settings = instantiate(cfg.train)
+    assert (settings.epochs, settings.batch_size) == (15, 64)
+    assert (cfg.train.optimizer.lr, cfg.train.optimizer.weight_decay) == (5e-4, 1e-4)
+    assert (cfg.train.scheduler.restart_epochs, cfg.train.scheduler.min_lr) == (5.0, 1e-6)
+    assert cfg.run_dir.endswith("runs/birdclef2025")
+
+
+def test_accelerate_configs_load_as_accelerate_reads_them():
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+
+    for path in sorted((config_dir() / "accelerate").glob("*.yaml")):
+        config = load_config_from_file(str(path))  # unknown keys would raise
+        assert isinstance(config, ClusterConfig) and config.num_processes >= 1, path.name
 
 
 def test_smoke_experiment_shrinks_everything():
@@ -81,9 +206,10 @@ def test_bad_values_name_their_key(override, key):
         validate(compose(override.split()))
 
 
-def test_real_data_config_needs_a_root():
+@pytest.mark.parametrize("override", ["data=birdclef2025", "experiment=birdclef2025"])
+def test_real_data_config_needs_a_root(override):
     with pytest.raises(ConfigError, match=r"^data\.root: required"):
-        validate(compose(["data=birdclef2025"]))
+        validate(compose([override]))
 
 
 def test_cli_synth_writes_dataset_and_is_idempotent(home):

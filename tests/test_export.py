@@ -25,17 +25,16 @@ from birdrounds.export import (
     verify_onnx,
 )
 from birdrounds.model import (
-    BirdModel,
     checkpoint_hash,
     load_checkpoint,
     save_checkpoint,
 )
+from conftest import config_model
 
 REAL_AUDIO = Path(__file__).parent / "fixtures" / "real_audio" / "birds_10s.wav"
 SAMPLE_RATE_HZ = 32000
 WINDOW_S = 5.0
 CLASSES = ["amerob", "blujay", "cangoo", "houspa", "norcar"]
-TINY = dict(num_classes=5, backbone="test_efficientnet", n_mels=32, hop_length=2048, f_max_hz=8000)
 METADATA_KEYS = {
     "birdrounds.format_version", "birdrounds.classes", "birdrounds.sample_rate_hz", "birdrounds.window_s",
     "birdrounds.input", "birdrounds.frontend", "birdrounds.members",
@@ -43,9 +42,9 @@ METADATA_KEYS = {
 
 
 def tiny_checkpoint(path: Path, head: str = "sed", seed: int = 0, classes: list[str] = CLASSES, **overrides) -> Path:
-    """A tiny random-init BirdModel saved as a checkpoint with a 5 s window."""
+    """A random-init `model=tiny` BirdModel (with `overrides`) saved as a checkpoint with a 5 s window."""
     torch.manual_seed(seed)
-    model = BirdModel(**{**TINY, "head": head, **overrides})
+    model = config_model(len(classes), head=head, **overrides)
     save_checkpoint(path, model, classes, extra={"window_s": WINDOW_S})
     return path
 
@@ -228,7 +227,7 @@ def test_nchwc_friendly_rewrite_is_exact_and_avoids_reorders(tmp_path):
 
 def test_window_s_defaults_to_5_when_checkpoint_has_none(tmp_path, chunks):
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "a.pt", BirdModel(**TINY, head="clip"), CLASSES)  # no window_s recorded
+    save_checkpoint(tmp_path / "a.pt", config_model(len(CLASSES), head="clip"), CLASSES)  # no window_s recorded
     report = export_onnx([tmp_path / "a.pt"], tmp_path / "m.onnx", "spectrogram", verify_audio=chunks[:2])
     assert report["metadata"]["birdrounds.window_s"] == "5.0"
 

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from torch import nn
 
 from birdrounds import infer
 from birdrounds.model import BirdModel, MelFrontend
+from conftest import config_model, model_config
 
 REAL_AUDIO = Path(__file__).parent / "fixtures" / "real_audio" / "birds_10s.wav"  # 10.13 s, 32 kHz mono
 INFER_PY = Path(infer.__file__)
@@ -35,8 +37,6 @@ CLASSES = ["aaa", "bbb", "ccc"]
 # Frontend of the hand-built spectrogram graphs (sample rate SR).
 SMALL_FRONTEND = dict(sample_rate_hz=SR, n_fft=512, hop_length=256, n_mels=16, f_min_hz=50.0, f_max_hz=4000.0,
                       top_db=80.0, norm="standard")
-DEMO = dict(n_mels=64, hop_length=1024, f_max_hz=8000.0)        # demo experiment
-BIRDCLEF = dict(n_mels=128, hop_length=512, f_max_hz=14000.0)   # BirdCLEF configs
 
 
 # ---------------------------------------------------------------- helpers: tiny ONNX graphs
@@ -163,16 +163,19 @@ def test_mel_filterbank_matches_torchaudio(sample_rate_hz, n_fft, n_mels, f_min_
 
 
 def frontends(params, norm="standard", top_db=80.0, sample_rate_hz=32000):
-    kwargs = dict(sample_rate_hz=sample_rate_hz, n_fft=2048, hop_length=params["hop_length"],
-                  n_mels=params["n_mels"], f_min_hz=50.0, f_max_hz=params["f_max_hz"], top_db=top_db, norm=norm)
+    """Torch and numpy frontends; `params` gives hop_length, n_mels, f_max_hz and optionally n_fft, f_min_hz."""
+    kwargs = dict(sample_rate_hz=sample_rate_hz, n_fft=params.get("n_fft", 2048), hop_length=params["hop_length"],
+                  n_mels=params["n_mels"], f_min_hz=params.get("f_min_hz", 50.0), f_max_hz=params["f_max_hz"],
+                  top_db=top_db, norm=norm)
     return MelFrontend(**kwargs).eval(), infer.MelFrontendNumpy(infer.FrontendConfig(**kwargs))
 
 
 @pytest.mark.parametrize("norm", infer.NORM_MODES)
-@pytest.mark.parametrize("params", [DEMO, BIRDCLEF], ids=["demo", "birdclef"])
-def test_frontend_matches_torch_on_real_audio(params, norm):
+@pytest.mark.parametrize("option", ["demo", "sed_effnet_b0"])  # the demo's and the BirdCLEF model configs
+def test_frontend_matches_torch_on_real_audio(option, norm):
+    params = model_config(option)
     wave, sample_rate_hz = sf.read(REAL_AUDIO, dtype="float32")
-    assert sample_rate_hz == 32000
+    assert sample_rate_hz == params["sample_rate_hz"] == 32000
     chunks = np.stack([wave[:160000], wave[160000:320000]]) if len(wave) >= 320000 else np.stack(
         [wave[:160000], np.pad(wave[160000:], (0, 320000 - len(wave)))])
     torch_frontend, numpy_frontend = frontends(params, norm)
@@ -461,8 +464,13 @@ def test_concurrent_model_workers_give_the_single_worker_results(tmp_path, weigh
     one = predict(models, files, model_workers=1, batch_size=1)
     seen: set[str] = set()
     original = infer.OnnxModel.run
-    monkeypatch.setattr(infer.OnnxModel, "run",
-                        lambda self, *a, **k: seen.add(threading.current_thread().name) or original(self, *a, **k))
+
+    def run(self, *args, **kwargs):
+        seen.add(threading.current_thread().name)
+        time.sleep(0.02)  # hold the batch a moment, so an idle worker takes the next one even on a loaded host
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(infer.OnnxModel, "run", run)
     for workers, batch in [(3, 1), (2, 3)]:
         seen.clear()
         many = predict(models, files, model_workers=workers, batch_size=batch)
@@ -766,8 +774,7 @@ def export_bird_model(model: BirdModel, path: Path, kind: str, window_s: float =
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     torch.manual_seed(0)
-    model = BirdModel(num_classes=5, backbone="test_efficientnet", head="sed", n_mels=32, hop_length=2048,
-                      f_max_hz=8000.0).eval()
+    model = config_model(5).eval()  # model=tiny
     folder = tmp_path_factory.mktemp("onnx")
     paths = {kind: export_bird_model(model, folder / f"{kind}.onnx", kind) for kind in ("spectrogram", "waveform")}
     return model, paths

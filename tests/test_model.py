@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,22 +11,21 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from birdrounds.config import compose
 from birdrounds.model import BirdModel, MelFrontend, SpecAugment, checkpoint_hash, load_checkpoint, save_checkpoint
+from conftest import config_model
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SAMPLE_RATE_HZ = 16000
 N_SAMPLES = SAMPLE_RATE_HZ  # 1 s keeps every test fast
 NUM_CLASSES = 4
-# timm's 0.1M-parameter test network: builds and runs in milliseconds on CPU.
-TINY = dict(
-    backbone="test_efficientnet", sample_rate_hz=SAMPLE_RATE_HZ, n_fft=512, hop_length=256,
-    n_mels=32, f_min_hz=50.0, f_max_hz=8000.0,
-)
+# configs/model/tiny.yaml (timm's 0.1M-parameter test network) at 16 kHz with a finer STFT: its hop of
+# 2048 would leave a 1-s clip 8 frames, too few for the SED head's framewise output and SpecAugment.
+TINY_OVERRIDES = dict(sample_rate_hz=SAMPLE_RATE_HZ, n_fft=512, hop_length=256)
 
 
 def tiny_model(**overrides) -> BirdModel:
     torch.manual_seed(0)
-    return BirdModel(NUM_CLASSES, **{**TINY, **overrides})
+    return config_model(NUM_CLASSES, **{**TINY_OVERRIDES, **overrides})
 
 
 def waves(batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -201,8 +199,7 @@ def test_save_checkpoint_rejects_wrong_class_count(tmp_path):
 @pytest.mark.parametrize("name", ["tiny", "demo", "sed_effnet_b0"])
 def test_model_configs_build_and_run(name):
     sample_rate_hz = 32000 if name == "sed_effnet_b0" else SAMPLE_RATE_HZ
-    cfg = OmegaConf.create({"data": {"sample_rate_hz": sample_rate_hz}})
-    cfg.model = OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml")
+    cfg = compose([f"model={name}", f"data.sample_rate_hz={sample_rate_hz}"])
     model = instantiate(cfg.model)(num_classes=NUM_CLASSES)
     assert isinstance(model, BirdModel)
     assert model.init_kwargs["sample_rate_hz"] == sample_rate_hz

@@ -72,3 +72,45 @@ def test_a_pseudo_table_from_another_teacher_is_refused(tmp_path):
     teacher.write_bytes(b"teacher two, retrained")
     with pytest.raises(ConfigError, match=r"recompute_from: .*pseudo_labels.parquet was made from another teacher"):
         check_pseudo_source(path, cfg, [teacher], round_idx=1)
+
+
+@pytest.mark.parametrize("strategy", ["mixup_max", "concat"])
+def test_student_parts_swaps_the_training_set_in_a_copy(tmp_path, strategy):
+    """A student's parts: the mixed set (and, for concat, a sampler over all its items) and the pseudo
+    statistics, in a new RoundParts; the labeled parts stay as they were."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+    from torch.utils.data import WeightedRandomSampler
+
+    from birdrounds.data.clips import MixUpCollate
+    from birdrounds.mixing import ConcatPseudoDataset, MixupMaxDataset
+    from birdrounds.pseudo import pseudo_stats, write_pseudo_labels
+    from birdrounds.rounds import RoundParts, student_parts
+
+    classes = ["a", "b"]
+    rows = pd.DataFrame({"row_id": ["s_5", "s_10"], "file": ["s.ogg"] * 2, "start_s": [0.0, 5.0], "end_s": [5.0, 10.0]})
+    probs = np.array([[0.2, 0.9], [0.7, 0.1]], dtype=np.float32)
+    path = tmp_path / "pseudo_labels.parquet"
+    write_pseudo_labels(path, rows, probs, classes, {})
+    labeled = [{"audio": torch.zeros(8), "target": torch.tensor([1.0, 0.0])}] * 3
+    parts = RoundParts(train_set=labeled, sampler=WeightedRandomSampler(torch.ones(3, dtype=torch.double), 6),
+                       collate_fn=MixUpCollate(None), train_table=pd.DataFrame({"primary_label": ["a", "b", "b"]}),
+                       class_counts=[1, 2])
+    cfg = compose(["experiment=smoke", f"pseudo.mixing.strategy={strategy}"])
+    prepared = SimpleNamespace(data=SimpleNamespace(classes=classes), audio=SimpleNamespace(sample_rate_hz=8000))
+
+    student = student_parts(cfg, prepared, path, parts)
+
+    assert parts.train_set is labeled and parts.pseudo_stats is None
+    assert student.pseudo_stats == pseudo_stats(probs, classes)
+    kept = ("collate_fn", "train_table", "class_counts", "val_clips", "val_soundscapes", "val_solution")
+    assert all(getattr(student, name) is getattr(parts, name) for name in kept)
+    if strategy == "concat":
+        assert isinstance(student.train_set, ConcatPseudoDataset) and len(student.train_set) == 6
+        assert student.sampler is not parts.sampler and len(student.sampler) == len(parts.sampler)
+        assert len(student.sampler.weights) == len(student.train_set)
+    else:
+        assert isinstance(student.train_set, MixupMaxDataset) and len(student.train_set) == 3
+        assert student.sampler is parts.sampler

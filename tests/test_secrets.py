@@ -11,7 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from birdrounds.config import REDACTED, compose, is_secret_name, redact_argv, redact_secrets, redacted_argv
-from birdrounds.model import BirdModel, load_checkpoint, save_checkpoint
+from birdrounds.model import load_checkpoint, save_checkpoint
+from conftest import config_model
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-TEST-SECRET-1234"
@@ -51,8 +52,7 @@ def test_redact_argv_and_context():
 
 
 def test_checkpoint_stores_redacted_config(tmp_path):
-    model = BirdModel(2, backbone="test_efficientnet", sample_rate_hz=16000, n_mels=32, hop_length=2048,
-                      f_max_hz=8000.0)
+    model = config_model(2)  # model=tiny
     cfg = compose([f"xc.api_key={SECRET}"])
     save_checkpoint(tmp_path / "model.pt", model, ["a", "b"], cfg)
     assert SECRET.encode() not in (tmp_path / "model.pt").read_bytes()

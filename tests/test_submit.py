@@ -19,8 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from birdrounds import cli, infer
 from birdrounds.config import compose, validate
-from birdrounds.model import BirdModel, save_checkpoint
+from birdrounds.model import save_checkpoint
 from birdrounds.submit import run_predict
+from conftest import config_model
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 32000
@@ -186,8 +187,7 @@ def test_package_readme_command_writes_what_predict_writes(home, tmp_path, caplo
     """`birdrounds export` records the predict config's post-processing in the model: the package's README
     command, with no flags, then writes the CSV `birdrounds predict` writes."""
     torch.manual_seed(0)
-    model = BirdModel(num_classes=len(CLASSES), backbone="test_efficientnet", head="sed", n_mels=32, hop_length=2048,
-                      f_max_hz=8000)
+    model = config_model(len(CLASSES))  # model=tiny, the model of experiment=smoke
     save_checkpoint(tmp_path / "model.pt", model, CLASSES, extra={"window_s": infer.SCORED_CHUNK_S})
     package = tmp_path / "export"
     assert cli.main(["export", "experiment=smoke", f"export.checkpoints=[{tmp_path / 'model.pt'}]",

@@ -186,6 +186,21 @@ def test_fit_writes_loadable_model_metrics_and_checkpoints(wandb_run):
     assert not torch.equal(raw[name], ckpt["state_dict"][name])
 
 
+def test_fit_is_the_one_writer_of_metrics_json_with_the_callers_keys(data, tmp_path, monkeypatch):
+    """`extra_metrics` (a round's number, arm, ...) follow the metrics in the result and in metrics.json."""
+    import functools
+
+    from birdrounds import train
+
+    extra = {"round": 1, "arm": "student", "init_weights_hash": "abc", "pseudo": {"chunks": 3}}
+    monkeypatch.setattr(train_script, "fit", functools.partial(train.fit, extra_metrics=extra))
+    out = tmp_path / "round_1"
+    result = train_script.train(data, out, Accelerator(), train_script.settings(epochs=1, steps=1))
+    assert list(result)[-len(extra) - 1:] == ["history", *extra] and {k: result[k] for k in extra} == extra
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(result))
+    assert "round" not in load_checkpoint(out / "model.pt")[1]["extra"]  # the checkpoint keeps the metrics only
+
+
 def _wandb_records(path: Path):
     """Records of a wandb offline transaction log: LevelDB log format (a 7-byte ':W&B' file header, then
     32 KiB blocks of records with 7-byte headers: crc32, length, type FULL/FIRST/MIDDLE/LAST)."""

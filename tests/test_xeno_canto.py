@@ -291,7 +291,8 @@ def test_min_interval_between_requests(fake_xc, data_root, tmp_path):
     assert len(waits) == 1 and 4.0 < waits[0] <= 5.0
 
 
-def test_synthetic_archive_extends_minority_classes(fake_xc, tmp_path):
+def test_synthetic_archive_extends_minority_classes(fake_xc, tmp_path, monkeypatch):
+    monkeypatch.delenv("XC_API_KEY", raising=False)
     root = generate(tmp_path / "synth", SynthSpec(
         n_species=4, n_train_soundscapes=0, n_val_soundscapes=1, soundscape_s=5.0, sample_rate_hz=16000,
         min_files_per_class=1, max_files_per_class=4, n_archive_per_minority=2, minority_max_files=2,
@@ -305,6 +306,23 @@ def test_synthetic_archive_extends_minority_classes(fake_xc, tmp_path):
     assert len(data.train) == n_archive and set(data.train["collection"]) == {"XC"}
     focal = pd.read_csv(root / "train.csv")["primary_label"].value_counts()
     assert all(focal[label] <= 2 for label in data.train["primary_label"])
+
+    # The same archive imported from its folder (xc.source, no key, no server) gives the same result.
+    from birdrounds.cli import main
+
+    local = tmp_path / "xc_local"
+    hits = sum(fake_xc.hits.values())
+    assert main(["xc-download", f"data.root={root}", f"xc.out_dir={local}", "xc.source=${data.root}/xc_archive",
+                 "xc.api_key=null", "xc.min_recordings=3", "xc.exclude_licenses=[]", "xc.progress=false"]) == 0
+    assert sum(fake_xc.hits.values()) == hits
+    assert (local / "train.csv").read_bytes() == (out / "train.csv").read_bytes()
+    oggs = sorted(p.relative_to(out) for p in out.rglob("*.ogg"))
+    assert oggs == sorted(p.relative_to(local) for p in local.rglob("*.ogg")) and len(oggs) == n_archive
+    for rel in oggs:
+        assert np.array_equal(load_audio(out / rel, 32000), load_audio(local / rel, 32000))
+    by_label = {s["label"]: s for s in json.loads((local / "summary.json").read_text())}
+    for s in summaries:
+        assert (by_label[s.label]["found"], by_label[s.label]["downloaded"]) == (s.found, s.downloaded)
 
 
 def test_helpers():

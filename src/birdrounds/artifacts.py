@@ -1,4 +1,5 @@
-"""Atomic artifact writes: a crash never leaves a half-written file under its final name."""
+"""Atomic artifact writes (a crash never leaves a half-written file under its final name) and the
+names of a run folder's artifacts, defined here once for their writers and readers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+# ---- a run folder: run_dir/round_k/ holds one round (round_k/control/ its equal-compute control)
+MODEL_FILE = "model.pt"                   # the round's final weights (birdrounds.train.fit)
+METRICS_FILE = "metrics.json"             # its final metrics and history, with its round and arm (fit)
+MANIFEST_FILE = "manifest.json"           # config hash, inputs, teachers, timing (birdrounds.rounds)
+ROUND_CONFIG_FILE = "config.yaml"         # the resolved config, secrets redacted (birdrounds.rounds)
+DONE_FILE = "DONE"                        # the completion marker, written last (birdrounds.rounds)
+PSEUDO_FILE = "pseudo_labels.parquet"     # a student's pseudo-labels (birdrounds.rounds)
+CONTROL_DIR = "control"                   # round_k/control/: the round's equal-compute control
+# run_dir/ itself (birdrounds.report, birdrounds.submit)
+REPORT_FILE = "report.md"
+REPORT_PLOT_FILE = "report.png"
+SUMMARY_FILE = METRICS_FILE               # run_dir/metrics.json: every round's AUCs and gains
+PREDICT_RECORD = "predict.json"           # the last `birdrounds predict` run
+# an export package (birdrounds.export)
+EXPORT_REPORT_FILE = "export.json"
 
 
 @contextmanager

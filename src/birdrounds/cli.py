@@ -34,8 +34,10 @@ def cmd_synth(cfg: DictConfig) -> None:
 def cmd_xc_download(cfg: DictConfig) -> int:
     """Download Xeno-canto recordings of minority classes into `xc.out_dir` (xc.dry_run=true: list only).
 
-    Prints a per-species summary; exits 1 with one line when a species failed (query failed after its
-    retries, or every recording it selected failed), after keeping whatever did succeed.
+    From the API v3, or from a local archive folder with `xc.source=DIR` (result pages as *.json and
+    their audio; no API key). Prints a per-species summary; exits 1 with one line when a species failed
+    (query failed after its retries, or every recording it selected failed), after keeping whatever did
+    succeed; a malformed archive stops before any work with one line naming the file (exit 2).
     """
     from hydra.utils import instantiate
 

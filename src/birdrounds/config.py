@@ -83,8 +83,10 @@ def validate(cfg: DictConfig) -> None:
         require(cfg, "model.pretrained_path", lambda v: v is None or Path(v).is_file(), "weights file not found")
     if cfg.round > 0:
         require(cfg, "pseudo.student_init", lambda v: v in ("teacher", "scratch"), "must be 'teacher' or 'scratch'")
-        require(cfg, "pseudo.window_s", lambda v: isinstance(v, (int, float)) and v >= 5.0,
-                "must be at least the 5-s scored chunk")
+        from birdrounds.infer import SCORED_CHUNK_S  # imported here: it loads numpy and onnxruntime
+
+        require(cfg, "pseudo.window_s", lambda v: isinstance(v, (int, float)) and v >= SCORED_CHUNK_S,
+                f"must be at least the {SCORED_CHUNK_S:g}-s scored chunk")
 
 
 # ---------------------------------------------------------------- secrets kept out of records

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import birdrounds
-from birdrounds.artifacts import atomic_open, write_json_atomic
+from birdrounds.artifacts import EXPORT_REPORT_FILE, atomic_open, write_json_atomic
 from birdrounds.infer import (
     FORMAT_VERSION,
     FRONTEND_KEYS,
@@ -615,14 +615,17 @@ def export_package(
     calibration: np.ndarray | None = None,
     predict_settings: dict[str, Any] | None = None,
     atol: float = 1e-4,
+    extra_kinds: Sequence[str] = (),
 ) -> dict[str, Any]:
     """A self-contained inference folder: model.onnx (+ model_int8.onnx), classes.json, infer.py, README.md.
 
     verify_audio, calibration: waveform windows [B, window_samples] from soundscapes; int8 calibrates on
     `calibration`, or on `verify_audio` when it is None. predict_settings: see `export_onnx` (the
-    package's infer.py then writes what `birdrounds predict` with those settings writes). Writes
-    out_dir/export.json (the report) last.
+    package's infer.py then writes what `birdrounds predict` with those settings writes). extra_kinds:
+    further graph kinds, each exported as model_<kind>.onnx and reported under its kind. Writes
+    out_dir/export.json (the report, with the seconds it all took) last; nothing else writes it.
     """
+    started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"onnx": export_onnx(checkpoints, out_dir / "model.onnx", kind, verify_audio=verify_audio,
@@ -637,9 +640,14 @@ def export_package(
         files.append("infer.py")
     with atomic_open(out_dir / "README.md", "w") as f:
         f.write(_package_readme(metadata, int8))
-    files += ["README.md", "export.json"]
+    files += ["README.md", EXPORT_REPORT_FILE]
     report["files"] = files
-    write_json_atomic(out_dir / "export.json", report)
+    for extra in extra_kinds:
+        report[extra] = export_onnx(checkpoints, out_dir / f"model_{extra}.onnx", extra, verify_audio=verify_audio,
+                                    atol=atol, predict_settings=predict_settings)
+        files.insert(1, f"model_{extra}.onnx")
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    write_json_atomic(out_dir / EXPORT_REPORT_FILE, report)
     return report
 
 
@@ -704,7 +712,7 @@ def _package_readme(metadata: dict[str, str], int8: bool) -> str:
         f"{int8_line}"
         "- `classes.json`: the class names, in output order\n"
         "- `infer.py`: soundscapes -> submission CSV; needs only numpy, soundfile and onnxruntime (scipy optional)\n"
-        "- `export.json`: the export report (parity against PyTorch, timings)\n\n"
+        f"- `{EXPORT_REPORT_FILE}`: the export report (parity against PyTorch, timings)\n\n"
         "## Run\n\n"
         "```bash\n"
         f"{PACKAGE_COMMAND.format(input_dir='/kaggle/input/<competition>/test_soundscapes')}\n"

@@ -33,11 +33,12 @@ frontend, window) is computed once per window and fed to every model that shares
 probabilities are the mean over models; smoothing along the chunk axis and file-level scaling are
 optional post-processing steps.
 
-Rows: every file gets a row '<stem>_<end second>' per 5-s chunk (`row_ids`). An unreadable file gets
-`expected_duration_s` of zero rows. A truncated file (decoding stops early, or yields less than its
-header declares, or an Ogg stream lacks its end page) keeps the rows of its declared duration, or of
-`expected_duration_s` when its header declares none; the audio that is missing counts as silence
-(zeros run through the model). Both are named in a warning and counted in the summary.
+Rows: every file gets a row '<stem>_<end second>' per 5-s chunk (`row_id`, `row_ids`; the package
+uses these too). An unreadable file gets `expected_duration_s` of zero rows. A truncated file
+(decoding stops early, or yields less than its header declares, or an Ogg stream lacks its end page)
+keeps the rows of its declared duration, or of `expected_duration_s` when its header declares none;
+the audio that is missing counts as silence (zeros run through the model). Both are named in a
+warning and counted in the summary.
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ def _single_thread_blas() -> Any:
 
 log = logging.getLogger("birdrounds.infer")
 
-# ---- the ONNX contract and the submission format: defined here only (this file runs without
-# birdrounds installed, so the package imports them from here: birdrounds.export, birdrounds.submit).
+# ---- the ONNX contract and the submission format (with `row_id` below): defined here only. This
+# file runs without birdrounds installed, so the package imports them from here (export, submit,
+# rounds, pseudo, the soundscape and synthetic data, the config check).
 FORMAT_VERSION = "1"
 META = "birdrounds."
 META_FORMAT_VERSION = META + "format_version"
@@ -797,9 +799,14 @@ def _decode_in_order(files: Sequence[Path], sample_rate_hz: int,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def row_id(stem: str, end_s: float) -> str:
+    """The BirdCLEF row id of a chunk (or window) ending at `end_s`: '<file stem>_<end in whole seconds>'."""
+    return f"{stem}_{int(round(end_s))}"
+
+
 def row_ids(stem: str, n_chunks: int, chunk_s: float = SCORED_CHUNK_S) -> list[str]:
-    """BirdCLEF row ids '<stem>_<chunk end in whole seconds>' for chunks 1..n_chunks."""
-    return [f"{stem}_{round((i + 1) * chunk_s)}" for i in range(n_chunks)]
+    """The row ids of chunks 1..n_chunks of a file (`row_id` of each chunk's end)."""
+    return [row_id(stem, (i + 1) * chunk_s) for i in range(n_chunks)]
 
 
 # ---------------------------------------------------------------- windows and streams

@@ -1,15 +1,53 @@
-"""BirdCLEF's macro ROC-AUC: per-class rank AUC, averaged over the classes that can be scored.
+"""BirdCLEF's macro ROC-AUC: sklearn's per-class ROC-AUC, averaged over the classes that can be scored.
 
 Kaggle skips a class with no positive in the solution. A class whose every row is positive cannot be
 scored either (ROC-AUC needs both a positive and a negative; sklearn raises), so it is skipped too.
+`clip_auc` and `soundscape_auc` score validation predictions by it (training and `birdrounds predict`).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 
+log = logging.getLogger(__name__)
+
 ROW_ID_COLUMN = "row_id"
+# Held-out clips count a class as present from this target value on (secondary labels are 0.5).
+POSITIVE_TARGET = 0.5
+
+
+def clip_auc(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Macro ROC-AUC of clip predictions against targets >= POSITIVE_TARGET (NaN if nothing to score)."""
+    return _scored_auc((targets >= POSITIVE_TARGET).astype(np.int64), probs)
+
+
+def soundscape_auc(probs: np.ndarray, row_ids: np.ndarray, solution: pd.DataFrame, classes: Sequence[str]) -> float:
+    """Macro ROC-AUC of chunk predictions matched to the solution's rows by row_id (NaN if nothing to score).
+
+    A row id predicted twice keeps its first prediction; a solution row without one is a ValueError.
+    Classes the solution lacks count as absent everywhere (and so are skipped).
+    """
+    submission = pd.DataFrame(probs, columns=list(classes))
+    submission.insert(0, ROW_ID_COLUMN, row_ids)
+    submission = submission.drop_duplicates(ROW_ID_COLUMN).set_index(ROW_ID_COLUMN)
+    missing = sorted(set(solution[ROW_ID_COLUMN]) - set(submission.index))
+    if missing:
+        raise ValueError(f"{len(missing)} solution rows have no prediction, e.g. {missing[:3]}")
+    truth = solution.reindex(columns=list(classes), fill_value=0).to_numpy()
+    return _scored_auc(truth, submission.loc[solution[ROW_ID_COLUMN], list(classes)].to_numpy())
+
+
+def _scored_auc(truth: np.ndarray, probs: np.ndarray) -> float:
+    """macro_roc_auc, or NaN with a warning when no class has both a positive and a negative row."""
+    truth = truth.astype(bool)
+    if not (truth.any(axis=0) & ~truth.all(axis=0)).any():
+        log.warning("validation set has no class with both positives and negatives; AUC is NaN")
+        return float("nan")
+    return macro_roc_auc(truth.astype(np.int64), probs)
 
 
 def macro_roc_auc(solution: np.ndarray | pd.DataFrame, submission: np.ndarray | pd.DataFrame) -> float:
@@ -22,36 +60,17 @@ def macro_roc_auc(solution: np.ndarray | pd.DataFrame, submission: np.ndarray | 
 
 
 def per_class_roc_auc(solution: np.ndarray | pd.DataFrame, submission: np.ndarray | pd.DataFrame) -> pd.Series:
-    """ROC-AUC per class column (ties count one half); NaN for classes skipped by the rule above."""
+    """sklearn's ROC-AUC per class column (tied scores count one half); NaN for classes skipped by the rule above."""
+    # Imported here: sklearn.metrics takes about a second to import, and only scoring needs it.
+    from sklearn.metrics import roc_auc_score
+
     y, scores, columns = _as_arrays(solution, submission)
     n_pos = y.sum(axis=0)
-    n_neg = y.shape[0] - n_pos
-    keep = (n_pos > 0) & (n_neg > 0)
+    keep = (n_pos > 0) & (n_pos < y.shape[0])
     auc = np.full(y.shape[1], np.nan)
     if keep.any():
-        ranks = _average_ranks(scores[:, keep])
-        pos_rank_sum = np.where(y[:, keep], ranks, 0.0).sum(axis=0)
-        p, n = n_pos[keep].astype(np.float64), n_neg[keep].astype(np.float64)
-        # Mann-Whitney U of the positives, divided by the number of (positive, negative) pairs.
-        auc[keep] = (pos_rank_sum - p * (p + 1) / 2) / (p * n)
+        auc[keep] = roc_auc_score(y[:, keep], scores[:, keep], average=None)
     return pd.Series(auc, index=columns, dtype=np.float64)
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks down each column of [N, C], tied values sharing their average rank."""
-    n_rows, n_cols = x.shape
-    order = np.argsort(x, axis=0, kind="stable")
-    ordered = np.take_along_axis(x, order, axis=0).T.ravel()  # column after column
-    local = np.tile(np.arange(n_rows), n_cols)
-    # A tie group starts where the value changes or a new column begins.
-    starts = np.flatnonzero((local == 0) | np.r_[True, ordered[1:] != ordered[:-1]])
-    ends = np.r_[starts[1:], ordered.size]
-    group_rank = (local[starts] + 1 + local[ends - 1] + 1) / 2.0
-    group_of = np.repeat(np.arange(starts.size), ends - starts)
-    sorted_ranks = group_rank[group_of].reshape(n_cols, n_rows).T
-    ranks = np.empty_like(sorted_ranks)
-    np.put_along_axis(ranks, order, sorted_ranks, axis=0)
-    return ranks
 
 
 def _as_arrays(

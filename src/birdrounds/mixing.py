@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from birdrounds.data.audio import AudioDecodeError
 from birdrounds.data.clips import fit_window
+from birdrounds.infer import SCORED_CHUNK_S
 from birdrounds.pseudo import file_weights
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class PseudoChunkDataset(Dataset):
     gives silence with weight 0, a warning (once per file) and an entry in `failed_paths`.
     """
 
-    def __init__(self, rows: pd.DataFrame, probs: np.ndarray, audio: Any, window_s: float = 5.0,
+    def __init__(self, rows: pd.DataFrame, probs: np.ndarray, audio: Any, window_s: float = SCORED_CHUNK_S,
                  weight: float = 1.0) -> None:
         if len(rows) != len(probs):
             raise ValueError(f"{len(rows)} rows but {len(probs)} probability rows")

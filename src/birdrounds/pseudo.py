@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from birdrounds.artifacts import atomic_open
 from birdrounds.config import ConfigError
 from birdrounds.data.soundscapes import SoundscapeChunks
-from birdrounds.infer import overlap_to_chunks
+from birdrounds.infer import SCORED_CHUNK_S, overlap_to_chunks
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class Compose:
 # ---------------------------------------------------------------- teacher inference
 
 
-def chunk_rows(dataset: SoundscapeChunks, chunk_s: float = 5.0) -> pd.DataFrame:
+def chunk_rows(dataset: SoundscapeChunks, chunk_s: float = SCORED_CHUNK_S) -> pd.DataFrame:
     """The scored chunk table (row_id, file, start_s, end_s) for the files of `dataset`."""
     if not is_framewise(dataset, chunk_s):
         return dataset.rows[ROW_KEYS].reset_index(drop=True)
@@ -195,7 +195,7 @@ def shard_range(n_windows: int, rank: int, world_size: int) -> range:
     return range(int(bounds[rank]), int(bounds[rank + 1]))
 
 
-def is_framewise(dataset: SoundscapeChunks, chunk_s: float = 5.0) -> bool:
+def is_framewise(dataset: SoundscapeChunks, chunk_s: float = SCORED_CHUNK_S) -> bool:
     """Whether the windows differ from the scored chunks, so framewise outputs are needed."""
     return not (abs(dataset.window_s - chunk_s) < 1e-9 and dataset.stride == dataset.n_samples)
 
@@ -245,7 +245,7 @@ def predict_windows(
     return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
 
-def windows_to_chunks(outputs: np.ndarray, dataset: SoundscapeChunks, chunk_s: float = 5.0) -> np.ndarray:
+def windows_to_chunks(outputs: np.ndarray, dataset: SoundscapeChunks, chunk_s: float = SCORED_CHUNK_S) -> np.ndarray:
     """Chunk probabilities aligned with `chunk_rows(dataset, chunk_s)` from all windows' outputs."""
     if not is_framewise(dataset, chunk_s):
         return outputs
@@ -280,7 +280,7 @@ def predict_chunks(
     batch_size: int = 16,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
-    chunk_s: float = 5.0,
+    chunk_s: float = SCORED_CHUNK_S,
     partial_path: str | os.PathLike | None = None,
     save_every: int = 10,
 ) -> np.ndarray:

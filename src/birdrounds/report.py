@@ -17,13 +17,23 @@ from typing import Any
 
 import numpy as np
 
-from birdrounds.artifacts import atomic_open, write_json_atomic
+from birdrounds.artifacts import (
+    CONTROL_DIR,
+    DONE_FILE,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    PREDICT_RECORD,
+    PSEUDO_FILE,
+    REPORT_FILE,
+    REPORT_PLOT_FILE,
+    SUMMARY_FILE,
+    atomic_open,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
 AUC_KEYS = ("val_soundscape_auc", "val_clip_auc")
-CONTROL_DIR = "control"  # written by birdrounds.rounds (which imports this module)
-SUMMARY_FILE = "metrics.json"  # the run folder's summary, beside report.md
 
 
 def completed_rounds(run_dir: Path) -> list[tuple[int, Path]]:
@@ -31,7 +41,7 @@ def completed_rounds(run_dir: Path) -> list[tuple[int, Path]]:
     rounds = []
     for folder in run_dir.glob("round_*"):
         suffix = folder.name.removeprefix("round_")
-        if suffix.isdigit() and (folder / "DONE").is_file():
+        if suffix.isdigit() and (folder / DONE_FILE).is_file():
             rounds.append((int(suffix), folder))
     return sorted(rounds)
 
@@ -39,9 +49,9 @@ def completed_rounds(run_dir: Path) -> list[tuple[int, Path]]:
 def _control(folder: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(metrics, manifest) of a round's completed control, or None."""
     control = folder / CONTROL_DIR
-    if not (control / "DONE").is_file():
+    if not (control / DONE_FILE).is_file():
         return None
-    return json.loads((control / "metrics.json").read_text()), json.loads((control / "manifest.json").read_text())
+    return json.loads((control / METRICS_FILE).read_text()), json.loads((control / MANIFEST_FILE).read_text())
 
 
 def _difference(a: Any, b: Any) -> float | None:
@@ -53,8 +63,8 @@ def round_rows(run_dir: Path) -> list[dict[str, Any]]:
     pseudo statistics, time."""
     rows: list[dict[str, Any]] = []
     for idx, folder in completed_rounds(run_dir):
-        metrics = json.loads((folder / "metrics.json").read_text())
-        manifest = json.loads((folder / "manifest.json").read_text())
+        metrics = json.loads((folder / METRICS_FILE).read_text())
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
         pseudo = metrics.get("pseudo") or {}
         control = _control(folder)
         row = {"round": idx, "seconds": manifest.get("seconds"), "pseudo_chunks": pseudo.get("chunks"),
@@ -117,14 +127,14 @@ def render_markdown(rows: list[dict[str, Any]], run_dir: Path) -> str:
         seconds = _fmt(r["seconds"], 0) + (f" + {_fmt(r['control_seconds'], 0)}" if r["control_seconds"] is not None else "")
         cells += [_fmt(r["pseudo_chunks"]), _fmt(r["coverage_above_0.5"], 2), _fmt(r["mean_max_prob"], 3), seconds]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "![AUC by round and pseudo-label confidence](report.png)", ""]
+    lines += ["", f"![AUC by round and pseudo-label confidence]({REPORT_PLOT_FILE})", ""]
     lines += _predict_section(run_dir)
     return "\n".join(lines)
 
 
 def _predict_section(run_dir: Path) -> list[str]:
     """The last `birdrounds predict` run (predict.json): where, how fast, AUC with and without post-processing."""
-    path = run_dir / "predict.json"
+    path = run_dir / PREDICT_RECORD
     if not path.is_file():
         return []
     record = json.loads(path.read_text())
@@ -142,7 +152,7 @@ def _predict_section(run_dir: Path) -> list[str]:
 
 def _pseudo_max_probs(folder: Path) -> np.ndarray | None:
     """Each pseudo-labeled chunk's max class probability in a round folder, or None without labels."""
-    path = folder / "pseudo_labels.parquet"
+    path = folder / PSEUDO_FILE
     if not path.is_file():
         return None
     from birdrounds.pseudo import read_pseudo_labels, split_table
@@ -198,9 +208,9 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     rows = round_rows(run_dir)
     write_json_atomic(run_dir / SUMMARY_FILE, run_summary(rows))
-    with atomic_open(run_dir / "report.png", "wb") as f:
+    with atomic_open(run_dir / REPORT_PLOT_FILE, "wb") as f:
         f.write(render_plot(rows, run_dir))
-    path = run_dir / "report.md"
+    path = run_dir / REPORT_FILE
     with atomic_open(path, "w") as f:
         f.write(render_markdown(rows, run_dir))
     return path

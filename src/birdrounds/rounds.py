@@ -14,22 +14,35 @@ arm of a benchmark: the headroom any pseudo-labeling could reach).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset, Sampler
 
-from birdrounds.artifacts import atomic_open, write_json_atomic
+from birdrounds.artifacts import (
+    CONTROL_DIR,
+    DONE_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    PSEUDO_FILE,
+    ROUND_CONFIG_FILE,
+    atomic_open,
+    write_json_atomic,
+)
 from birdrounds.config import ConfigError, redact_secrets, validate
 from birdrounds.data.clips import (
     ClipDataset,
@@ -40,6 +53,7 @@ from birdrounds.data.clips import (
 from birdrounds.data.layout import DEFAULT_PATHS
 from birdrounds.data.prepare import PreparedData, prepare_data
 from birdrounds.data.soundscapes import SoundscapeChunks
+from birdrounds.infer import SCORED_CHUNK_S
 from birdrounds.mixing import ConcatPseudoDataset, PseudoChunkDataset
 from birdrounds.model import checkpoint_hash, load_checkpoint, weights_hash
 from birdrounds.pseudo import (
@@ -54,19 +68,12 @@ from birdrounds.pseudo import (
     windows_to_chunks,
     write_pseudo_labels,
 )
-# round_k/control/: the round's equal-compute control (the report reads it too)
-from birdrounds.report import CONTROL_DIR, write_report
-from birdrounds.train import METRICS_FILE, MODEL_FILE, epoch_seed, fit
+from birdrounds.report import write_report
+from birdrounds.train import epoch_seed, fit
 
 log = logging.getLogger(__name__)
 
-# The run folder's file names (train.py owns model.pt, metrics.json and checkpoints/ inside each round).
-DONE_FILE = "DONE"
-PSEUDO_FILE = "pseudo_labels.parquet"
-MANIFEST_FILE = "manifest.json"
 INIT_SEED_TAG = 7919  # keeps the weight-init seed apart from the per-epoch training seeds
-# Kaggle scores soundscapes in 5-s rows, whatever window the model was trained on.
-SCORED_CHUNK_S = 5.0
 
 
 def code_version() -> str:
@@ -79,7 +86,27 @@ def code_version() -> str:
         return "unknown"
 
 
-def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RoundParts:
+    """What a round trains on and validates with: `build_datasets`' labeled parts, `student_parts`' mix.
+
+    `train_table` is the labeled training rows and `class_counts` their primary labels per class (the
+    loss's class weights); `pseudo_stats` describes a student's pseudo-labels (None for the others).
+    Kaggle scores the validation soundscapes in SCORED_CHUNK_S rows, whatever the training window.
+    """
+
+    train_set: Dataset
+    sampler: Sampler[int]
+    collate_fn: MixUpCollate
+    train_table: pd.DataFrame
+    class_counts: list[int]
+    val_clips: ClipDataset | None = None
+    val_soundscapes: SoundscapeChunks | None = None
+    val_solution: pd.DataFrame | None = None
+    pseudo_stats: dict[str, Any] | None = None
+
+
+def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int) -> RoundParts:
     """Training clips (held-out fold removed), validation clips and labeled validation soundscapes."""
     data, audio = prepared.data, prepared.audio
     held_out = prepared.folds == data_cfg.fold
@@ -99,16 +126,19 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int) -> d
     sampler = make_sampler(train_table, temperature=data_cfg.sampler.temperature,
                            num_samples=data_cfg.sampler.samples_per_epoch,
                            rating_weight=data_cfg.clips.rating_weight, seed=seed)
-    return {"train_set": train_set, "val_clips": val_set if len(val_set) else None, "sampler": sampler,
-            "collate_fn": MixUpCollate(instantiate(data_cfg.mixup) if data_cfg.mixup else None),
-            "val_soundscapes": val_soundscapes, "train_table": train_table,
-            "val_solution": data.val_solution if val_soundscapes is not None else None,
-            "class_counts": train_table["primary_label"].value_counts().reindex(data.classes, fill_value=0).tolist()}
+    return RoundParts(
+        train_set=train_set, sampler=sampler,
+        collate_fn=MixUpCollate(instantiate(data_cfg.mixup) if data_cfg.mixup else None),
+        train_table=train_table,
+        class_counts=train_table["primary_label"].value_counts().reindex(data.classes, fill_value=0).tolist(),
+        val_clips=val_set if len(val_set) else None, val_soundscapes=val_soundscapes,
+        val_solution=data.val_solution if val_soundscapes is not None else None,
+    )
 
 
 def teacher_paths(cfg: DictConfig, run_dir: Path, round_idx: int) -> list[Path]:
     """The previous round's model plus `pseudo.extra_teachers` (an ensemble whose mean labels the chunks)."""
-    paths = [run_dir / f"round_{round_idx - 1}" / "model.pt"]
+    paths = [run_dir / f"round_{round_idx - 1}" / MODEL_FILE]
     for extra in cfg.pseudo.get("extra_teachers") or []:
         extra = Path(extra)
         if not extra.is_file():
@@ -201,22 +231,22 @@ def write_truth_labels(cfg: DictConfig, chunks: SoundscapeChunks, classes: list[
     write_pseudo_labels(path, rows[keep].reset_index(drop=True), probs[keep], classes, provenance)
 
 
-def student_parts(cfg: DictConfig, prepared: PreparedData, pseudo_path: Path, parts: dict[str, Any]) -> dict[str, Any]:
+def student_parts(cfg: DictConfig, prepared: PreparedData, pseudo_path: Path, parts: RoundParts) -> RoundParts:
     """Swap the labeled training set for labeled + pseudo-labeled data, as `cfg.pseudo.mixing` says."""
     table, _ = read_pseudo_labels(pseudo_path)
     rows, probs = split_table(table, prepared.data.classes)
     pseudo = PseudoChunkDataset(rows, probs, prepared.audio, window_s=cfg.data.window_s)
-    labeled = parts["train_set"]
-    mixed = instantiate(cfg.pseudo.mixing)(labeled=labeled, pseudo=pseudo, seed=cfg.seed)
+    mixed = instantiate(cfg.pseudo.mixing)(labeled=parts.train_set, pseudo=pseudo, seed=cfg.seed)
+    sampler = parts.sampler
     if isinstance(mixed, ConcatPseudoDataset):
         # Concatenation is longer than the labeled set: sample labeled items class-flattened, pseudo uniformly.
-        labels = parts["train_table"]["primary_label"].tolist()
+        labels = parts.train_table["primary_label"].tolist()
         weights = mixed.sample_weights(class_sample_weights(labels, cfg.data.sampler.temperature))
-        parts["sampler"] = torch.utils.data.WeightedRandomSampler(
-            torch.as_tensor(weights), num_samples=len(parts["sampler"]), replacement=True,
+        sampler = torch.utils.data.WeightedRandomSampler(
+            torch.as_tensor(weights), num_samples=len(parts.sampler), replacement=True,
             generator=torch.Generator().manual_seed(cfg.seed))
-    parts["train_set"] = mixed
-    return {**parts, "pseudo_stats": pseudo_stats(probs, prepared.data.classes)}
+    return dataclasses.replace(parts, train_set=mixed, sampler=sampler,
+                               pseudo_stats=pseudo_stats(probs, prepared.data.classes))
 
 
 def build_model(cfg: DictConfig, num_classes: int, round_idx: int) -> torch.nn.Module:
@@ -287,23 +317,24 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
     """
     student = round_idx > 0 and not control
     parts = build_datasets(prepared, student_data_config(cfg) if student else cfg.data, cfg.seed)
-    stats = None
     if student:
         parts = student_parts(cfg, prepared, pseudo_label(cfg, prepared, teachers, round_idx, round_dir,
                                                          accelerator), parts)
-        stats = parts.pop("pseudo_stats")
-    parts.pop("train_table")
     model = initial_model(cfg, len(prepared.data.classes), round_idx, teachers[0] if teachers else None)
-    init_hash = weights_hash(model)
-    loss_fn = instantiate(cfg.loss)(class_counts=parts.pop("class_counts"))
-    metrics = fit(
-        accelerator, model, parts.pop("train_set"), loss_fn, prepared.data.classes,
+    arm = "control" if control else ("teacher" if round_idx == 0 else "student")
+    round_info = {"round": round_idx, "arm": arm, "init_weights_hash": weights_hash(model),
+                  **({"pseudo": parts.pseudo_stats} if parts.pseudo_stats is not None else {})}
+    loss_fn = instantiate(cfg.loss)(class_counts=parts.class_counts)
+    # fit writes the round's metrics.json (its only writer): the metrics, then `round_info`.
+    return fit(
+        accelerator, model, parts.train_set, loss_fn, prepared.data.classes,
         round_dir / CONTROL_DIR if control else round_dir, instantiate(round_train_config(cfg, round_idx)),
+        sampler=parts.sampler, collate_fn=parts.collate_fn, val_clips=parts.val_clips,
+        val_soundscapes=parts.val_soundscapes, val_solution=parts.val_solution,
         config=OmegaConf.to_container(cfg, resolve=True),
-        logger=instantiate(cfg.logger) if cfg.logger.log_with else None, window_s=cfg.data.window_s, **parts,
+        logger=instantiate(cfg.logger) if cfg.logger.log_with else None, window_s=cfg.data.window_s,
+        extra_metrics=round_info,
     )
-    return {**metrics, "round": round_idx, "arm": "control" if control else ("teacher" if round_idx == 0 else "student"),
-            "init_weights_hash": init_hash, **({"pseudo": stats} if stats is not None else {})}
 
 
 # Keys that do not change what a round computes: where things live, how it is tracked, how far to go.
@@ -394,14 +425,14 @@ def write_round_record(round_dir: Path, cfg: DictConfig, round_idx: int, metrics
                        prepared: PreparedData, teachers: list[Path] | None) -> None:
     """Resolved config, manifest and the completion marker (written last) of a finished round (or control)."""
     record = redact_secrets(cfg)  # secrets (xc.api_key ...) never reach a record
-    with atomic_open(round_dir / "config.yaml", "w") as f:
+    with atomic_open(round_dir / ROUND_CONFIG_FILE, "w") as f:
         f.write(OmegaConf.to_yaml(record))
     write_json_atomic(round_dir / MANIFEST_FILE, {
         "round": round_idx, "arm": metrics.get("arm"), "config_hash": config_hash(cfg, round_idx),
         "code_version": code_version(),
         "seconds": round(time.time() - started, 1),
         "teachers": [{"path": str(t), "hash": checkpoint_hash(t)} for t in teachers or []],
-        "model_hash": checkpoint_hash(round_dir / "model.pt"),
+        "model_hash": checkpoint_hash(round_dir / MODEL_FILE),
         "inputs": input_hashes(prepared),
         "data": prepared.summary(), "final_metrics": {k: v for k, v in metrics.items() if k != "history"},
         "config": record,
@@ -447,7 +478,6 @@ def run(cfg: DictConfig) -> Path:
                 continue
             metrics = train_round(cfg, prepared, accelerator, round_dir, round_idx, teachers, control=control)
             if accelerator.is_main_process:
-                write_json_atomic(out_dir / METRICS_FILE, metrics)
                 write_round_record(out_dir, cfg, round_idx, metrics, started, prepared, teachers)
                 log.info("%s done: %s", name, {k: metrics.get(k) for k in ("val_clip_auc", "val_soundscape_auc")})
                 write_report(run_dir)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,13 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from birdrounds import infer
-from birdrounds.artifacts import write_json_atomic
+from birdrounds.artifacts import EXPORT_REPORT_FILE, MODEL_FILE, PREDICT_RECORD, write_json_atomic
 from birdrounds.config import ConfigError
 from birdrounds.data.layout import data_path
+from birdrounds.metrics import ROW_ID_COLUMN, soundscape_auc
 from birdrounds.report import completed_rounds, write_report
 
 log = logging.getLogger(__name__)
-
-PREDICT_RECORD = "predict.json"
 
 
 def export_checkpoints(cfg: DictConfig) -> list[Path]:
@@ -51,7 +49,7 @@ def export_checkpoints(cfg: DictConfig) -> list[Path]:
     k = max(done) if cfg.export.round is None else cfg.export.round
     if k not in done:
         raise ConfigError(f"export.round: round {k} is not complete in {run_dir} (completed: {sorted(done)})")
-    return [done[k] / "model.pt"]
+    return [done[k] / MODEL_FILE]
 
 
 def soundscape_windows(folders: list[Path], sample_rate_hz: int, window_s: float, n: int) -> np.ndarray | None:
@@ -90,7 +88,7 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
 
     The `predict` config's post-processing at this moment is recorded in every graph (see the module doc).
     """
-    from birdrounds.export import KINDS, checkpoint_window_s, export_onnx, export_package
+    from birdrounds.export import KINDS, checkpoint_window_s, export_package
     from birdrounds.model import load_checkpoint
 
     # The exporter's graph passes log every rewrite at INFO.
@@ -103,7 +101,7 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
     predict_settings = infer.recorded_settings(inference_settings(cfg))
     out_dir = Path(cfg.export.out_dir)
     try:
-        infer.check_output(out_dir / "export.json")
+        infer.check_output(out_dir / EXPORT_REPORT_FILE)
     except infer.OutputError as err:
         raise ConfigError(f"export.out_dir: {err}") from None
     _, ckpt = load_checkpoint(checkpoints[0])
@@ -116,16 +114,9 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
         if audio is not None else None
     log.info("exporting %s as %s to %s (predict settings recorded: %s)", [str(p) for p in checkpoints], kinds,
              out_dir, predict_settings)
-    started = time.time()
     report = export_package([str(p) for p in checkpoints], out_dir, kind=kinds[0], verify_audio=verify,
                             int8=cfg.export.int8, calibration=audio, predict_settings=predict_settings,
-                            atol=cfg.export.atol)
-    for kind in kinds[1:]:
-        report[kind] = export_onnx([str(p) for p in checkpoints], out_dir / f"model_{kind}.onnx", kind,
-                                   verify_audio=verify, atol=cfg.export.atol, predict_settings=predict_settings)
-        report["files"].insert(1, f"model_{kind}.onnx")
-    report["seconds"] = round(time.time() - started, 1)
-    write_json_atomic(out_dir / "export.json", report)
+                            atol=cfg.export.atol, extra_kinds=kinds[1:])
     for key in ("onnx", *kinds[1:]):
         part = report[key]
         log.info("%s: %s graph, max |ONNX - PyTorch| = %.2e on %d %s", part["path"], part["kind"],
@@ -154,7 +145,6 @@ def run_predict(cfg: DictConfig) -> dict[str, Any]:
     predicted; a problem there is a ConfigError naming its predict.* key.
     """
     from birdrounds.data.layout import read_table
-    from birdrounds.train import soundscape_auc
 
     models = [Path(m) for m in cfg.predict.models]
     missing = [str(m) for m in models if not m.is_file()]
@@ -190,8 +180,8 @@ def run_predict(cfg: DictConfig) -> dict[str, Any]:
     }
     log.info("wrote %s: %s", cfg.predict.output, preds.summary())
     if solution_path and Path(solution_path).is_file():
-        solution = read_table(Path(solution_path), ("row_id",), "solution")
-        scored = solution[solution["row_id"].isin(set(preds.row_ids))]
+        solution = read_table(Path(solution_path), (ROW_ID_COLUMN,), "solution")
+        scored = solution[solution[ROW_ID_COLUMN].isin(set(preds.row_ids))]
         if len(scored) < len(solution):
             log.warning("%d solution rows have no prediction; scoring the %d that do", len(solution) - len(scored), len(scored))
         ids = np.asarray(preds.row_ids)

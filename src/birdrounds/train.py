@@ -38,9 +38,9 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from birdrounds.artifacts import json_safe, write_json_atomic
+from birdrounds.artifacts import METRICS_FILE, MODEL_FILE, json_safe, write_json_atomic
 from birdrounds.config import redact_secrets, redacted_argv
-from birdrounds.metrics import macro_roc_auc
+from birdrounds.metrics import ROW_ID_COLUMN, clip_auc, soundscape_auc
 from birdrounds.model import save_checkpoint
 
 log = get_logger(__name__)
@@ -49,10 +49,6 @@ CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "state.json"
 LOOP_STATE_FILE = "loop_state.pt"
-MODEL_FILE = "model.pt"
-METRICS_FILE = "metrics.json"
-# Held-out clips count a class as present from this target value on (secondary labels are 0.5).
-POSITIVE_TARGET = 0.5
 
 LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor, "torch.Tensor | None"], dict[str, torch.Tensor]]
 
@@ -296,12 +292,15 @@ def fit(
     config: Mapping[str, Any] | None = None,
     logger: LoggerSettings | None = None,
     window_s: float | None = None,
+    extra_metrics: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train `model`, resuming from the last complete epoch checkpoint in `out_dir`; return final metrics.
 
-    Writes (main process only) out_dir/checkpoints/epoch_NNN/, out_dir/model.pt and out_dir/metrics.json.
-    `val_soundscapes` (SoundscapeChunks) needs `val_solution` (row_id + class columns). The caller owns
-    the Accelerator (one per process, reusable for the next fit) and calls `end_training()` at the end.
+    Writes (main process only) out_dir/checkpoints/epoch_NNN/, out_dir/model.pt and out_dir/metrics.json
+    (their only writer). `val_soundscapes` (SoundscapeChunks) needs `val_solution` (row_id + class
+    columns). `extra_metrics` follow the metrics in the result and in metrics.json (a round's number and
+    arm). The caller owns the Accelerator (one per process, reusable for the next fit) and calls
+    `end_training()` at the end.
     """
     out_dir = Path(out_dir)
     _check_launch(accelerator)
@@ -344,7 +343,7 @@ def fit(
         accelerator.log({f"epoch/{k}": v for k, v in metrics.items()}, step=run.step)
         history.append(metrics)
         _save_epoch_checkpoint(run, out_dir / CHECKPOINTS_DIR, epoch, history)
-    return _finish(run, out_dir, history, classes, config, logger, window_s)
+    return _finish(run, out_dir, history, classes, config, logger, window_s, extra_metrics or {})
 
 
 def _check_launch(accelerator: Accelerator) -> None:
@@ -450,34 +449,9 @@ def _validate(
         metrics["val_clip_auc"] = clip_auc(probs, targets)
     if soundscape_loader is not None:
         probs, index = _predict(run, soundscape_loader, "index")
-        metrics["val_soundscape_auc"] = soundscape_auc(probs, soundscapes.rows["row_id"].to_numpy()[index], solution, classes)
+        row_ids = soundscapes.rows[ROW_ID_COLUMN].to_numpy()[index]
+        metrics["val_soundscape_auc"] = soundscape_auc(probs, row_ids, solution, classes)
     return metrics
-
-
-def clip_auc(probs: np.ndarray, targets: np.ndarray) -> float:
-    """BirdCLEF macro ROC-AUC of clip predictions against targets >= POSITIVE_TARGET (NaN if nothing to score)."""
-    return _scored_auc((targets >= POSITIVE_TARGET).astype(np.int64), probs)
-
-
-def soundscape_auc(probs: np.ndarray, row_ids: np.ndarray, solution: pd.DataFrame, classes: Sequence[str]) -> float:
-    """BirdCLEF macro ROC-AUC of chunk predictions matched to the solution by row_id."""
-    submission = pd.DataFrame(probs, columns=list(classes))
-    submission.insert(0, "row_id", row_ids)
-    submission = submission.drop_duplicates("row_id").set_index("row_id")
-    missing = sorted(set(solution["row_id"]) - set(submission.index))
-    if missing:
-        raise ValueError(f"{len(missing)} solution rows have no prediction, e.g. {missing[:3]}")
-    truth = solution.reindex(columns=list(classes), fill_value=0).to_numpy()
-    return _scored_auc(truth, submission.loc[solution["row_id"], list(classes)].to_numpy())
-
-
-def _scored_auc(truth: np.ndarray, probs: np.ndarray) -> float:
-    """macro_roc_auc, or NaN with a warning when no class has both a positive and a negative row."""
-    truth = truth.astype(bool)
-    if not (truth.any(axis=0) & ~truth.all(axis=0)).any():
-        log.warning("validation set has no class with both positives and negatives; AUC is NaN", main_process_only=True)
-        return float("nan")
-    return macro_roc_auc(truth.astype(np.int64), probs)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -553,11 +527,12 @@ def _plain_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
 def _finish(
     run: _Run, out_dir: Path, history: list[dict[str, Any]], classes: Sequence[str],
     config: dict[str, Any], logger: LoggerSettings | None, window_s: float | None,
+    extra_metrics: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Write model.pt and metrics.json (main process), log the model artifact, finish the trackers."""
     acc = run.accelerator
     final = {**(history[-1] if history else {}), "step": run.step, "num_processes": acc.num_processes}
-    result = {**final, "history": history}
+    result = {**final, "history": history, **extra_metrics}
     acc.wait_for_everyone()
     if acc.is_main_process:
         model = run.eval_model()

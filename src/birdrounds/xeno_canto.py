@@ -1,7 +1,11 @@
-"""Extend a training set with Xeno-canto recordings of under-represented species (API v3).
+"""Extend a training set with Xeno-canto recordings of under-represented species (API v3 or a local archive).
+
+Recordings come from one of two sources with the same interface (`search(query)`, `download(file, dest)`):
+`XCClient` (the API v3 over HTTP) or `LocalArchive` (`xc.source=DIR`: saved API v3 result pages and the
+audio they name). Species selection, query, filters, dedupe, conversion and tables are shared.
 
 Layout written under `out_dir`: `<label>/XC<id>.ogg` (32 kHz mono Vorbis), `train.csv` in the
-competition schema, `summary.json`, and `.api_cache/<hash>.json` (raw API pages, reused).
+competition schema, `summary.json`, and (API only) `.api_cache/<hash>.json` (raw API pages, reused).
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -61,6 +67,7 @@ class XCSettings:
     taxonomy_csv: str | None = None
     api_url: str = "https://xeno-canto.org/api/3/recordings"
     api_key: str | None = None
+    source: str | None = None  # a local archive folder instead of the API (see LocalArchive)
     min_recordings: int = 20
     species: list[str] | None = None
     synonyms: dict[str, str] = field(default_factory=dict)
@@ -338,6 +345,236 @@ def choose_recordings(records: list[dict], settings: XCSettings, known: set[str]
     return kept, skipped
 
 
+# ---------------------------------------------------------------- a local archive instead of the API
+
+XC_GROUPS = {"0": "soundscape", "1": "birds", "2": "grasshoppers", "3": "bats", "4": "frogs", "5": "land mammals"}
+_GRADES = ("A", "B", "C", "D", "E")  # best first
+_QUERY_TAG = re.compile(r'(\w+):(?:"([^"]*)"|(\S+))')
+# Kaggle's dataset manifest sits beside the pages of a shared archive; it is not a result page.
+ARCHIVE_IGNORED = frozenset({"dataset-metadata.json"})
+
+
+def parse_query(query: str) -> dict[str, str]:
+    """The tags of a tagged query (`sp:"a b" q:>C`), tag -> value; ValueError for anything else."""
+    tags, pos = {}, 0
+    for match in _QUERY_TAG.finditer(query):
+        if query[pos:match.start()].strip():
+            raise ValueError(f"untagged text {query[pos:match.start()].strip()!r}")
+        tags[match.group(1).lower()] = match.group(2) if match.group(2) is not None else match.group(3)
+        pos = match.end()
+    if query[pos:].strip() or not tags:
+        raise ValueError(f"untagged text {query[pos:].strip() or query!r}")
+    return tags
+
+
+def _name_test(value: str) -> Callable[[dict], bool]:
+    """sp:"genus species" (or "genus species subspecies", or the epithet alone), case-insensitive."""
+    words = value.lower().split()
+    fields = {1: ("sp",), 2: ("gen", "sp"), 3: ("gen", "sp", "ssp")}.get(len(words))
+    if fields is None:
+        raise ValueError("expected a scientific name")
+    return lambda rec: [str(rec.get(f) or "").strip().lower() for f in fields] == words
+
+
+def _quality_test(value: str) -> Callable[[dict], bool]:
+    """q:A (exactly A), q:">C" (better than C: A, B), q:"<C" (worse: D, E), q:0 (unrated)."""
+    text = value.strip().upper()
+    if text == "0":
+        return lambda rec: str(rec.get("q") or "").strip().upper() not in _GRADES
+    op, grade = (text[0], text[1:]) if text[:1] in "<>" else ("", text)
+    if grade not in _GRADES:
+        raise ValueError("expected A-E, optionally after < or >, or 0")
+    limit = _GRADES.index(grade)
+
+    def test(rec: dict) -> bool:
+        q = str(rec.get("q") or "").strip().upper()
+        if q not in _GRADES:  # unrated recordings never match a rating
+            return False
+        rank = _GRADES.index(q)
+        return rank < limit if op == ">" else rank > limit if op == "<" else rank == limit
+
+    return test
+
+
+def _length_test(value: str) -> Callable[[dict], bool]:
+    """len:10 (10 s within 1%), len:10-60, len:"<30" (30 s or shorter), len:">120" (longer), len:"=19.8"."""
+    match = re.fullmatch(r"([<>=]?)(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?", value.replace(" ", ""))
+    if not match or (match.group(1) and match.group(3)):
+        raise ValueError("expected seconds: N, A-B, <N, >N or =N")
+    op, low, high = match.group(1), float(match.group(2)), match.group(3)
+
+    def test(rec: dict) -> bool:
+        length = parse_length_s(rec.get("length"))
+        if length is None:
+            return False
+        if high is not None:
+            return low <= length <= float(high)
+        return {"<": length <= low, ">": length > low, "=": length == low}.get(op, abs(length - low) <= 0.01 * low)
+
+    return test
+
+
+def _group_test(value: str) -> Callable[[dict], bool]:
+    """grp:birds or its id (grp:1); a recording without `grp` (an older dump) is kept."""
+    want = XC_GROUPS.get(value.strip(), value.strip().lower())
+    if want not in XC_GROUPS.values():
+        raise ValueError(f"expected one of {', '.join(XC_GROUPS.values())} or 0-5")
+    return lambda rec: not rec.get("grp") or str(rec["grp"]).strip().lower() == want
+
+
+_TAG_TESTS = {"sp": _name_test, "q": _quality_test, "len": _length_test, "grp": _group_test}
+
+
+def archive_query(query: str) -> Callable[[dict], bool]:
+    """A record predicate for a query `build_query` writes, with the API's meaning of each tag."""
+    try:
+        tags = parse_query(query)
+    except ValueError as err:
+        raise ConfigError(f"xc.source: cannot search the local archive for {query!r} ({err})") from None
+    tests = []
+    for tag, value in tags.items():
+        if tag not in _TAG_TESTS:
+            raise ConfigError(f"xc.source: the local archive cannot search by {tag}: (query {query!r}); "
+                              f"it knows {', '.join(_TAG_TESTS)}")
+        try:
+            tests.append(_TAG_TESTS[tag](value))
+        except ValueError as err:
+            raise ConfigError(f"xc: bad {tag}:{value!r} in query {query!r} ({err})") from None
+    return lambda rec: all(test(rec) for test in tests)
+
+
+def _is_url(text: str) -> bool:
+    return text.startswith("//") or re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", text) is not None
+
+
+def _inside_relative(name: str) -> bool:
+    """A relative path that stays inside its folder (no absolute path, no `..`)."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    drive = re.match(r"[A-Za-z]:", name) is not None  # a Windows drive (C:...)
+    return bool(name.strip()) and not drive and not path.is_absolute() and ".." not in path.parts
+
+
+def read_archive_page(path: Path) -> list[dict]:
+    """The recordings of one archive page; ConfigError naming the file when it is not a usable page."""
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"xc.source: {path}: {what}")
+
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as err:
+        raise bad(f"cannot read it ({err.strerror or err})") from None
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise bad(f"not valid JSON ({err})") from None
+    records = data.get("recordings") if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        raise bad('neither an API v3 result page ({"recordings": [...]}) nor a list of recordings')
+    for n, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise bad(f"recording {n} is not an object")
+        xc_id = str(rec.get("id", "")).strip()
+        if not xc_id.isdigit() or not xc_id.isascii():
+            raise bad(f"recording {n} has no numeric 'id' (got {rec.get('id')!r})")
+        for key in ("gen", "sp"):
+            if not isinstance(rec.get(key), str) or not rec[key].strip():
+                raise bad(f"recording XC{xc_id} has no '{key}'")
+        file = rec.get("file")
+        if file is not None and not isinstance(file, str):
+            raise bad(f"recording XC{xc_id}: 'file' is not a string")
+        if file and not _is_url(file) and not _inside_relative(file):
+            raise bad(f"recording XC{xc_id}: file {file!r} is outside the archive folder")
+        rec["id"] = xc_id
+    return records
+
+
+class LocalArchive:
+    """A folder of saved API v3 result pages and the audio they name, searched and fetched like the API.
+
+    Pages: every `*.json` file directly in the folder (by name; hidden files and Kaggle's
+    `dataset-metadata.json` aside), each an API v3 response body `{"recordings": [...], ...}` or a plain
+    list of recordings. Every recording needs `id`, `gen` and `sp`. Its audio is the first of these that
+    exists, relative to the folder: `file` when that is a path (not a URL), `file-name`,
+    `audio/<file-name>`, `audio/XC<id>.*`, `XC<id>.*`. Audio is read only inside the folder.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.root = Path(folder).expanduser()
+        if not self.root.is_dir():
+            raise ConfigError(f"xc.source: {self.root} is not a folder (expected a local Xeno-canto archive: "
+                              f"API v3 result pages as *.json and the audio they name)")
+        pages = sorted(p for p in self.root.glob("*.json")
+                       if p.is_file() and p.name not in ARCHIVE_IGNORED and not p.name.startswith("."))
+        if not pages:
+            raise ConfigError(f"xc.source: no *.json result pages in {self.root}")
+        self.records = [rec for page in pages for rec in read_archive_page(page)]
+        self._by_name: dict[str, list[dict]] = {}  # "genus species" -> records, so a query needs no full scan
+        for rec in self.records:
+            self._by_name.setdefault(f"{rec['gen'].strip()} {rec['sp'].strip()}".lower(), []).append(rec)
+        log.info("xeno-canto: local archive %s: %d recording(s) in %d page file(s)",
+                 self.root, len(self.records), len(pages))
+
+    def audio_path(self, rec: dict) -> Path:
+        """The archive file of a recording: the first candidate that exists, else the first candidate."""
+        xc_id = str(rec["id"])
+        names = []
+        if isinstance(rec.get("file"), str) and rec["file"].strip() and not _is_url(rec["file"]):
+            names.append(rec["file"].strip())
+        if isinstance(rec.get("file-name"), str) and rec["file-name"].strip():
+            names += [rec["file-name"].strip(), f"audio/{rec['file-name'].strip()}"]
+        names = [n for n in names if _inside_relative(n)]
+        for name in names:
+            if (self.root / name).is_file():
+                return self.root / name
+        for folder in (self.root / "audio", self.root):
+            for hit in sorted(folder.glob(f"XC{xc_id}.*")):
+                if hit.is_file() and hit.suffix.lower() != ".json":
+                    return hit
+        return self.root / (names[0] if names else f"audio/XC{xc_id}.mp3")
+
+    def search(self, query: str) -> list[dict]:
+        """The archive's recordings matching `query`, in page order, `file` set to their local audio."""
+        match = archive_query(query)
+        name = " ".join(parse_query(query).get("sp", "").lower().split())
+        pool = self._by_name.get(name, []) if len(name.split()) == 2 else self.records
+        return [{**rec, "file": str(self.audio_path(rec))} for rec in pool if match(rec)]
+
+    def download(self, file: str, dest: Path) -> int:
+        """Copy an archive audio file to `dest`; XCFetchError when it is missing or outside the folder."""
+        path = Path(file)
+        try:
+            inside = path.resolve().is_relative_to(self.root.resolve())
+        except (OSError, RuntimeError) as err:
+            raise XCFetchError(f"{file}: cannot resolve it ({err})") from None
+        if not inside:
+            raise XCFetchError(f"{file}: resolves outside the archive folder {self.root}")
+        if not path.is_file():
+            raise XCFetchError(f"{file}: no such file in the archive")
+        try:
+            shutil.copyfile(path, dest)
+        except OSError as err:
+            dest.unlink(missing_ok=True)
+            raise XCFetchError(f"{file}: cannot copy it ({err.strerror or err})") from None
+        return dest.stat().st_size
+
+
+class RecordingSource(Protocol):
+    """Where recordings come from: `XCClient` (the API) or `LocalArchive`."""
+
+    def search(self, query: str) -> list[dict]: ...
+
+    def download(self, url: str, dest: Path) -> int: ...
+
+
+def open_source(settings: XCSettings, sleep: Callable[[float], None] = time.sleep) -> RecordingSource:
+    """The local archive when `xc.source` is set (no API key needed), else the API client (key required)."""
+    if settings.source:
+        archive = LocalArchive(settings.source)
+        if Path(settings.out_dir).resolve() == archive.root.resolve():
+            raise ConfigError(f"xc.out_dir: must not be the archive folder itself ({archive.root})")
+        return archive
+    settings.key()  # fail before any work when there is no key
+    return XCClient(settings, sleep=sleep)
+
+
 # ---------------------------------------------------------------- conversion and table rows
 
 
@@ -441,7 +678,7 @@ def format_summary(summaries: list[SpeciesSummary]) -> str:
     return "\n".join(lines)
 
 
-def _fetch_one(client: XCClient, rec: dict, label: str, out_dir: Path, rate_hz: int) -> int:
+def _fetch_one(client: RecordingSource, rec: dict, label: str, out_dir: Path, rate_hz: int) -> int:
     """Download and convert one recording; returns bytes fetched. Raises XCFetchError/AudioDecodeError."""
     folder = out_dir / label
     folder.mkdir(parents=True, exist_ok=True)
@@ -451,14 +688,17 @@ def _fetch_one(client: XCClient, rec: dict, label: str, out_dir: Path, rate_hz: 
     try:
         n_bytes = client.download(str(rec["file"]), part)
         os.replace(part, raw)
-        convert(raw, folder / f"XC{rec['id']}.ogg", rate_hz)
+        try:
+            convert(raw, folder / f"XC{rec['id']}.ogg", rate_hz)
+        except AudioDecodeError as err:  # name the source (URL or archive file), not the temporary copy
+            raise AudioDecodeError(f"{rec['file']} does not decode ({err})") from None
         return n_bytes
     finally:
         part.unlink(missing_ok=True)
         raw.unlink(missing_ok=True)
 
 
-def _download_all(client: XCClient, jobs: list[tuple[SpeciesSummary, dict]], settings: XCSettings) -> None:
+def _download_all(client: RecordingSource, jobs: list[tuple[SpeciesSummary, dict]], settings: XCSettings) -> None:
     out_dir = Path(settings.out_dir)
     total_bytes = 0
     bar = tqdm(jobs, desc="xeno-canto", unit="file", disable=not settings.progress)
@@ -482,7 +722,7 @@ def _print_plan(jobs: list[tuple[SpeciesSummary, dict]]) -> None:
     print(f"{len(jobs)} recording(s) would be downloaded")
 
 
-def _plan(client: XCClient, species: list[SpeciesPlan], known: set[str], settings: XCSettings,
+def _plan(client: RecordingSource, species: list[SpeciesPlan], known: set[str], settings: XCSettings,
           ) -> Iterator[tuple[SpeciesSummary, list[dict]]]:
     for sp in species:
         summary = SpeciesSummary(sp.label, sp.xc_name, sp.n_train, query=build_query(sp.xc_name, settings))
@@ -503,12 +743,11 @@ def _plan(client: XCClient, species: list[SpeciesPlan], known: set[str], setting
 
 
 def download_xeno_canto(settings: XCSettings, sleep: Callable[[float], None] = time.sleep) -> list[SpeciesSummary]:
-    """Select species, query Xeno-canto, download/convert audio and write train.csv + summary.json."""
-    settings.key()  # fail before any work when there is no key
+    """Select species, query Xeno-canto (or the local archive), fetch/convert audio, write train.csv + summary.json."""
+    client = open_source(settings, sleep)  # a missing key or a malformed archive stops before any work
     train, taxonomy = read_tables(settings)
     out_dir = Path(settings.out_dir)
     previous = read_previous_rows(out_dir / "train.csv")  # before any download: an unreadable one stops here
-    client = XCClient(settings, sleep=sleep)
     species = select_species(train, taxonomy, settings)
     log.info("xeno-canto: %d species to extend", len(species))
     planned = list(_plan(client, species, known_xc_ids(train), settings))

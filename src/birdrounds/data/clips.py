@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset, WeightedRandomSampler, default_collate, get_worker_info
 
 from birdrounds.data.audio import AudioDecodeError
+from birdrounds.infer import SCORED_CHUNK_S
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class ClipDataset(Dataset):
         table: pd.DataFrame,
         classes: Sequence[str],
         audio: Any,
-        window_s: float = 5.0,
+        window_s: float = SCORED_CHUNK_S,
         window_mode: str = "random",
         target_mode: str = "soft",
         secondary_weight: float = 0.5,

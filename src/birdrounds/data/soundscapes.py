@@ -1,4 +1,4 @@
-"""Fixed-window chunks over long unlabeled recordings (soundscapes) and the BirdCLEF row_id rule."""
+"""Fixed-window chunks over long unlabeled recordings (soundscapes), with their BirdCLEF row ids."""
 
 from __future__ import annotations
 
@@ -13,15 +13,11 @@ import torch
 from torch.utils.data import Dataset
 
 from birdrounds.data.audio import AudioDecodeError
+from birdrounds.infer import SCORED_CHUNK_S, row_id  # the scored chunk and the row_id rule, defined once
 
 log = logging.getLogger(__name__)
 
 ROW_COLUMNS = ["row_id", "file", "stem", "start_s", "end_s"]
-
-
-def row_id(stem: str, end_s: float) -> str:
-    """BirdCLEF submission row id: '<file stem>_<window end in whole seconds>'."""
-    return f"{stem}_{int(round(end_s))}"
 
 
 def window_starts(n_samples: int, window: int, stride: int, min_last: int) -> list[int]:
@@ -59,8 +55,8 @@ class SoundscapeChunks(Dataset):
         self,
         paths: Sequence[str | Path],
         audio: Any,
-        window_s: float = 5.0,
-        stride_s: float = 5.0,
+        window_s: float = SCORED_CHUNK_S,
+        stride_s: float = SCORED_CHUNK_S,
         min_last_s: float = 2.5,
     ) -> None:
         if window_s <= 0 or stride_s <= 0:

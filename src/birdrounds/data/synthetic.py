@@ -31,13 +31,15 @@ from scipy import signal
 from tqdm.auto import tqdm
 
 from birdrounds.data.audio import write_audio
+# The scored 5-s chunk the labels are given for, and the row ids of the solution (infer.py defines both).
+from birdrounds.infer import SCORED_CHUNK_S as CHUNK_S
+from birdrounds.infer import row_ids
 from birdrounds.procs import spawn_pool
 
 log = logging.getLogger(__name__)
 
 # Bump when the same spec would produce different files, so old folders are not silently reused.
 GENERATOR_VERSION = 1
-CHUNK_S = 5.0  # BirdCLEF scores soundscapes per 5-s chunk
 # A call counts for a chunk when this much of it lies inside (or half the call, when it is shorter).
 MIN_CHUNK_OVERLAP_S = 0.5
 
@@ -783,9 +785,8 @@ def _solution(jobs: list[SoundscapeJob], events: list[list[Event]], classes: lis
     frames = []
     for job, file_events in zip(jobs, events):
         labels = chunk_labels(file_events, job.duration_s, classes)
-        ends = [int(CHUNK_S * (k + 1)) for k in range(len(labels))]
         frame = pd.DataFrame(labels, columns=classes)
-        frame.insert(0, "row_id", [f"{_stem(job)}_{end}" for end in ends])
+        frame.insert(0, "row_id", row_ids(_stem(job), len(labels), CHUNK_S))
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["row_id", *classes])
 
