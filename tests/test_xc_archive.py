@@ -18,23 +18,13 @@ from birdrounds.config import ConfigError
 from birdrounds.data.audio import load_audio
 from birdrounds.data.layout import TRAIN_COLUMNS, prepare_train_table
 from birdrounds.xeno_canto import LocalArchive, XCSettings, archive_query, download_xeno_canto
+from test_xeno_canto import audio_bytes
 
 FIXTURES = Path(__file__).parent / "fixtures" / "xeno-canto"
 # Real v3 bodies: Passerina amoena (https urls), Larus marinus (// urls); `file` is a download URL.
 SPA, LAR = json.loads((FIXTURES / "xc_v3_response_assembled_2recs.json").read_text())["recordings"]
 TAXONOMY = {"bad": "Badus badus", "lar": "Larus marinus", "pip": "Pipilo maculatus", "spa": "Passerina amoena",
             "rcki": "Regulus calendula"}  # Xeno-canto (IOC) spells the last one Corthylio calendula
-
-
-def audio_bytes(fmt: str, seconds: float = 1.5, rate_hz: int = 48000, channels: int = 2) -> bytes:
-    """A short tone encoded in `fmt` (WAV, OGG or MP3)."""
-    t = np.arange(int(seconds * rate_hz)) / rate_hz
-    tone = 0.3 * np.sin(2 * np.pi * 1500 * t)
-    data = np.stack([tone] * channels, axis=1) if channels > 1 else tone
-    buf = io.BytesIO()
-    subtype = {"OGG": "VORBIS", "MP3": "MPEG_LAYER_III", "WAV": "PCM_16"}[fmt]
-    sf.write(buf, data, rate_hz, format=fmt, subtype=subtype)
-    return buf.getvalue()
 
 
 def record(template: dict, xc_id: str, name: str, **changes) -> dict:

@@ -128,10 +128,10 @@ _POWER_FLOOR = 1e-10
 _FRONTEND_BLOCK_BYTES = 4 << 20
 # Mel filters per block GEMM in the frontend (4..16 measured within 20% of each other; 8 fastest).
 _FILTERS_PER_GEMM = 8
-# Truncation checks, the policy of birdrounds.data.audio (which training applies): a header's frame
+# Truncation checks, shared with birdrounds.data.audio (training imports them): a header's frame
 # count may overstate a complete file by this fraction (MP3 headers without a Xing frame estimate it);
 # an Ogg page is at most 27 + 255 + 255 * 255 bytes, so a file's last this-many bytes hold its last page.
-_TRUNCATION_TOLERANCE = 0.02
+TRUNCATION_TOLERANCE = 0.02
 _OGG_TAIL_BYTES = 65_307 + 1024
 _OGG_EOS_FLAG = 0x04
 _WAV_HEADER_BYTES = 1 << 16
@@ -687,10 +687,10 @@ def decode_audio(path: str | os.PathLike, sample_rate_hz: int) -> DecodedAudio:
     truncated = None
     if failure is not None:
         truncated = f"decoding failed after {n_frames / file_rate_hz:.1f} s: {type(failure).__name__}: {failure}"
-    elif declared > 0 and n_frames < (1.0 - _TRUNCATION_TOLERANCE) * declared:
+    elif declared > 0 and n_frames < (1.0 - TRUNCATION_TOLERANCE) * declared:
         truncated = (f"decoded {n_frames / file_rate_hz:.1f} s of the {declared / file_rate_hz:.1f} s "
                      "its header declares")
-    elif container == "OGG" and not _ogg_ends_with_eos_page(path):
+    elif container == "OGG" and not ogg_ends_with_eos_page(path):
         truncated = "its Ogg stream ends without the end-of-stream page"
     if file_rate_hz != sample_rate_hz:
         mono = _resample(mono, file_rate_hz, sample_rate_hz)
@@ -730,7 +730,7 @@ def _wav_declared_frames(path: str) -> int | None:
     return None
 
 
-def _ogg_ends_with_eos_page(path: str) -> bool:
+def ogg_ends_with_eos_page(path: str | os.PathLike) -> bool:
     """Whether the file's last Ogg page is complete and carries the end-of-stream flag."""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)

@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 
 from birdrounds.artifacts import atomic_open
 from birdrounds.config import ConfigError
+# One rule for a cut-off file (Ogg end page, declared-length shortfall), in training and in predict.
+from birdrounds.infer import TRUNCATION_TOLERANCE, ogg_ends_with_eos_page
 from birdrounds.procs import spawn_pool
 
 logger = logging.getLogger(__name__)
@@ -40,13 +42,6 @@ logger = logging.getLogger(__name__)
 # Frames read per libsndfile call; reading in blocks means a corrupt header claiming a huge
 # frame count cannot make us allocate that much up front.
 _READ_BLOCK_FRAMES = 1 << 20
-# MP3 headers without a Xing/Info frame only estimate the length, so allow this fraction of
-# shortfall before calling a file truncated.
-_TRUNCATION_TOLERANCE = 0.02
-# An Ogg page is at most 27 + 255 + 255 * 255 = 65,307 bytes, so reading this much of the file's
-# end always finds the last page's header (the margin covers stray trailing bytes).
-_OGG_TAIL_BYTES = 65_307 + 1024
-_OGG_EOS_FLAG = 0x04
 
 # Bump when the decoded content of an entry would change (decoder policy, resampler quality,
 # file layout), so old entries are never served.
@@ -118,11 +113,11 @@ def _decode_frames(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         raise AudioDecodeError(f"cannot decode {path}: {exc}") from exc
     frames = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
     n_frames = frames.shape[0]
-    if declared_frames > 0 and n_frames < (1.0 - _TRUNCATION_TOLERANCE) * declared_frames:
+    if declared_frames > 0 and n_frames < (1.0 - TRUNCATION_TOLERANCE) * declared_frames:
         raise AudioDecodeError(
             f"truncated file {path}: decoded {n_frames} of {declared_frames} frames declared in its header"
         )
-    if container == "OGG" and n_frames > 0 and not _ogg_ends_with_eos_page(path):
+    if container == "OGG" and n_frames > 0 and not ogg_ends_with_eos_page(path):
         raise AudioDecodeError(f"truncated Ogg file {path}: last page incomplete or not end-of-stream")
     return frames, rate_hz
 
@@ -134,23 +129,6 @@ def _read_blocks(f: sf.SoundFile) -> Iterator[np.ndarray]:
         yield block
         if block.shape[0] < _READ_BLOCK_FRAMES:
             return
-
-
-def _ogg_ends_with_eos_page(path: str | os.PathLike) -> bool:
-    """True when the file's last Ogg page is complete and carries the end-of-stream flag."""
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - _OGG_TAIL_BYTES))
-        tail = f.read()
-    start = tail.rfind(b"OggS")
-    if start < 0 or len(tail) - start < 27:
-        return False
-    n_segments = tail[start + 26]
-    lacing = tail[start + 27 : start + 27 + n_segments]
-    page_bytes = 27 + n_segments + sum(lacing)
-    complete = len(lacing) == n_segments and len(tail) - start >= page_bytes
-    return complete and bool(tail[start + 5] & _OGG_EOS_FLAG)
 
 
 class DirectAudio:
