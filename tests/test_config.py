@@ -187,6 +187,9 @@ def test_smoke_experiment_shrinks_everything():
     assert cfg.train.max_steps_per_epoch is not None
     assert cfg.data.synth.n_species < compose([]).data.synth.n_species
     assert cfg.run_dir.endswith("runs/smoke")
+    real = compose(["experiment=smoke", "data=birdclef2025", "data.root=/data/birdclef-2025"])
+    assert real.data.get("synth") is None and real.data.root == "/data/birdclef-2025"
+    assert real.model.backbone == cfg.model.backbone and real.train.max_steps_per_epoch is not None
 
 
 @pytest.mark.parametrize("override, key", [

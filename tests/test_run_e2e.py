@@ -88,6 +88,25 @@ def test_smoke_run_writes_round0_and_skips_bad_audio(home):
 
 
 @pytest.mark.slow
+def test_smoke_experiment_on_a_real_layout_folder(home):
+    """`experiment=smoke data=birdclef2025 data.root=...`: the quick check on real data synthesizes nothing."""
+    import shutil
+
+    assert cli.main(["synth", "experiment=smoke"]) == 0
+    real = home / "birdclef-2025"
+    shutil.copytree(home / "data" / "synthetic_smoke", real, ignore=shutil.ignore_patterns("truth", "xc_archive"))
+    (real / "DONE.json").unlink()  # not a generated folder any more
+    before = sorted(p.relative_to(real) for p in real.rglob("*"))
+    proc = run_rounds(home, "data=birdclef2025", f"data.root={real}", "logger=none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((home / "runs" / "smoke" / "round_0" / "manifest.json").read_text())
+    assert manifest["config"]["data"]["root"] == str(real) and manifest["config"]["data"].get("synth") is None
+    assert manifest["config"]["model"]["backbone"] == "test_efficientnet"
+    added = {p.relative_to(real).parts[0] for p in real.rglob("*")} - {p.parts[0] for p in before}
+    assert added <= {".birdrounds_cache"} and not (real / "DONE.json").exists()
+
+
+@pytest.mark.slow
 def test_bad_config_stops_before_work_with_one_line(home):
     proc = run_rounds(home, "data.fold=5")
     assert proc.returncode == 2
