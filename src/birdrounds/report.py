@@ -33,7 +33,8 @@ from birdrounds.artifacts import (
 
 log = logging.getLogger(__name__)
 
-AUC_KEYS = ("val_soundscape_auc", "val_clip_auc")
+# val_mixed_auc: held-out calls in quiet train-soundscape backgrounds (data/mixed_val.py); absent in older runs.
+AUC_KEYS = ("val_soundscape_auc", "val_clip_auc", "val_mixed_auc")
 
 
 def completed_rounds(run_dir: Path) -> list[tuple[int, Path]]:
@@ -84,13 +85,16 @@ def round_rows(run_dir: Path) -> list[dict[str, Any]]:
 def run_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The run folder's metrics.json: per round, the student's (or teacher's) and its control's AUCs and the gain."""
     rounds = []
+    # val_mixed_auc only where some round has it (runs made before it keep their summary as it was).
+    keys = [key for key in AUC_KEYS
+            if key != "val_mixed_auc" or any(r[key] is not None or r[f"control_{key}"] is not None for r in rows)]
     for r in rows:
         entry = {"round": r["round"], "arm": "teacher" if r["round"] == 0 else "student", "seconds": r["seconds"],
-                 **{key: r[key] for key in AUC_KEYS}}
+                 **{key: r[key] for key in keys}}
         if r["round"] > 0:
-            entry["control"] = ({key: r[f"control_{key}"] for key in AUC_KEYS} | {"seconds": r["control_seconds"]}
+            entry["control"] = ({key: r[f"control_{key}"] for key in keys} | {"seconds": r["control_seconds"]}
                                 if r["control_seconds"] is not None else None)
-            entry["gain_vs_control"] = {key: r[f"gain_vs_control_{key}"] for key in AUC_KEYS}
+            entry["gain_vs_control"] = {key: r[f"gain_vs_control_{key}"] for key in keys}
         rounds.append(entry)
     return {"rounds": rounds}
 
@@ -113,11 +117,14 @@ def render_markdown(rows: list[dict[str, Any]], run_dir: Path) -> str:
          "equal-compute control (`control=true`): the same rounds on labeled data only, from the same initial "
          "weights (round 1: the teacher's; round k: round k-1's control), with the same schedule and seed; "
          "gain = student - control: what the pseudo-labels bought, without the extra training. "
+         "val_mixed_auc: the held-out clips' calls mixed into quiet train-soundscape segments, scored as 5-s rows "
+         "(`data.mixed_val`; the soundscape-like score where no labeled soundscapes exist). "
          "Pseudo columns describe the labels the round's student was trained on."),
         "",
         ("| round | val_soundscape_auc | change | control | gain vs control | val_clip_auc | change | control "
-         "| gain vs control | pseudo chunks | coverage > 0.5 | mean max prob | time (s), student + control |"),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+         "| gain vs control | val_mixed_auc | change | control | gain vs control "
+         "| pseudo chunks | coverage > 0.5 | mean max prob | time (s), student + control |"),
+        "|" + " --- |" * 17,
     ]
     for r in rows:
         cells = [str(r["round"])]
@@ -171,8 +178,10 @@ def render_plot(rows: list[dict[str, Any]], run_dir: Path) -> bytes:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     rounds = [r["round"] for r in rows]
-    for key, marker in zip(AUC_KEYS, ("o", "s")):
+    for key, marker in zip(AUC_KEYS, ("o", "s", "^")):
         values = [np.nan if r[key] is None else r[key] for r in rows]
+        if key == "val_mixed_auc" and all(r[key] is None for r in rows):
+            continue  # a run made before it existed
         (line,) = left.plot(rounds, values, marker=marker, label=key)
         # The controls continue the teacher on labeled data alone: teacher -> control 1 -> control 2 ...
         chain = [(r["round"], r[key] if r["round"] == 0 else r[f"control_{key}"]) for r in rows]

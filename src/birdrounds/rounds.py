@@ -51,6 +51,7 @@ from birdrounds.data.clips import (
     make_sampler,
 )
 from birdrounds.data.layout import DEFAULT_PATHS
+from birdrounds.data.mixed_val import MixedValidation, mixed_validation_from_config
 from birdrounds.data.prepare import PreparedData, prepare_data
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.infer import SCORED_CHUNK_S
@@ -93,6 +94,7 @@ class RoundParts:
     `train_table` is the labeled training rows and `class_counts` their primary labels per class (the
     loss's class weights); `pseudo_stats` describes a student's pseudo-labels (None for the others).
     Kaggle scores the validation soundscapes in SCORED_CHUNK_S rows, whatever the training window.
+    `val_mixed` is the held-out clips' calls in quiet train-soundscape backgrounds (`data.mixed_val`).
     """
 
     train_set: Dataset
@@ -103,11 +105,13 @@ class RoundParts:
     val_clips: ClipDataset | None = None
     val_soundscapes: SoundscapeChunks | None = None
     val_solution: pd.DataFrame | None = None
+    val_mixed: MixedValidation | None = None
     pseudo_stats: dict[str, Any] | None = None
 
 
 def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int) -> RoundParts:
-    """Training clips (held-out fold removed), validation clips and labeled validation soundscapes."""
+    """Training clips (held-out fold removed), validation clips, labeled validation soundscapes and the
+    mixed validation (held-out clips only; external rows, fold -1, are never held out)."""
     data, audio = prepared.data, prepared.audio
     held_out = prepared.folds == data_cfg.fold
     train_table, val_table = data.train[~held_out].reset_index(drop=True), data.train[held_out].reset_index(drop=True)
@@ -123,6 +127,7 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int) -> R
     val_soundscapes = None
     if data.val_solution is not None and data.val_soundscapes:
         val_soundscapes = SoundscapeChunks(data.val_soundscapes, audio, window_s=SCORED_CHUNK_S, stride_s=SCORED_CHUNK_S)
+    val_mixed = mixed_validation_from_config(data_cfg.get("mixed_val"), val_table, data.soundscapes, audio, data.classes)
     sampler = make_sampler(train_table, temperature=data_cfg.sampler.temperature,
                            num_samples=data_cfg.sampler.samples_per_epoch,
                            rating_weight=data_cfg.clips.rating_weight, seed=seed)
@@ -132,7 +137,7 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int) -> R
         train_table=train_table,
         class_counts=train_table["primary_label"].value_counts().reindex(data.classes, fill_value=0).tolist(),
         val_clips=val_set if len(val_set) else None, val_soundscapes=val_soundscapes,
-        val_solution=data.val_solution if val_soundscapes is not None else None,
+        val_solution=data.val_solution if val_soundscapes is not None else None, val_mixed=val_mixed,
     )
 
 
@@ -330,7 +335,7 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
         accelerator, model, parts.train_set, loss_fn, prepared.data.classes,
         round_dir / CONTROL_DIR if control else round_dir, instantiate(round_train_config(cfg, round_idx)),
         sampler=parts.sampler, collate_fn=parts.collate_fn, val_clips=parts.val_clips,
-        val_soundscapes=parts.val_soundscapes, val_solution=parts.val_solution,
+        val_soundscapes=parts.val_soundscapes, val_solution=parts.val_solution, val_mixed=parts.val_mixed,
         config=OmegaConf.to_container(cfg, resolve=True),
         logger=instantiate(cfg.logger) if cfg.logger.log_with else None, window_s=cfg.data.window_s,
         extra_metrics=round_info,
@@ -340,6 +345,8 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
 # Keys that do not change what a round computes: where things live, how it is tracked, how far to go.
 # `control` only adds the control arm beside each round; it changes no round's own result.
 NON_RESULT_KEYS = ("round", "recompute_from", "control", "logger", "paths", "xc", "export", "predict", "run_dir")
+# Nested keys likewise: `data.mixed_val` only adds an evaluation (val_mixed_auc), training is the same.
+NON_RESULT_DATA_KEYS = ("mixed_val",)
 
 
 def config_hash(cfg: DictConfig, round_idx: int) -> str:
@@ -348,6 +355,8 @@ def config_hash(cfg: DictConfig, round_idx: int) -> str:
     # The teacher never reads the pseudo-labeling settings.
     for key in (*NON_RESULT_KEYS, *(("pseudo",) if round_idx == 0 else ())):
         plain.pop(key, None)
+    for key in NON_RESULT_DATA_KEYS:
+        (plain.get("data") or {}).pop(key, None)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -479,7 +488,8 @@ def run(cfg: DictConfig) -> Path:
             metrics = train_round(cfg, prepared, accelerator, round_dir, round_idx, teachers, control=control)
             if accelerator.is_main_process:
                 write_round_record(out_dir, cfg, round_idx, metrics, started, prepared, teachers)
-                log.info("%s done: %s", name, {k: metrics.get(k) for k in ("val_clip_auc", "val_soundscape_auc")})
+                log.info("%s done: %s", name, {k: metrics.get(k) for k in ("val_clip_auc", "val_soundscape_auc",
+                                                                            "val_mixed_auc")})
                 write_report(run_dir)
             accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -289,6 +289,7 @@ def fit(
     val_clips: Dataset | None = None,
     val_soundscapes: Dataset | None = None,
     val_solution: pd.DataFrame | None = None,
+    val_mixed: Dataset | None = None,
     config: Mapping[str, Any] | None = None,
     logger: LoggerSettings | None = None,
     window_s: float | None = None,
@@ -298,9 +299,10 @@ def fit(
 
     Writes (main process only) out_dir/checkpoints/epoch_NNN/, out_dir/model.pt and out_dir/metrics.json
     (their only writer). `val_soundscapes` (SoundscapeChunks) needs `val_solution` (row_id + class
-    columns). `extra_metrics` follow the metrics in the result and in metrics.json (a round's number and
-    arm). The caller owns the Accelerator (one per process, reusable for the next fit) and calls
-    `end_training()` at the end.
+    columns). `val_mixed` (data.mixed_val.MixedValidation: held-out calls in soundscape backgrounds,
+    with its own `rows` and `solution`) gives `val_mixed_auc`. `extra_metrics` follow the metrics in
+    the result and in metrics.json (a round's number and arm). The caller owns the Accelerator (one per
+    process, reusable for the next fit) and calls `end_training()` at the end.
     """
     out_dir = Path(out_dir)
     _check_launch(accelerator)
@@ -324,6 +326,7 @@ def fit(
         model, optimizer, train_loader,
         _eval_loader(val_clips, settings, accelerator), _eval_loader(val_soundscapes, settings, accelerator),
     )
+    mixed_loader = accelerator.prepare(_eval_loader(val_mixed, settings, accelerator)) if val_mixed is not None else None
     # The schedule counts optimizer updates; stepped by hand once per update rather than prepared,
     # because a prepared scheduler advances num_processes times per update. It and the EMA are
     # checkpointed beside save_state's files (see _save_epoch_checkpoint).
@@ -340,6 +343,8 @@ def fit(
         _seed_epoch(accelerator, settings.seed, epoch, [train_loader, epoch_sampler, train_set, collate_fn])
         metrics = {"epoch": epoch, **_train_one_epoch(run, epoch)}
         metrics.update(_validate(run, classes, clip_loader, soundscape_loader, val_soundscapes, val_solution))
+        if mixed_loader is not None:
+            metrics["val_mixed_auc"] = _score_rows(run, classes, mixed_loader, val_mixed, val_mixed.solution)
         accelerator.log({f"epoch/{k}": v for k, v in metrics.items()}, step=run.step)
         history.append(metrics)
         _save_epoch_checkpoint(run, out_dir / CHECKPOINTS_DIR, epoch, history)
@@ -448,10 +453,15 @@ def _validate(
         probs, targets = _predict(run, clip_loader, "target")
         metrics["val_clip_auc"] = clip_auc(probs, targets)
     if soundscape_loader is not None:
-        probs, index = _predict(run, soundscape_loader, "index")
-        row_ids = soundscapes.rows[ROW_ID_COLUMN].to_numpy()[index]
-        metrics["val_soundscape_auc"] = soundscape_auc(probs, row_ids, solution, classes)
+        metrics["val_soundscape_auc"] = _score_rows(run, classes, soundscape_loader, soundscapes, solution)
     return metrics
+
+
+def _score_rows(run: _Run, classes: Sequence[str], loader: DataLoader, dataset: Any, solution: pd.DataFrame) -> float:
+    """Kaggle macro AUC of 5-s rows (`dataset.rows.row_id`, items carry their `index`) against `solution`."""
+    probs, index = _predict(run, loader, "index")
+    row_ids = dataset.rows[ROW_ID_COLUMN].to_numpy()[index]
+    return soundscape_auc(probs, row_ids, solution, classes)
 
 
 # ----------------------------------------------------------------------------- checkpoints

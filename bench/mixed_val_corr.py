@@ -1,0 +1,157 @@
+"""Does `val_mixed_auc` track the soundscape score? Rank correlations over finished models.
+
+For every completed round and control folder (DONE + model.pt + metrics.json) under the given run
+folders, reads val_clip_auc and val_soundscape_auc from its metrics.json, builds the mixed validation
+set (data/mixed_val.py) from the folder's own config.yaml and data (its held-out fold), scores the
+model on it now, and prints a table per model and the Spearman rank correlations of val_mixed_auc and
+of val_clip_auc with val_soundscape_auc (the synthetic data's labeled validation soundscapes).
+
+    python bench/mixed_val_corr.py --runs /tmp/exp/runs/seed0 /tmp/exp/runs/seed1 ... [--max-models 40]
+    # design knobs, one column each ("name:key=value;key=value", values in YAML):
+    python bench/mixed_val_corr.py --runs ... --variant "snr-10..5:snr_db=[-10,5]" --variant "quiet0.2:quiet_fraction=0.2"
+
+Runs built before `data.mixed_val` existed get the defaults of configs/data/birdclef2025.yaml.
+Inference only, on CPU unless --device says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from omegaconf import OmegaConf
+from scipy.stats import spearmanr
+
+from birdrounds.artifacts import CONTROL_DIR, DONE_FILE, METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE
+from birdrounds.data.mixed_val import mixed_validation_from_config
+from birdrounds.data.prepare import prepare_data
+from birdrounds.metrics import soundscape_auc
+from birdrounds.model import checkpoint_hash, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def default_mixed_cfg() -> dict:
+    return OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "data" / "birdclef2025.yaml").mixed_val)
+
+
+def model_folders(run_dirs: list[Path]) -> list[Path]:
+    """Completed round and control folders, in run, round order; a model copied into another run
+    (an oracle run reuses its teacher) counts once."""
+    found, seen = [], set()
+    for run_dir in run_dirs:
+        for folder in sorted(run_dir.glob("round_*"), key=lambda p: p.name):
+            if not folder.name.removeprefix("round_").isdigit():
+                continue
+            for candidate in (folder, folder / CONTROL_DIR):
+                if all((candidate / f).is_file() for f in (DONE_FILE, MODEL_FILE, METRICS_FILE, ROUND_CONFIG_FILE)):
+                    digest = checkpoint_hash(candidate / MODEL_FILE)
+                    if digest not in seen:
+                        seen.add(digest)
+                        found.append(candidate)
+    return found
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, spec = text.partition(":")
+    overrides = {}
+    for item in filter(None, spec.split(";")):
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return name, overrides
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, dataset, batch_size: int, device: str) -> np.ndarray:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    out = []
+    for batch in loader:
+        out.append(torch.sigmoid(model(batch["audio"].to(device))["logits"].float()).cpu())
+    return torch.cat(out).numpy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", type=Path, required=True)
+    parser.add_argument("--max-models", type=int, default=None)
+    parser.add_argument("--variant", action="append", default=[],
+                        help="extra mixed-set design, 'name:key=value;key=value' over data.mixed_val")
+    parser.add_argument("--skip-default", action="store_true", help="score the --variant designs only")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=None, help="also write the table here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    folders = model_folders(args.runs)[: args.max_models]
+    if not folders:
+        raise SystemExit("no completed round folders under --runs")
+    variants = ([] if args.skip_default else [("mixed", {})]) + [parse_variant(v) for v in args.variant]
+    if not variants:
+        raise SystemExit("--skip-default needs at least one --variant")
+    prepared_cache: dict[str, object] = {}
+    sets_cache: dict[tuple[str, str], object] = {}
+    table = []
+    started = time.time()
+    for folder in folders:
+        cfg = OmegaConf.load(folder / ROUND_CONFIG_FILE)
+        metrics = json.loads((folder / METRICS_FILE).read_text())
+        data_cfg = cfg.data.copy()
+        data_key = json.dumps([OmegaConf.to_container(data_cfg, resolve=True), int(cfg.seed)], sort_keys=True,
+                              default=str)
+        if data_key not in prepared_cache:
+            prepared_cache[data_key] = prepare_data(data_cfg, seed=int(cfg.seed), progress=False)
+        prepared = prepared_cache[data_key]
+        held_out = prepared.folds == data_cfg.fold
+        val_table = prepared.data.train[held_out].reset_index(drop=True)
+        model, _ = load_checkpoint(folder / MODEL_FILE, map_location=args.device)
+        base = {**default_mixed_cfg(), **(OmegaConf.to_container(cfg.data.mixed_val) if cfg.data.get("mixed_val") else {})}
+        row = {"model": str(folder), "arm": metrics.get("arm"), "round": metrics.get("round"),
+               "val_clip_auc": metrics.get("val_clip_auc"), "val_soundscape_auc": metrics.get("val_soundscape_auc")}
+        for name, overrides in variants:
+            mixed_cfg = {**base, **overrides, "enabled": True}
+            set_key = (data_key, json.dumps(mixed_cfg, sort_keys=True))
+            if set_key not in sets_cache:
+                sets_cache[set_key] = mixed_validation_from_config(OmegaConf.create(mixed_cfg), val_table,
+                                                                   prepared.data.soundscapes, prepared.audio,
+                                                                   prepared.data.classes)
+            mixed = sets_cache[set_key]
+            probs = predict(model, mixed, args.batch_size, args.device)
+            row[f"val_{name}_auc"] = soundscape_auc(probs, mixed.rows["row_id"].to_numpy(), mixed.solution,
+                                                    prepared.data.classes)
+        table.append(row)
+        print(f"{len(table):3d}/{len(folders)} {time.time() - started:5.0f}s {folder}  " + "  ".join(
+            f"{k}={v:.4f}" for k, v in row.items() if k.startswith("val_") and v is not None), flush=True)
+
+    columns = ["val_soundscape_auc", "val_clip_auc", *[f"val_{name}_auc" for name, _ in variants]]
+    print(f"\n{len(table)} models, {time.time() - started:.0f} s\n")
+    print("| model | arm | " + " | ".join(columns) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in columns) + " |")
+    for row in table:
+        name = "/".join(Path(row["model"]).parts[-3:]) if Path(row["model"]).name == CONTROL_DIR \
+            else "/".join(Path(row["model"]).parts[-2:])
+        print(f"| {name} | {row['arm']} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |")
+    truth = np.array([row["val_soundscape_auc"] for row in table], dtype=float)
+    print(f"\nSpearman rank correlation with val_soundscape_auc over {len(table)} models:\n")
+    print("| metric | Spearman rho | p-value |")
+    print("| --- | --- | --- |")
+    for column in columns[1:]:
+        values = np.array([row[column] for row in table], dtype=float)
+        rho, p = spearmanr(values, truth)
+        print(f"| {column} | {rho:.3f} | {p:.2g} |")
+    for name, overrides in variants:
+        if overrides:
+            print(f"\nvariant {name}: data.mixed_val + {overrides}")
+    if args.json:
+        args.json.write_text(json.dumps(table, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""A soundscape-like validation set built from the held-out fold alone (`val_mixed_auc`).
+
+BirdCLEF 2025 ships no labeled soundscapes, so on real data only `val_clip_auc` (held-out focal clips)
+exists, and it does not track the soundscape score. This set places the held-out clips' calls into
+real train-soundscape audio and scores 5-s rows in Kaggle format, like the hidden test.
+
+Construction (`build_mixed_validation`), a pure function of its inputs and `seed`:
+
+- Backgrounds: 5-s segments of (at most `max_background_files`, seeded choice of) train soundscapes,
+  ranked by RMS in a bird band (1-10 kHz); the quietest `quiet_fraction` of them are the candidates,
+  since a soundscape's own birds are unknown and would be scored as absent. Soundscapes serve only
+  as backgrounds: nothing of their (unknown) labels is used.
+- Calls: each row gets 0, 1 or 2 held-out clips (probabilities `calls_per_row`). From a clip a
+  segment of `call_s` seconds (uniform) is cut where the clip is loud (a window with at least half
+  the clip's best window energy), scaled so that its active level (RMS of its loudest quarter of
+  50-ms frames) lies `snr_db` (uniform) over the background segment's RMS, like the synthetic
+  soundscapes' calls (about -6..+11 dB over the background), and added at a random offset.
+- Labels: the clip's primary label is positive; its secondary labels (those in the class list) are
+  positive too, as `clip_auc` counts them (targets >= 0.5). Rows with no call are all-negative.
+- Row ids: `mixed<k>_<end_s>`, 12 rows per pseudo-file k (`row_id`), so the solution has Kaggle's
+  `row_id` + one 0/1 column per class.
+
+Only the held-out clips are mixed in: the caller passes the held-out fold's table (`prepared.folds ==
+data.fold`, never external fold -1 rows). Background audio comes from train soundscapes, which
+students also see (with pseudo-labels); no held-out clip reaches training.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import signal
+from torch.utils.data import Dataset
+
+from birdrounds.data.audio import AudioDecodeError
+from birdrounds.data.clips import _as_label_list
+from birdrounds.infer import SCORED_CHUNK_S, row_id
+
+log = logging.getLogger(__name__)
+
+ROWS_PER_FILE = 12  # 60-s pseudo-files, like the test soundscapes
+BIRD_BAND_HZ = (1000.0, 10000.0)
+FRAME_S = 0.05
+
+
+@dataclass(frozen=True)
+class _Call:
+    path: str
+    clip_start: int  # samples into the clip
+    length: int  # samples
+    offset: int  # where in the 5-s row it starts
+    gain: float
+
+
+def _band_rms(wave: np.ndarray, sr: int, n: int) -> np.ndarray:
+    """RMS in the bird band of each full `n`-sample segment of `wave` (a trailing remainder is dropped)."""
+    high = min(BIRD_BAND_HZ[1], 0.45 * sr)
+    sos = signal.butter(4, (BIRD_BAND_HZ[0], high), "bandpass", fs=sr, output="sos")
+    filtered = signal.sosfilt(sos, np.asarray(wave, dtype=np.float64))
+    k = len(filtered) // n
+    return np.sqrt((filtered[: k * n].reshape(k, n) ** 2).mean(axis=1) + 1e-20)
+
+
+def _active_level(piece: np.ndarray, sr: int) -> float:
+    """RMS of the loudest quarter of 50-ms frames: a call's level, not diluted by its pauses."""
+    frame = max(1, int(FRAME_S * sr))
+    k = max(1, len(piece) // frame)
+    padded = np.zeros(k * frame)
+    padded[: min(len(piece), k * frame)] = piece[: k * frame]
+    energies = np.sort((padded.reshape(k, frame) ** 2).mean(axis=1))[::-1]
+    top = energies[: max(1, k // 4)]
+    return float(np.sqrt(top.mean() + 1e-20))
+
+
+def _loud_start(wave: np.ndarray, length: int, sr: int, rng: np.random.Generator) -> int:
+    """A start (samples) of a `length` window in `wave` whose energy is >= half the best window's."""
+    if len(wave) <= length:
+        return 0
+    hop = max(1, sr // 4)
+    starts = np.arange(0, len(wave) - length + 1, hop)
+    cumulative = np.concatenate([[0.0], np.cumsum(np.asarray(wave, dtype=np.float64) ** 2)])
+    energy = cumulative[starts + length] - cumulative[starts]
+    good = starts[energy >= 0.5 * energy.max()]
+    return int(rng.choice(good))
+
+
+class MixedValidation(Dataset):
+    """5-s rows rendered from a plan: background segment + scaled call segments; `rows` and `solution`.
+
+    Items are {"audio": float32 [n], "index": row number}, like SoundscapeChunks, so the training
+    loop scores them the same way (`rows.row_id` against `solution`).
+    """
+
+    def __init__(self, rows: pd.DataFrame, calls: list[list[_Call]], solution: pd.DataFrame, audio: Any,
+                 n_samples: int) -> None:
+        self.rows, self.calls, self.solution = rows, calls, solution
+        self.audio, self.n_samples = audio, n_samples
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _load(self, path: str) -> np.ndarray | None:
+        try:
+            return self.audio.load(path)
+        except AudioDecodeError as err:
+            log.warning("mixed validation: cannot decode %s (%s); left out of the row", path, err)
+            return None
+
+    def render(self, index: int) -> np.ndarray:
+        """The row's waveform (float32)."""
+        out = np.zeros(self.n_samples, dtype=np.float32)
+        background = self._load(self.rows.at[index, "background"])
+        if background is not None:
+            start = int(self.rows.at[index, "background_start"])
+            piece = np.asarray(background[start : start + self.n_samples], dtype=np.float32)
+            out[: len(piece)] = piece
+        for call in self.calls[index]:
+            wave = self._load(call.path)
+            if wave is None:
+                continue
+            piece = np.asarray(wave[call.clip_start : call.clip_start + call.length], dtype=np.float32)
+            piece = piece[: self.n_samples - call.offset]
+            out[call.offset : call.offset + len(piece)] += call.gain * piece
+        return out
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"audio": torch.from_numpy(self.render(index)), "index": torch.tensor(index, dtype=torch.long)}
+
+
+def _quiet_backgrounds(soundscapes: Sequence[str | Path], audio: Any, n: int, quiet_fraction: float,
+                       max_files: int, rng: np.random.Generator) -> pd.DataFrame:
+    """(file, start sample, rms) of the quietest `quiet_fraction` of full 5-s soundscape segments."""
+    paths = sorted(str(p) for p in soundscapes)
+    if len(paths) > max_files:
+        paths = sorted(rng.choice(paths, size=max_files, replace=False).tolist())
+    records = []
+    for path in paths:
+        try:
+            wave = audio.load(path)
+        except AudioDecodeError as err:
+            log.warning("mixed validation: skipping background %s (%s)", path, err)
+            continue
+        if len(wave) < n:
+            continue
+        band = _band_rms(wave, audio.sample_rate_hz, n)
+        for k, value in enumerate(band):
+            records.append((path, k * n, float(value)))
+    if not records:
+        raise ValueError("mixed validation: no train soundscape gives a full 5-s background segment")
+    table = pd.DataFrame(records, columns=["file", "start", "band_rms"])
+    table = table.sort_values(["band_rms", "file", "start"], kind="stable").reset_index(drop=True)
+    keep = max(1, int(round(quiet_fraction * len(table))))
+    return table.iloc[:keep].reset_index(drop=True)
+
+
+def build_mixed_validation(
+    val_table: pd.DataFrame,
+    soundscapes: Sequence[str | Path],
+    audio: Any,
+    classes: Sequence[str],
+    n_rows: int = 300,
+    seed: int = 0,
+    snr_db: Sequence[float] = (-6.0, 10.0),
+    quiet_fraction: float = 0.5,
+    calls_per_row: Sequence[float] = (0.3, 0.5, 0.2),
+    call_s: Sequence[float] = (1.0, 5.0),
+    max_background_files: int = 200,
+    chunk_s: float = SCORED_CHUNK_S,
+) -> MixedValidation:
+    """The mixed validation set (see the module doc); `val_table` must hold the held-out clips only."""
+    if not 0.0 < quiet_fraction <= 1.0:
+        raise ValueError(f"quiet_fraction must be in (0, 1], got {quiet_fraction}")
+    probs = np.asarray(calls_per_row, dtype=np.float64)
+    if probs.ndim != 1 or len(probs) < 1 or (probs < 0).any() or probs.sum() <= 0:
+        raise ValueError(f"calls_per_row: probabilities of 0, 1, 2 ... calls per row, got {list(calls_per_row)}")
+    probs = probs / probs.sum()
+    if len(val_table) == 0:
+        raise ValueError("mixed validation: no held-out clips to mix in")
+    classes = list(classes)
+    index = {c: i for i, c in enumerate(classes)}
+    sr = audio.sample_rate_hz
+    n = int(round(chunk_s * sr))
+    rng = np.random.default_rng([seed, 0x6D697864])
+    backgrounds = _quiet_backgrounds(soundscapes, audio, n, quiet_fraction, max_background_files, rng)
+
+    clips = val_table.reset_index(drop=True)
+    waves: dict[str, np.ndarray | None] = {}
+
+    def clip_wave(path: str) -> np.ndarray | None:
+        if path not in waves:
+            try:
+                waves[path] = np.asarray(audio.load(path), dtype=np.float32)
+            except AudioDecodeError as err:
+                log.warning("mixed validation: skipping clip %s (%s)", path, err)
+                waves[path] = None
+        return waves[path]
+
+    labels = np.zeros((n_rows, len(classes)), dtype=np.int64)
+    rows, calls = [], []
+    for k in range(n_rows):
+        bg = backgrounds.iloc[int(rng.integers(len(backgrounds)))]
+        bg_wave = audio.load(bg["file"])
+        bg_rms = float(np.sqrt(np.mean(np.asarray(bg_wave[bg["start"] : bg["start"] + n], np.float64) ** 2) + 1e-20))
+        row_calls = []
+        for _ in range(int(rng.choice(len(probs), p=probs))):
+            clip = clips.iloc[int(rng.integers(len(clips)))]
+            wave = clip_wave(str(clip["path"]))
+            length = int(rng.uniform(*call_s) * sr)
+            snr = float(rng.uniform(*snr_db))
+            if wave is None or not len(wave):
+                continue
+            length = min(length, len(wave), n)
+            start = _loud_start(wave, length, sr, rng)
+            offset = int(rng.integers(0, n - length + 1))
+            level = _active_level(wave[start : start + length], sr)
+            if level < 1e-8:
+                continue
+            row_calls.append(_Call(str(clip["path"]), start, length, offset, bg_rms * 10 ** (snr / 20) / level))
+            labels[k, index[clip["primary_label"]]] = 1
+            for label in _as_label_list(clip.get("secondary_labels")):
+                if label in index:
+                    labels[k, index[label]] = 1
+        file_k, position = divmod(k, ROWS_PER_FILE)
+        rows.append({"row_id": row_id(f"mixed{file_k}", (position + 1) * chunk_s), "background": bg["file"],
+                     "background_start": int(bg["start"]), "n_calls": len(row_calls)})
+        calls.append(row_calls)
+    rows_table = pd.DataFrame(rows)
+    solution = pd.DataFrame(labels, columns=classes)
+    solution.insert(0, "row_id", rows_table["row_id"])
+    log.info("mixed validation: %d rows from %d held-out clips over %d quiet background segments "
+             "(%d rows without a call)", n_rows, len(clips), len(backgrounds), int((rows_table["n_calls"] == 0).sum()))
+    return MixedValidation(rows_table, calls, solution, audio, n)
+
+
+def mixed_validation_from_config(cfg: Any, val_table: pd.DataFrame, soundscapes: Sequence[str | Path], audio: Any,
+                                 classes: Sequence[str]) -> MixedValidation | None:
+    """`data.mixed_val` -> the set, or None when it is off (null, enabled=false) or has nothing to mix."""
+    if cfg is None or not cfg.get("enabled", True):
+        return None
+    if len(val_table) == 0 or not soundscapes:
+        log.warning("mixed validation: off (%s)", "no held-out clips" if len(val_table) == 0 else "no train soundscapes")
+        return None
+    keys = ("n_rows", "seed", "snr_db", "quiet_fraction", "calls_per_row", "call_s", "max_background_files")
+    kwargs = {key: cfg[key] for key in keys if cfg.get(key) is not None}
+    for key in ("snr_db", "calls_per_row", "call_s"):
+        if key in kwargs:
+            kwargs[key] = [float(v) for v in kwargs[key]]
+    return build_mixed_validation(val_table, soundscapes, audio, classes, **kwargs)

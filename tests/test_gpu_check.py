@@ -1,0 +1,44 @@
+"""bench/gpu_check.sh: the one-GPU check, run here through its CPU path (--cpu) at tiny size."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "gpu_check.sh"
+
+
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    subprocess.run(["bash", "-n", str(REPO / "bench" / "fetch_wheels.sh")], check=True)
+    help_text = subprocess.run(["bash", str(SCRIPT), "--help"], check=True, capture_output=True, text=True).stdout
+    assert "--cpu" in help_text
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_path_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
+           # the venv's scripts first, so `python -m accelerate...` children find the same interpreter
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run(["bash", str(SCRIPT), "--cpu"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=840)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "cpu"
+    assert summary["samples_per_s"] > 0
+    assert 0 <= summary["data_wait_share"] <= 1
+    assert summary["pseudo_windows_per_s"] > 0
+    assert summary["pseudo"]["windows"] > 0 and summary["pseudo"]["soundscape_s_per_s"] > 0
+    assert summary["verdict"] in ("OK", "DATA-BOUND")
+    (run,) = summary["training"].values()
+    assert run["epochs"] and all(e["samples_per_s"] > 0 for e in run["epochs"])
+    for name in ("gpu_check.log", "env.txt", "pseudo.json", f"metrics_w{run['num_workers']}.json"):
+        assert (out / name).is_file(), name
+    # What the device tool brings back: at most 8 files, none deeper than 2 folders.
+    assert len([p for p in out.rglob("*") if p.is_file()]) <= 8

@@ -1,0 +1,186 @@
+"""The mixed validation (data/mixed_val.py): held-out clips only, deterministic, Kaggle rows; its wiring."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from birdrounds.config import compose
+from birdrounds.data.mixed_val import build_mixed_validation, mixed_validation_from_config
+from birdrounds.rounds import config_hash
+
+SR = 8000
+CLASSES = ["a", "b", "c", "d"]
+
+
+class DictAudio:
+    """An audio source over in-memory waveforms."""
+
+    sample_rate_hz = SR
+
+    def __init__(self, waves: dict[str, np.ndarray]) -> None:
+        self.waves = waves
+
+    def load(self, path):
+        return self.waves[str(path)]
+
+
+@pytest.fixture
+def toy():
+    rng = np.random.default_rng(0)
+    waves, rows = {}, []
+    for i, label in enumerate(CLASSES * 3):
+        t = np.arange(int(SR * rng.uniform(2, 9))) / SR
+        waves[f"clip{i}.ogg"] = (0.3 * np.sin(2 * np.pi * (1200 + 300 * CLASSES.index(label)) * t)).astype(np.float32)
+        rows.append({"primary_label": label, "secondary_labels": ["d"] if i == 0 else [], "path": f"clip{i}.ogg",
+                     "fold": i % 3})
+    for k in range(3):  # 30-s soundscapes whose loudness varies by segment
+        envelope = np.repeat(rng.uniform(0.01, 0.2, 6), 5 * SR)
+        waves[f"scape{k}.ogg"] = (rng.standard_normal(30 * SR) * envelope).astype(np.float32)
+    table = pd.DataFrame(rows)
+    return table, [f"scape{k}.ogg" for k in range(3)], DictAudio(waves)
+
+
+def test_uses_held_out_clips_only_and_has_kaggle_row_format(toy):
+    table, scapes, audio = toy
+    held_out = table[table["fold"] == 0].reset_index(drop=True)
+    mixed = build_mixed_validation(held_out, scapes, audio, CLASSES, n_rows=40, seed=1, quiet_fraction=0.5)
+    used = {call.path for calls in mixed.calls for call in calls}
+    assert used and used <= set(held_out["path"])
+    # Solution: row_id + one 0/1 column per class, one row per item, ids like Kaggle's '<stem>_<end second>'.
+    assert list(mixed.solution.columns) == ["row_id", *CLASSES] and len(mixed.solution) == len(mixed) == 40
+    assert mixed.solution["row_id"].is_unique and (mixed.solution["row_id"] == mixed.rows["row_id"]).all()
+    assert all(re.fullmatch(r"mixed\d+_\d+", r) for r in mixed.solution["row_id"])
+    assert mixed.solution["row_id"].iloc[0] == "mixed0_5" and mixed.solution["row_id"].iloc[12] == "mixed1_5"
+    labels = mixed.solution[CLASSES].to_numpy()
+    assert set(np.unique(labels)) <= {0, 1}
+    no_call = (mixed.rows["n_calls"] == 0).to_numpy()
+    assert no_call.any() and (~no_call).any()
+    assert (labels[no_call] == 0).all() and (labels[~no_call].sum(axis=1) >= 1).all()
+    for k, calls in enumerate(mixed.calls):  # each call's primary label (and clip 0's secondary) is positive
+        for call in calls:
+            clip = held_out.set_index("path").loc[call.path]
+            assert labels[k, CLASSES.index(clip["primary_label"])] == 1
+            if call.path == "clip0.ogg":
+                assert labels[k, CLASSES.index("d")] == 1
+    # Backgrounds: only the quieter half of the 5-s soundscape segments.
+    segments = sorted(float(np.sqrt(np.mean(audio.load(s)[i * 5 * SR:(i + 1) * 5 * SR] ** 2)))
+                      for s in scapes for i in range(6))
+    for _, row in mixed.rows.iterrows():
+        piece = audio.load(row["background"])[row["background_start"]:row["background_start"] + 5 * SR]
+        assert np.sqrt(np.mean(piece ** 2)) <= segments[len(segments) // 2] + 1e-6
+    item = mixed[0]
+    assert item["audio"].shape == (5 * SR,) and item["audio"].dtype.is_floating_point and int(item["index"]) == 0
+
+
+def test_is_deterministic_and_follows_the_seed(toy):
+    table, scapes, audio = toy
+    build = functools.partial(build_mixed_validation, table, scapes, audio, CLASSES, n_rows=24)
+    first, again, other = build(seed=3), build(seed=3), build(seed=4)
+    pd.testing.assert_frame_equal(first.solution, again.solution)
+    pd.testing.assert_frame_equal(first.rows, again.rows)
+    assert all(np.array_equal(first.render(k), again.render(k)) for k in range(len(first)))
+    assert not (first.rows.equals(other.rows) and first.solution.equals(other.solution))
+
+
+def test_calls_sit_at_the_asked_level_over_the_background(toy):
+    table, scapes, audio = toy
+    mixed = build_mixed_validation(table, scapes, audio, CLASSES, n_rows=12, seed=0, snr_db=(6.0, 6.0),
+                                   calls_per_row=(0.0, 1.0), call_s=(5.0, 5.0))
+    for k, calls in enumerate(mixed.calls):
+        (call,) = calls
+        background = audio.load(mixed.rows.at[k, "background"])
+        start = mixed.rows.at[k, "background_start"]
+        bg_rms = np.sqrt(np.mean(background[start:start + 5 * SR].astype(np.float64) ** 2))
+        piece = call.gain * audio.load(call.path)[call.clip_start:call.clip_start + call.length]
+        assert abs(20 * np.log10(np.sqrt(np.mean(piece ** 2)) / bg_rms) - 6.0) < 1.0  # a steady tone: active = mean
+
+
+def test_config_switch(toy):
+    table, scapes, audio = toy
+    assert mixed_validation_from_config(None, table, scapes, audio, CLASSES) is None
+    assert mixed_validation_from_config(OmegaConf.create({"enabled": False}), table, scapes, audio, CLASSES) is None
+    assert mixed_validation_from_config(OmegaConf.create({"enabled": True}), table.iloc[:0], scapes, audio, CLASSES) is None
+    on = mixed_validation_from_config(OmegaConf.create({"enabled": True, "n_rows": 7, "snr_db": [-3, 3]}),
+                                      table, scapes, audio, CLASSES)
+    assert len(on) == 7
+
+
+def test_config_defaults_and_hash_ignores_it():
+    base = compose(["experiment=smoke"])
+    assert base.data.mixed_val.enabled is True and compose([]).data.mixed_val.enabled is False  # the demo: off
+    assert compose(["data=birdclef2025", "data.root=/x"]).data.mixed_val.n_rows == 300
+    older = OmegaConf.create(OmegaConf.to_container(base, resolve=True))
+    del older.data["mixed_val"]  # a round completed before data.mixed_val existed is reused, not refused
+    for k in (0, 1):
+        assert config_hash(base, k) == config_hash(older, k)
+        assert config_hash(base, k) == config_hash(compose(["experiment=smoke", "data.mixed_val.n_rows=10"]), k)
+        assert config_hash(base, k) == config_hash(compose(["experiment=smoke", "data.mixed_val=null"]), k)
+        assert config_hash(base, k) != config_hash(compose(["experiment=smoke", "data.fold=1"]), k)
+
+
+def test_build_datasets_mixes_the_held_out_fold_only(home):
+    from birdrounds import cli
+    from birdrounds.data.prepare import prepare_data
+    from birdrounds.rounds import build_datasets
+
+    assert cli.main(["synth", "experiment=smoke"]) == 0
+    cfg = compose(["experiment=smoke", "logger=none", "data.mixed_val.n_rows=24"])
+    prepared = prepare_data(cfg.data, progress=False)
+    parts = build_datasets(prepared, cfg.data, cfg.seed)
+    held_out = set(prepared.data.train["path"][prepared.folds == cfg.data.fold])
+    used = {call.path for calls in parts.val_mixed.calls for call in calls}
+    assert used and used <= held_out and not used & set(parts.train_table["path"])
+    assert set(parts.val_mixed.rows["background"]) <= {str(p) for p in prepared.data.soundscapes}
+    cfg.data.mixed_val = None
+    assert build_datasets(prepared, cfg.data, cfg.seed).val_mixed is None
+
+
+def test_fit_scores_val_mixed_auc_every_epoch(tmp_path, toy):
+    """fit logs val_mixed_auc beside the other metrics, in every history entry and metrics.json."""
+    import train_script
+    from accelerate import Accelerator
+
+    from birdrounds import train
+    from birdrounds.data.audio import DirectAudio
+
+    data = tmp_path / "data"
+    train_script.make_data(data)
+    table = pd.read_pickle(data / "clips.pkl")
+    audio = DirectAudio(train_script.SAMPLE_RATE_HZ)
+    mixed = build_mixed_validation(table[table["split"] == "val"], sorted(map(str, data.glob("scape*.wav"))), audio,
+                                   train_script.CLASSES, n_rows=12, seed=0, quiet_fraction=1.0, call_s=(0.5, 1.0),
+                                   chunk_s=train_script.WINDOW_S)
+    patched = functools.partial(train.fit, val_mixed=mixed)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_script, "fit", patched)
+        out = tmp_path / "out"
+        result = train_script.train(data, out, Accelerator(), train_script.settings(epochs=2, steps=1))
+    assert len(result["history"]) == 2 and all(0.0 <= h["val_mixed_auc"] <= 1.0 for h in result["history"])
+    assert "val_soundscape_auc" in result and json.loads((out / "metrics.json").read_text())["val_mixed_auc"] == \
+        result["val_mixed_auc"]
+
+
+def test_report_has_a_val_mixed_auc_column(tmp_path):
+    from birdrounds.report import write_report
+
+    for k, (scape, clip, mixed) in enumerate([(0.6, 0.9, 0.62), (0.7, 0.85, 0.69)]):
+        folder = tmp_path / f"round_{k}"
+        folder.mkdir()
+        metrics = {"round": k, "val_soundscape_auc": scape, "val_clip_auc": clip, "val_mixed_auc": mixed}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        (folder / "manifest.json").write_text(json.dumps({"round": k, "seconds": 1.0}))
+        (folder / "DONE").write_text("{}")
+    report = write_report(tmp_path).read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    assert "| val_mixed_auc | change | control | gain vs control |" in table[0]
+    assert table[0].count("|") == table[1].count("|") == table[3].count("|")
+    assert table[3].split(" | ")[9:11] == ["0.690", "+0.070"]
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["rounds"][1]["val_mixed_auc"] == 0.69
