@@ -387,7 +387,7 @@ def _changed_inputs(recorded: dict[str, Any], current: dict[str, Any]) -> list[s
     return changed
 
 
-def check_reusable(round_dir: Path, round_idx: int, prepared: PreparedData, teachers: list[Path] | None) -> None:
+def check_reusable(round_dir: Path, round_idx: int, inputs: dict[str, Any], teachers: list[Path] | None) -> None:
     """Refuse to reuse a completed round whose inputs (tables, audio lists, teachers) changed since it ran.
 
     `check_unchanged` compares the config; this compares what the round read, e.g. Xeno-canto rows
@@ -395,7 +395,7 @@ def check_reusable(round_dir: Path, round_idx: int, prepared: PreparedData, teac
     Records written before inputs were recorded are not checked.
     """
     manifest = json.loads((round_dir / MANIFEST_FILE).read_text())
-    changed = _changed_inputs(manifest["inputs"], input_hashes(prepared)) if "inputs" in manifest else []
+    changed = _changed_inputs(manifest["inputs"], inputs) if "inputs" in manifest else []
     recorded_teachers = [t.get("hash") for t in manifest.get("teachers", [])]
     if teachers is not None and recorded_teachers and recorded_teachers != [checkpoint_hash(t) for t in teachers]:
         changed.append("teacher checkpoint(s) " + ", ".join(str(t) for t in teachers))
@@ -431,7 +431,7 @@ def input_hashes(prepared: PreparedData) -> dict[str, Any]:
 
 
 def write_round_record(round_dir: Path, cfg: DictConfig, round_idx: int, metrics: dict, started: float,
-                       prepared: PreparedData, teachers: list[Path] | None) -> None:
+                       prepared: PreparedData, inputs: dict[str, Any], teachers: list[Path] | None) -> None:
     """Resolved config, manifest and the completion marker (written last) of a finished round (or control)."""
     record = redact_secrets(cfg)  # secrets (xc.api_key ...) never reach a record
     with atomic_open(round_dir / ROUND_CONFIG_FILE, "w") as f:
@@ -442,7 +442,7 @@ def write_round_record(round_dir: Path, cfg: DictConfig, round_idx: int, metrics
         "seconds": round(time.time() - started, 1),
         "teachers": [{"path": str(t), "hash": checkpoint_hash(t)} for t in teachers or []],
         "model_hash": checkpoint_hash(round_dir / MODEL_FILE),
-        "inputs": input_hashes(prepared),
+        "inputs": inputs,
         "data": prepared.summary(), "final_metrics": {k: v for k, v in metrics.items() if k != "history"},
         "config": record,
     })
@@ -461,7 +461,7 @@ def run(cfg: DictConfig) -> Path:
     if cfg.recompute_from is not None and accelerator.is_main_process:
         set_aside(run_dir, cfg.recompute_from)
     accelerator.wait_for_everyone()
-    prepared = None
+    prepared, inputs = None, None
     for round_idx in range(cfg.round + 1):
         round_dir = run_dir / f"round_{round_idx}"
         # The student first (the next round needs it), then its control when asked for.
@@ -478,16 +478,17 @@ def run(cfg: DictConfig) -> Path:
                 with accelerator.main_process_first():
                     prepared = prepare_data(cfg.data, seed=cfg.seed, progress=accelerator.is_local_main_process)
                 log.info("data: %s", {k: v for k, v in prepared.summary().items() if k != "unreadable_audio"})
+                inputs = input_hashes(prepared)  # what every round of this run reads: hashed once
             teachers = None
             if round_idx:
                 teachers = [control_start(run_dir, round_idx)] if control else teacher_paths(cfg, run_dir, round_idx)
             if done:
-                check_reusable(out_dir, round_idx, prepared, teachers)
+                check_reusable(out_dir, round_idx, inputs, teachers)
                 log.info("%s already complete in %s", name, out_dir)
                 continue
             metrics = train_round(cfg, prepared, accelerator, round_dir, round_idx, teachers, control=control)
             if accelerator.is_main_process:
-                write_round_record(out_dir, cfg, round_idx, metrics, started, prepared, teachers)
+                write_round_record(out_dir, cfg, round_idx, metrics, started, prepared, inputs, teachers)
                 log.info("%s done: %s", name, {k: metrics.get(k) for k in ("val_clip_auc", "val_soundscape_auc",
                                                                             "val_mixed_auc")})
                 write_report(run_dir)
