@@ -13,10 +13,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The whole workflow: teacher + ROUNDS student rounds (each with its equal-compute control), ONNX export,
-# submission.csv for the validation soundscapes.
+# The whole workflow on the synthetic data: generate it, import its Xeno-canto-like archive for the
+# minority classes (external_data/xeno_canto), teacher + ROUNDS student rounds (each with its
+# equal-compute control), ONNX export, submission.csv for the validation soundscapes.
 ROUNDS ?= 2
 demo: $(STAMP)
+	$(VENV)/bin/birdrounds synth $(ARGS)
+	$(VENV)/bin/birdrounds xc-download 'xc.source=$${data.root}/xc_archive' $(ARGS)
 	$(VENV)/bin/python rounds/run.py round=$(ROUNDS) control=true $(ARGS)
 	$(VENV)/bin/birdrounds export $(ARGS)
 	$(VENV)/bin/birdrounds predict $(ARGS)

@@ -1,12 +1,23 @@
-"""Does the Xeno-canto extension help? Round-0 teachers with and without the synthetic minority archive.
+"""Does the Xeno-canto extension help the teacher? Round-0 teachers with and without the archive, over seeds.
 
-1. generates the default synthetic dataset (if absent) under --home,
-2. serves its `xc_archive/` through a local Xeno-canto API v3 look-alike on 127.0.0.1,
-3. runs the real downloader (`download_xeno_canto`) against it into <home>/external_data/xeno_canto,
-4. trains two round-0 teachers with `rounds/run.py` (data.external.enabled=false / true), same seed,
-5. prints per-class soundscape AUC on the validation soundscapes for the extended classes.
+1. generates the default synthetic dataset under --home (if absent) and imports its Xeno-canto-like
+   archive the way `make demo` does: `birdrounds xc-download 'xc.source=${data.root}/xc_archive'`
+   (minority classes, converted to 32 kHz OGG under <home>/external_data/xeno_canto);
+2. per seed, trains two round-0 teachers with `rounds/run.py`, the same schedule, seed and initial
+   weights: `data.external.enabled=false` ("without") and `true` ("with", plus the lever overrides);
+3. prints, per seed and as mean ± std over seeds, the validation-soundscape AUC change of the extended
+   classes (those the import gave clips), the macro AUC of both arms, and each arm's time.
 
-    python bench/xc_archive_gain.py --home /tmp/xc_gain [--seed 0]
+Goal (issue 15): extended classes +0.02 mean or better, macro AUC not lower, under the default loss.
+
+    python bench/xc_archive_gain.py --home /tmp/xc_gain [--seeds 0 1 2]
+    # a lever on the "with" arm only (same "without" teachers, reused):
+    python bench/xc_archive_gain.py --home /tmp/xc_gain --tag lw05 data.external.loss_weight=0.5
+    # a change to both arms (e.g. the loss): its own "without" teachers
+    python bench/xc_archive_gain.py --home /tmp/xc_gain --tag softce --both loss=soft_ce
+
+Teachers already complete in a run folder are reused. Results also go to <home>/xc_gain_<tag>.json.
+Exit status 0 when the goal is met, 1 when not.
 """
 
 from __future__ import annotations
@@ -14,80 +25,63 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
-import threading
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from birdrounds.artifacts import MODEL_FILE
+from birdrounds.artifacts import MANIFEST_FILE, MODEL_FILE
 from birdrounds.config import compose
 from birdrounds.data.audio import AudioCache
 from birdrounds.data.prepare import synthesize
 from birdrounds.data.soundscapes import SoundscapeChunks
+from birdrounds.infer import SCORED_CHUNK_S
 from birdrounds.metrics import per_class_roc_auc
 from birdrounds.model import load_checkpoint
-from birdrounds.xeno_canto import XCSettings, download_xeno_canto
 
 REPO = Path(__file__).resolve().parents[1]
-KEY = "local-bench-key"
+MIN_EXTENDED_GAIN = 0.02
 
 
-def serve_archive(archive: Path) -> tuple[ThreadingHTTPServer, str]:
-    """A v3-shaped API (one page per species) and the audio files of a synthetic xc_archive."""
-    records = json.loads((archive / "recordings.json").read_text())
-    by_species: dict[str, list[dict]] = {}
-    for rec in records:
-        by_species.setdefault(f"{rec['gen']} {rec['sp']}", []).append(rec)
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-        def reply(self, code: int, body: bytes) -> None:
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:
-            url = urllib.parse.urlparse(self.path)
-            if url.path.startswith("/audio/"):
-                self.reply(200, (archive / url.path.lstrip("/")).read_bytes())
-                return
-            params = dict(urllib.parse.parse_qsl(url.query))
-            match = re.search(r'sp:"([^"]+)"', params.get("query", ""))
-            if params.get("key") != KEY or not match:
-                self.reply(401 if params.get("key") != KEY else 400, b'{"error": "bad request"}')
-                return
-            base = f"http://{self.headers['Host']}"
-            recs = [{**r, "file": f"{base}/{r['file']}"} for r in by_species.get(match.group(1), [])]
-            self.reply(200, json.dumps({"numRecordings": str(len(recs)), "numSpecies": "1", "page": 1,
-                                        "numPages": 1, "recordings": recs}).encode())
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/api/3/recordings"
+def birdrounds_env(home: Path) -> dict[str, str]:
+    return {**os.environ, "BIRDROUNDS_HOME": str(home), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
-def train_teacher(home: Path, name: str, external: bool, seed: int) -> Path:
-    """Round 0 with the default config, as a user runs it; returns the model path."""
-    env = {**os.environ, "BIRDROUNDS_HOME": str(home)}
-    subprocess.run([sys.executable, str(REPO / "rounds" / "run.py"), f"experiment_name={name}", f"seed={seed}",
-                    "logger=none", f"data.external.enabled={str(external).lower()}"], check=True, env=env, cwd=home)
-    return home / "runs" / name / "round_0" / MODEL_FILE
+def import_archive(home: Path, overrides: list[str]) -> list[str]:
+    """`birdrounds xc-download` from the synthetic archive, as `make demo` runs it; returns the extended labels."""
+    cli = Path(sys.executable).parent / "birdrounds"
+    cmd = [str(cli), "xc-download", "xc.source=${data.root}/xc_archive", "xc.progress=false", *overrides]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, env=birdrounds_env(home), cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    if proc.returncode != 0:
+        sys.exit(f"xc-download failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+    table = pd.read_csv(home / "external_data" / "xeno_canto" / "train.csv")
+    return sorted(table["primary_label"].astype(str).unique())
+
+
+def train_teacher(home: Path, name: str, seed: int, overrides: list[str]) -> tuple[Path, float]:
+    """Round 0 through `rounds/run.py`, as a user runs it; returns the model path and the round's time (s)."""
+    cmd = [sys.executable, str(REPO / "rounds" / "run.py"), f"experiment_name={name}", f"seed={seed}", "logger=none",
+           *overrides]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, env=birdrounds_env(home), cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{name} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+    round_dir = home / "runs" / name / "round_0"
+    return round_dir / MODEL_FILE, float(json.loads((round_dir / MANIFEST_FILE).read_text())["seconds"])
 
 
 @torch.no_grad()
 def soundscape_auc_per_class(model_path: Path, chunks: SoundscapeChunks, solution: pd.DataFrame) -> pd.Series:
-    """Per-class ROC-AUC of a checkpoint on the labeled validation soundscapes (5-s rows)."""
+    """Per-class ROC-AUC of a checkpoint on the labeled validation soundscapes (5-s rows; NaN without positives)."""
     model, ckpt = load_checkpoint(model_path)
+    model.eval()
     probs = []
     for start in range(0, len(chunks), 32):
         batch = torch.stack([chunks[i]["audio"] for i in range(start, min(start + 32, len(chunks)))])
@@ -97,46 +91,78 @@ def soundscape_auc_per_class(model_path: Path, chunks: SoundscapeChunks, solutio
     return per_class_roc_auc(truth[ckpt["classes"]], pred[ckpt["classes"]])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--home", type=Path, required=True, help="BIRDROUNDS_HOME for data, downloads and runs")
-    parser.add_argument("--seed", type=int, default=0)
+def mean_std(values: list[float], signed: bool = False) -> str:
+    arr = np.asarray(values, dtype=float)
+    sign = "+" if signed else ""
+    return f"{arr.mean():{sign}.3f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.3f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", type=Path, required=True, help="BIRDROUNDS_HOME for data, imports and runs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tag", default="default", help="names the 'with' arm's run folders and the result file")
+    parser.add_argument("--both", nargs="*", default=[], metavar="OVERRIDE",
+                        help="Hydra overrides for both arms (the 'without' teachers then get their own folders)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the 'with' arm only (the lever)")
     args = parser.parse_args()
     home = args.home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     os.environ["BIRDROUNDS_HOME"] = str(home)
-    cfg = compose([])
+    cfg = compose(list(args.both))
     root = synthesize(cfg.data.synth, cfg.data.root, num_workers=cfg.data.num_workers)
+    extended = import_archive(home, list(args.both))
+    print(f"extended classes ({len(extended)}): {' '.join(extended)}", flush=True)
 
-    server, api_url = serve_archive(root / "xc_archive")
-    out_dir = home / "external_data" / "xeno_canto"
-    settings = XCSettings(data_root=str(root), out_dir=str(out_dir), api_url=api_url, api_key=KEY,
-                          min_recordings=cfg.data.synth.minority_max_files + 1, exclude_licenses=[],
-                          min_interval_s=0.0, progress=False)
-    summaries = download_xeno_canto(settings)
-    server.shutdown()
-    extended = sorted(s.label for s in summaries if s.downloaded or s.existing)
-    print(f"downloaded {sum(s.downloaded for s in summaries)} recordings for {len(extended)} classes")
-
-    without = train_teacher(home, f"xc_without_s{args.seed}", external=False, seed=args.seed)
-    with_xc = train_teacher(home, f"xc_with_s{args.seed}", external=True, seed=args.seed)
-
+    base = "xc_without" + ("_" + "_".join(o.replace("=", "-").replace(".", "-") for o in args.both) if args.both else "")
     audio = AudioCache(cfg.data.cache_dir, cfg.data.sample_rate_hz)
-    chunks = SoundscapeChunks(sorted((root / "val_soundscapes").glob("*.ogg")), audio)
+    chunks = SoundscapeChunks(sorted((root / "val_soundscapes").glob("*.ogg")), audio,
+                              window_s=SCORED_CHUNK_S, stride_s=SCORED_CHUNK_S)
     solution = pd.read_csv(root / "val_solution.csv")
-    table = pd.DataFrame({"without": soundscape_auc_per_class(without, chunks, solution),
-                          "with_xc": soundscape_auc_per_class(with_xc, chunks, solution)})
-    table["change"] = table["with_xc"] - table["without"]
-    focal = pd.read_csv(root / "train.csv")["primary_label"].value_counts()
-    table["focal_clips"] = focal.reindex(table.index).fillna(0).astype(int)
-    rows = table.loc[[c for c in extended if c in table.index]]
-    print("\nper-class val soundscape AUC, extended classes (NaN = no positive in the validation soundscapes):")
-    print(rows.round(3).to_string())
-    scored = rows.dropna(subset=["change"])
-    print(f"\nextended classes scored: {len(scored)}, mean change {scored['change'].mean():+.3f}")
-    print(f"macro AUC over all scored classes: without {table['without'].mean():.3f}, "
-          f"with {table['with_xc'].mean():.3f}")
+    per_seed, per_class = [], {}
+    for seed in args.seeds:
+        started = time.time()
+        without, t_without = train_teacher(home, f"{base}_s{seed}", seed, [*args.both, "data.external.enabled=false"])
+        with_xc, t_with = train_teacher(home, f"xc_with_{args.tag}_s{seed}", seed,
+                                        [*args.both, "data.external.enabled=true", *args.overrides])
+        auc = pd.DataFrame({"without": soundscape_auc_per_class(without, chunks, solution),
+                            "with": soundscape_auc_per_class(with_xc, chunks, solution)})
+        change = (auc["with"] - auc["without"]).reindex(extended).dropna()
+        per_class[seed] = change
+        per_seed.append({"seed": seed, "extended_change": float(change.mean()), "extended_scored": len(change),
+                         "macro_without": float(auc["without"].mean()), "macro_with": float(auc["with"].mean()),
+                         "seconds_without": t_without, "seconds_with": t_with})
+        print(f"seed {seed}: extended {change.mean():+.3f} over {len(change)} classes, macro "
+              f"{auc['without'].mean():.3f} -> {auc['with'].mean():.3f} ({time.time() - started:.0f} s)", flush=True)
+
+    table = pd.DataFrame(per_class)
+    focal = pd.read_csv(root / "train.csv")["primary_label"].astype(str).value_counts()
+    imported = pd.read_csv(home / "external_data" / "xeno_canto" / "train.csv")["primary_label"].astype(str).value_counts()
+    table.insert(0, "focal", focal.reindex(table.index).fillna(0).astype(int))
+    table.insert(1, "imported", imported.reindex(table.index).fillna(0).astype(int))
+    table["mean"] = table[list(per_class)].mean(axis=1)
+    print(f"\nper extended class: val soundscape AUC change (with - without) by seed "
+          f"(classes without a positive validation row are not scored); lever: {' '.join(args.overrides) or 'none'}"
+          f"{'; both arms: ' + ' '.join(args.both) if args.both else ''}")
+    print(table.round(3).to_string())
+    rows = pd.DataFrame(per_seed)
+    print("\n| seed | extended classes: AUC change | macro AUC without | macro AUC with | macro change "
+          "| time without (s) | time with (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in per_seed:
+        print(f"| {r['seed']} | {r['extended_change']:+.3f} | {r['macro_without']:.3f} | {r['macro_with']:.3f} "
+              f"| {r['macro_with'] - r['macro_without']:+.3f} | {r['seconds_without']:.0f} | {r['seconds_with']:.0f} |")
+    macro_change = (rows["macro_with"] - rows["macro_without"]).tolist()
+    print(f"| mean ± std | {mean_std(rows['extended_change'].tolist(), True)} | {mean_std(rows['macro_without'].tolist())} "
+          f"| {mean_std(rows['macro_with'].tolist())} | {mean_std(macro_change, True)} "
+          f"| {rows['seconds_without'].mean():.0f} | {rows['seconds_with'].mean():.0f} |")
+    met = rows["extended_change"].mean() >= MIN_EXTENDED_GAIN and np.mean(macro_change) >= 0
+    print(f"\ngoal (extended >= {MIN_EXTENDED_GAIN:+.2f} mean, macro not lower): {'met' if met else 'NOT met'}")
+    result = {"tag": args.tag, "overrides": args.overrides, "both": args.both, "extended": extended,
+              "per_seed": per_seed, "per_class": {str(k): v.to_dict() for k, v in per_class.items()}, "goal_met": bool(met)}
+    (home / f"xc_gain_{args.tag}.json").write_text(json.dumps(result, indent=1))
+    return 0 if met else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

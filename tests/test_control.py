@@ -115,9 +115,10 @@ def test_report_shows_control_and_gain_for_every_round(tmp_path):
     report = write_report(tmp_path).read_text()
     assert "| control | gain vs control |" in report
     table = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| -")]
-    assert table[2].split(" | ")[:9] == ["| 1", "0.700", "+0.100", "0.640", "+0.060", "0.910", "+0.010", "0.920", "-0.010"]
+    assert table[2].split(" | ")[:10] == ["| 1", "–", "0.700", "+0.100", "0.640", "+0.060", "0.910", "+0.010", "0.920",
+                                          "-0.010"]
     assert table[2].endswith("| 80 + 70 |")
-    assert table[3].split(" | ")[3:5] == ["–", "–"]
+    assert table[3].split(" | ")[4:6] == ["–", "–"]
 
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert summary == run_summary(rows)

@@ -181,6 +181,6 @@ def test_report_has_a_val_mixed_auc_column(tmp_path):
     table = [line for line in report.splitlines() if line.startswith("| ")]
     assert "| val_mixed_auc | change | control | gain vs control |" in table[0]
     assert table[0].count("|") == table[1].count("|") == table[3].count("|")
-    assert table[3].split(" | ")[9:11] == ["0.690", "+0.070"]
+    assert table[3].split(" | ")[10:12] == ["0.690", "+0.070"]
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert summary["rounds"][1]["val_mixed_auc"] == 0.69

@@ -9,10 +9,12 @@ from birdrounds.pseudo import write_pseudo_labels
 from birdrounds.report import completed_rounds, round_rows, write_report
 
 
-def make_round(run_dir, k, soundscape_auc, clip_auc, seconds, probs=None, done=True):
+def make_round(run_dir, k, soundscape_auc, clip_auc, seconds, probs=None, done=True, external_clips=None):
     folder = run_dir / f"round_{k}"
     folder.mkdir(parents=True)
     metrics = {"round": k, "val_soundscape_auc": soundscape_auc, "val_clip_auc": clip_auc}
+    if external_clips is not None:
+        metrics["external_clips"] = external_clips
     if probs is not None:
         top = probs.max(axis=1)
         metrics["pseudo"] = {"chunks": len(probs), "coverage_above_0.5": float((top > 0.5).mean()),
@@ -28,7 +30,8 @@ def make_round(run_dir, k, soundscape_auc, clip_auc, seconds, probs=None, done=T
 
 def test_rows_changes_and_files(tmp_path):
     make_round(tmp_path, 0, 0.60, 0.90, 100.0)
-    make_round(tmp_path, 1, 0.70, 0.85, 80.0, probs=np.array([[0.9, 0.1], [0.2, 0.3], [0.6, 0.7], [0.1, 0.05]], np.float32))
+    make_round(tmp_path, 1, 0.70, 0.85, 80.0, probs=np.array([[0.9, 0.1], [0.2, 0.3], [0.6, 0.7], [0.1, 0.05]], np.float32),
+               external_clips=7)
     make_round(tmp_path, 2, 0.75, None, 81.0, probs=np.array([[0.8, 0.1], [0.4, 0.3]], np.float32))
     make_round(tmp_path, 3, 0.99, 0.99, 1.0, done=False)  # interrupted: not reported
     (tmp_path / "round_1.replaced-20260101-000000").mkdir()  # set aside: not reported
@@ -43,10 +46,12 @@ def test_rows_changes_and_files(tmp_path):
     report = write_report(tmp_path).read_text()
     table = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| -")]
     assert len(table) == 1 + 3  # header + rounds 0..2
-    # round, soundscape AUC, change, control, gain, clip AUC, change, control, gain (no control here: dashes)
-    assert table[2].split(" | ")[:9] == ["| 1", "0.700", "+0.100", "–", "–", "0.850", "-0.050", "–", "–"]
+    # round, external clips, soundscape AUC, change, control, gain, clip AUC, change, control, gain
+    # (no control here: dashes; runs recorded before external counts: a dash)
+    assert table[2].split(" | ")[:10] == ["| 1", "7", "0.700", "+0.100", "–", "–", "0.850", "-0.050", "–", "–"]
+    assert table[1].split(" | ")[1] == "–"
     assert table[2].endswith("| 4 | 0.50 | 0.500 | 80 |")  # chunks, coverage, mean of [0.9, 0.3, 0.7, 0.1], time
-    assert table[3].split(" | ")[5] == "–"  # a missing metric is a dash, not a crash
+    assert table[3].split(" | ")[6] == "–"  # a missing metric is a dash, not a crash
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert not list(tmp_path.glob("*.tmp*"))

@@ -130,33 +130,7 @@ def test_two_process_launch_of_the_entry_point(home):
     assert ckpt["extra"]["num_processes"] == 2
 
 
-def test_round0_data_picks_up_external_rows_in_training_folds_only(home):
-    """Rows under external_data/xeno_canto (xc-download's layout) join training, never validation."""
-    from birdrounds.config import compose
-    from birdrounds.data.prepare import EXTERNAL_FOLD, prepare_data
-
-    cfg = compose(["experiment=smoke"])
-    assert cli.main(["synth", "experiment=smoke"]) == 0
-    root = home / "data" / "synthetic_smoke"
-    train = pd.read_csv(root / "train.csv")
-    ext = home / "external_data" / "xeno_canto"
-    rows = train.iloc[:3].copy()
-    rows["filename"] = [f"{label}/XC99900{i}.ogg" for i, label in enumerate(rows["primary_label"])]
-    for src, dst in zip(train.iloc[:3]["filename"], rows["filename"]):
-        (ext / dst).parent.mkdir(parents=True, exist_ok=True)
-        (ext / dst).write_bytes((root / "train_audio" / src).read_bytes())
-    rows.to_csv(ext / "train.csv", index=False)
-
-    prepared = prepare_data(cfg.data, progress=False)
-    assert prepared.summary()["external_clips"] == 3 and len(prepared.data.train) == len(train) + 3
-    is_external = prepared.data.train["path"].str.startswith(str(ext))
-    assert is_external.sum() == 3 and (prepared.folds[is_external.to_numpy()] == EXTERNAL_FOLD).all()
-
-    cfg.data.external.enabled = False
-    assert prepare_data(cfg.data, progress=False).summary()["external_clips"] == 0
-
-
-def add_external_rows(home: Path, n: int = 3) -> None:
+def add_external_rows(home: Path, n: int = 3) -> Path:
     """`n` labeled rows in xc-download's layout under external_data/xeno_canto (copies of focal clips)."""
     root = home / "data" / "synthetic_smoke"
     train = pd.read_csv(root / "train.csv")
@@ -167,6 +141,58 @@ def add_external_rows(home: Path, n: int = 3) -> None:
         (ext / dst).parent.mkdir(parents=True, exist_ok=True)
         (ext / dst).write_bytes((root / "train_audio" / src).read_bytes())
     rows.to_csv(ext / "train.csv", index=False)
+    return ext
+
+
+def test_round0_data_picks_up_external_rows_in_training_folds_only(home):
+    """Rows under external_data/xeno_canto (xc-download's layout) join training, never validation."""
+    from birdrounds.config import compose
+    from birdrounds.data.prepare import EXTERNAL_FOLD, prepare_data
+
+    cfg = compose(["experiment=smoke"])
+    assert cli.main(["synth", "experiment=smoke"]) == 0
+    n_train = len(pd.read_csv(home / "data" / "synthetic_smoke" / "train.csv"))
+    ext = add_external_rows(home)
+
+    prepared = prepare_data(cfg.data, progress=False)
+    assert prepared.summary()["external_clips"] == 3 and len(prepared.data.train) == n_train + 3
+    is_external = prepared.data.train["path"].str.startswith(str(ext))
+    assert is_external.sum() == 3 and (prepared.folds[is_external.to_numpy()] == EXTERNAL_FOLD).all()
+
+    cfg.data.external.enabled = False
+    assert prepare_data(cfg.data, progress=False).summary()["external_clips"] == 0
+
+
+def test_external_rows_loss_and_sample_weights_and_student_switch(home):
+    """data.external.loss_weight / sample_weight scale external rows only; in_students=false keeps them
+    in the teacher's training set and out of every later round's (student and control alike)."""
+    from birdrounds.config import compose
+    from birdrounds.data.prepare import prepare_data
+    from birdrounds.rounds import build_datasets
+
+    assert cli.main(["synth", "experiment=smoke"]) == 0
+    ext = str(add_external_rows(home))
+    cfg = compose(["experiment=smoke"])
+    prepared = prepare_data(cfg.data, progress=False)
+
+    plain = build_datasets(prepared, cfg.data, cfg.seed, round_idx=0)
+    cfg.data.external.loss_weight, cfg.data.external.sample_weight = 0.25, 3.0
+    weighted = build_datasets(prepared, cfg.data, cfg.seed, round_idx=0)
+    is_ext = weighted.train_table["path"].str.startswith(ext).to_numpy()
+    assert weighted.n_external == is_ext.sum() == 3
+    assert np.allclose(weighted.train_set.weights[is_ext], 0.25) and np.allclose(weighted.train_set.weights[~is_ext], 1.0)
+    assert np.allclose(plain.train_set.weights, 1.0)
+    # Draw probabilities: external rows x3 relative to the rest, everything else unchanged.
+    p_plain, p_weighted = plain.sampler.weights.numpy(), weighted.sampler.weights.numpy()
+    ratio = (p_weighted / p_weighted[~is_ext].sum()) / (p_plain / p_plain[~is_ext].sum())
+    assert np.allclose(ratio[is_ext], 3.0) and np.allclose(ratio[~is_ext], 1.0)
+
+    assert build_datasets(prepared, cfg.data, cfg.seed, round_idx=1).n_external == 3  # in_students: true (default)
+    cfg.data.external.in_students = False
+    student = build_datasets(prepared, cfg.data, cfg.seed, round_idx=1)
+    assert student.n_external == 0 and not student.train_table["path"].str.startswith(ext).any()
+    assert len(student.train_table) == len(plain.train_table) - 3
+    assert build_datasets(prepared, cfg.data, cfg.seed, round_idx=0).n_external == 3
 
 
 @pytest.mark.slow

@@ -68,6 +68,9 @@ def validate(cfg: DictConfig) -> None:
     require(cfg, "data.n_folds", lambda v: isinstance(v, int) and v >= 2, "must be an integer >= 2")
     require(cfg, "data.fold", lambda v: isinstance(v, int) and 0 <= v < cfg.data.n_folds, f"must be in [0, data.n_folds={cfg.data.n_folds})")
     require(cfg, "data.on_missing_file", lambda v: v in ("warn", "error"), "must be 'warn' or 'error'")
+    for key in ("data.external.loss_weight", "data.external.sample_weight"):
+        if OmegaConf.select(cfg, key) is not None:
+            require(cfg, key, lambda v: isinstance(v, (int, float)) and v >= 0, "must be a number >= 0")
     require(cfg, "round", lambda v: isinstance(v, int) and v >= 0, "must be a non-negative integer")
     require(cfg, "recompute_from", lambda v: v is None or (isinstance(v, int) and v >= 0),
             "must be null or a round number")

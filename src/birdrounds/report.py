@@ -68,7 +68,8 @@ def round_rows(run_dir: Path) -> list[dict[str, Any]]:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
         pseudo = metrics.get("pseudo") or {}
         control = _control(folder)
-        row = {"round": idx, "seconds": manifest.get("seconds"), "pseudo_chunks": pseudo.get("chunks"),
+        row = {"round": idx, "seconds": manifest.get("seconds"), "external_clips": metrics.get("external_clips"),
+               "pseudo_chunks": pseudo.get("chunks"),
                "coverage_above_0.5": pseudo.get("coverage_above_0.5"), "mean_max_prob": pseudo.get("mean_max_prob"),
                "control_seconds": control[1].get("seconds") if control else None}
         for key in AUC_KEYS:
@@ -90,7 +91,7 @@ def run_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             if key != "val_mixed_auc" or any(r[key] is not None or r[f"control_{key}"] is not None for r in rows)]
     for r in rows:
         entry = {"round": r["round"], "arm": "teacher" if r["round"] == 0 else "student", "seconds": r["seconds"],
-                 **{key: r[key] for key in keys}}
+                 "external_clips": r["external_clips"], **{key: r[key] for key in keys}}
         if r["round"] > 0:
             entry["control"] = ({key: r[f"control_{key}"] for key in keys} | {"seconds": r["control_seconds"]}
                                 if r["control_seconds"] is not None else None)
@@ -119,15 +120,16 @@ def render_markdown(rows: list[dict[str, Any]], run_dir: Path) -> str:
          "gain = student - control: what the pseudo-labels bought, without the extra training. "
          "val_mixed_auc: the held-out clips' calls mixed into quiet train-soundscape segments, scored as 5-s rows "
          "(`data.mixed_val`; the soundscape-like score where no labeled soundscapes exist). "
+         "External clips: Xeno-canto rows (`data.external`) in the round's training set. "
          "Pseudo columns describe the labels the round's student was trained on."),
         "",
-        ("| round | val_soundscape_auc | change | control | gain vs control | val_clip_auc | change | control "
+        ("| round | external clips | val_soundscape_auc | change | control | gain vs control | val_clip_auc | change | control "
          "| gain vs control | val_mixed_auc | change | control | gain vs control "
          "| pseudo chunks | coverage > 0.5 | mean max prob | time (s), student + control |"),
-        "|" + " --- |" * 17,
+        "|" + " --- |" * 18,
     ]
     for r in rows:
-        cells = [str(r["round"])]
+        cells = [str(r["round"]), _fmt(r["external_clips"])]
         for key in AUC_KEYS:
             cells += [_fmt(r[key]), _fmt(r[f"{key}_change"], signed=True), _fmt(r[f"control_{key}"]),
                       _fmt(r[f"gain_vs_control_{key}"], signed=True)]

@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, WeightedRandomSampler
 
 from birdrounds.artifacts import (
     CONTROL_DIR,
@@ -47,12 +47,11 @@ from birdrounds.config import ConfigError, redact_secrets, validate
 from birdrounds.data.clips import (
     ClipDataset,
     MixUpCollate,
-    class_sample_weights,
     make_sampler,
 )
 from birdrounds.data.layout import DEFAULT_PATHS
 from birdrounds.data.mixed_val import MixedValidation, mixed_validation_from_config
-from birdrounds.data.prepare import PreparedData, prepare_data
+from birdrounds.data.prepare import EXTERNAL_FOLD, PreparedData, prepare_data
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.infer import SCORED_CHUNK_S
 from birdrounds.mixing import ConcatPseudoDataset, PseudoChunkDataset
@@ -98,7 +97,7 @@ class RoundParts:
     """
 
     train_set: Dataset
-    sampler: Sampler[int]
+    sampler: WeightedRandomSampler
     collate_fn: MixUpCollate
     train_table: pd.DataFrame
     class_counts: list[int]
@@ -107,21 +106,35 @@ class RoundParts:
     val_solution: pd.DataFrame | None = None
     val_mixed: MixedValidation | None = None
     pseudo_stats: dict[str, Any] | None = None
+    n_external: int = 0  # external (Xeno-canto) rows in train_table
 
 
-def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int) -> RoundParts:
+def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, round_idx: int = 0) -> RoundParts:
     """Training clips (held-out fold removed), validation clips, labeled validation soundscapes and the
-    mixed validation (held-out clips only; external rows, fold -1, are never held out)."""
+    mixed validation (held-out clips only; external rows, fold -1, are never held out).
+
+    External rows (`data.external`) get `loss_weight` on their loss and `sample_weight` on their draw
+    probability; with `in_students: false` only the teacher (round 0) trains on them, and round k's
+    student and control both leave them out, so the control still sees the student's labeled data.
+    """
     data, audio = prepared.data, prepared.audio
+    ext_cfg = data_cfg.external
     held_out = prepared.folds == data_cfg.fold
-    train_table, val_table = data.train[~held_out].reset_index(drop=True), data.train[held_out].reset_index(drop=True)
+    external = prepared.folds == EXTERNAL_FOLD
+    in_training = ~held_out
+    if round_idx > 0 and not ext_cfg.get("in_students", True):
+        in_training &= ~external
+    train_table, val_table = data.train[in_training].reset_index(drop=True), data.train[held_out].reset_index(drop=True)
     if train_table.empty:
         raise ConfigError(f"data.fold: holding out fold {data_cfg.fold} leaves no training rows "
                           f"({len(data.train)} usable rows, all in that fold)")
+    row_external = external[in_training]
+    loss_weights = np.where(row_external, float(ext_cfg.get("loss_weight", 1.0)), 1.0)
+    draw_weights = np.where(row_external, float(ext_cfg.get("sample_weight", 1.0)), 1.0)
     augment = instantiate(data_cfg.augment, background_paths=[str(p) for p in data.soundscapes], background_audio=audio)
     clip_args = OmegaConf.to_container(data_cfg.clips, resolve=True)
     train_set = ClipDataset(train_table, data.classes, audio, window_s=data_cfg.window_s, augment=augment,
-                            seed=seed, **clip_args)
+                            seed=seed, row_weights=loss_weights, **clip_args)
     clip_args.update(window_mode="center", rating_weight=False)
     val_set = ClipDataset(val_table, data.classes, audio, window_s=data_cfg.window_s, seed=seed, **clip_args)
     val_soundscapes = None
@@ -130,7 +143,7 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int) -> R
     val_mixed = mixed_validation_from_config(data_cfg.get("mixed_val"), val_table, data.soundscapes, audio, data.classes)
     sampler = make_sampler(train_table, temperature=data_cfg.sampler.temperature,
                            num_samples=data_cfg.sampler.samples_per_epoch,
-                           rating_weight=data_cfg.clips.rating_weight, seed=seed)
+                           rating_weight=data_cfg.clips.rating_weight, seed=seed, row_weights=draw_weights)
     return RoundParts(
         train_set=train_set, sampler=sampler,
         collate_fn=MixUpCollate(instantiate(data_cfg.mixup) if data_cfg.mixup else None),
@@ -138,6 +151,7 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int) -> R
         class_counts=train_table["primary_label"].value_counts().reindex(data.classes, fill_value=0).tolist(),
         val_clips=val_set if len(val_set) else None, val_soundscapes=val_soundscapes,
         val_solution=data.val_solution if val_soundscapes is not None else None, val_mixed=val_mixed,
+        n_external=int(row_external.sum()),
     )
 
 
@@ -244,10 +258,10 @@ def student_parts(cfg: DictConfig, prepared: PreparedData, pseudo_path: Path, pa
     mixed = instantiate(cfg.pseudo.mixing)(labeled=parts.train_set, pseudo=pseudo, seed=cfg.seed)
     sampler = parts.sampler
     if isinstance(mixed, ConcatPseudoDataset):
-        # Concatenation is longer than the labeled set: sample labeled items class-flattened, pseudo uniformly.
-        labels = parts.train_table["primary_label"].tolist()
-        weights = mixed.sample_weights(class_sample_weights(labels, cfg.data.sampler.temperature))
-        sampler = torch.utils.data.WeightedRandomSampler(
+        # Concatenation is longer than the labeled set: labeled items drawn as the labeled sampler draws
+        # them (class-flattened, external rows weighted), pseudo chunks uniformly.
+        weights = mixed.sample_weights(parts.sampler.weights.numpy())
+        sampler = WeightedRandomSampler(
             torch.as_tensor(weights), num_samples=len(parts.sampler), replacement=True,
             generator=torch.Generator().manual_seed(cfg.seed))
     return dataclasses.replace(parts, train_set=mixed, sampler=sampler,
@@ -321,13 +335,14 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
     `teachers[0]` (see `control_start`), with the student's schedule and seed, on the labeled data alone.
     """
     student = round_idx > 0 and not control
-    parts = build_datasets(prepared, student_data_config(cfg) if student else cfg.data, cfg.seed)
+    parts = build_datasets(prepared, student_data_config(cfg) if student else cfg.data, cfg.seed, round_idx)
     if student:
         parts = student_parts(cfg, prepared, pseudo_label(cfg, prepared, teachers, round_idx, round_dir,
                                                          accelerator), parts)
     model = initial_model(cfg, len(prepared.data.classes), round_idx, teachers[0] if teachers else None)
     arm = "control" if control else ("teacher" if round_idx == 0 else "student")
     round_info = {"round": round_idx, "arm": arm, "init_weights_hash": weights_hash(model),
+                  "external_clips": parts.n_external,
                   **({"pseudo": parts.pseudo_stats} if parts.pseudo_stats is not None else {})}
     loss_fn = instantiate(cfg.loss)(class_counts=parts.class_counts)
     # fit writes the round's metrics.json (its only writer): the metrics, then `round_info`.

@@ -73,7 +73,8 @@ class ClipDataset(Dataset):
     Windows: clips longer than the window are cropped at a random ("random") or the central ("center")
     offset; shorter clips are zero-padded with the clip at a random or the central offset.
 
-    Weight: 1.0, or `rating_weights(rating)` when `rating_weight` is set; 0.0 for an unreadable file,
+    Weight: 1.0, or `rating_weights(rating)` when `rating_weight` is set, times `row_weights` (one
+    factor per row, e.g. a loss weight for external rows) when given; 0.0 for an unreadable file,
     which yields a zero waveform, a warning naming the file (once per file) and an entry in
     `failed_paths`. `num_failures` and `failed_paths` are per process: DataLoader workers keep their own.
 
@@ -95,6 +96,7 @@ class ClipDataset(Dataset):
         augment: Callable[[np.ndarray, int], np.ndarray] | None = None,
         rating_weight: bool = False,
         seed: int = 0,
+        row_weights: Sequence[float] | None = None,
     ) -> None:
         if window_mode not in WINDOW_MODES:
             raise ValueError(f"window_mode must be one of {WINDOW_MODES}, got {window_mode!r}")
@@ -117,7 +119,7 @@ class ClipDataset(Dataset):
         secondary_value = (1.0 if secondary_weight > 0 else 0.0) if target_mode == "hard" else secondary_weight
         self.targets = self._build_targets(table, secondary_value, label_smoothing)
         ratings = table["rating"] if rating_weight else [0.0] * len(table)
-        self.weights = rating_weights(ratings)
+        self.weights = rating_weights(ratings) * _row_factors(row_weights, len(table))
         self.num_failures = 0
         self.failed_paths: list[str] = []
 
@@ -314,17 +316,39 @@ def class_sample_weights(labels: Sequence[str], temperature: float = 0.5) -> np.
     return per_sample / per_sample.sum()
 
 
+def _row_factors(row_weights: Sequence[float] | None, n_rows: int) -> np.ndarray:
+    """Per-row multipliers (all 1 when None), checked for length and sign."""
+    if row_weights is None:
+        return np.ones(n_rows, dtype=np.float64)
+    factors = np.asarray(row_weights, dtype=np.float64)
+    if factors.shape != (n_rows,) or (factors < 0).any():
+        raise ValueError(f"row_weights must be {n_rows} non-negative numbers, got shape {factors.shape}")
+    return factors
+
+
+def labeled_sample_weights(table: pd.DataFrame, temperature: float = 0.5, rating_weight: bool = False,
+                           row_weights: Sequence[float] | None = None) -> np.ndarray:
+    """Sampling probabilities over `table` rows: class-flattened by `temperature`, optionally x rating weight,
+    x `row_weights` (e.g. a sampling weight for external rows); they sum to 1."""
+    weights = class_sample_weights(table["primary_label"].tolist(), temperature)
+    if rating_weight:
+        weights = weights * rating_weights(table["rating"])
+    weights = weights * _row_factors(row_weights, len(table))
+    if not weights.sum() > 0:
+        raise ValueError("every training row has sampling weight 0")
+    return weights / weights.sum()
+
+
 def make_sampler(
     table: pd.DataFrame,
     temperature: float = 0.5,
     num_samples: int | None = None,
     rating_weight: bool = False,
     seed: int = 0,
+    row_weights: Sequence[float] | None = None,
 ) -> WeightedRandomSampler:
-    """Sampler with replacement over `table` rows, class-flattened by `temperature`, optionally x rating weight."""
-    weights = class_sample_weights(table["primary_label"].tolist(), temperature)
-    if rating_weight:
-        weights = weights * rating_weights(table["rating"])
+    """Sampler with replacement over `table` rows, weighted by `labeled_sample_weights`."""
+    weights = labeled_sample_weights(table, temperature, rating_weight, row_weights)
     generator = torch.Generator().manual_seed(int(seed))
     return WeightedRandomSampler(
         torch.as_tensor(weights, dtype=torch.double),
