@@ -6,7 +6,10 @@
 2. per seed, trains two round-0 teachers with `rounds/run.py`, the same schedule, seed and initial
    weights: `data.external.enabled=false` ("without") and `true` ("with", plus the lever overrides);
 3. prints, per seed and as mean ± std over seeds, the validation-soundscape AUC change of the extended
-   classes (those the import gave clips), the macro AUC of both arms, and each arm's time.
+   classes (those the import gave clips), the macro AUC of both arms, and each arm's time;
+4. with --students, also trains round-1 students from each "with" teacher (its round 0 copied, so
+   reused) with `data.external.in_students=true` and `false`, and prints the same comparison for them
+   (issue 15: do external rows belong in the student rounds too?).
 
 Goal (issue 15): extended classes +0.02 mean or better, macro AUC not lower, under the default loss.
 
@@ -15,8 +18,10 @@ Goal (issue 15): extended classes +0.02 mean or better, macro AUC not lower, und
     python bench/xc_archive_gain.py --home /tmp/xc_gain --tag lw05 data.external.loss_weight=0.5
     # a change to both arms (e.g. the loss): its own "without" teachers
     python bench/xc_archive_gain.py --home /tmp/xc_gain --tag softce --both loss=soft_ce
+    # students with and without the external rows, from the default "with" teachers
+    python bench/xc_archive_gain.py --home /tmp/xc_gain --students
 
-Teachers already complete in a run folder are reused. Results also go to <home>/xc_gain_<tag>.json.
+Teachers already complete in a run folder are reused as they are. Results also go to <home>/xc_gain_<tag>.json.
 Exit status 0 when the goal is met, 1 when not.
 """
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from birdrounds.artifacts import MANIFEST_FILE, MODEL_FILE
+from birdrounds.artifacts import DONE_FILE, MANIFEST_FILE, MODEL_FILE
 from birdrounds.config import compose
 from birdrounds.data.audio import AudioCache
 from birdrounds.data.prepare import synthesize
@@ -45,6 +51,7 @@ from birdrounds.model import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_EXTENDED_GAIN = 0.02
+MIN_STUDENT_GAIN = 0.0  # --students: keeping the rows should not cost the extended classes anything
 
 
 def birdrounds_env(home: Path) -> dict[str, str]:
@@ -64,16 +71,22 @@ def import_archive(home: Path, overrides: list[str]) -> list[str]:
     return sorted(table["primary_label"].astype(str).unique())
 
 
-def train_teacher(home: Path, name: str, seed: int, overrides: list[str]) -> tuple[Path, float]:
-    """Round 0 through `rounds/run.py`, as a user runs it; returns the model path and the round's time (s)."""
+def train_teacher(home: Path, name: str, seed: int, overrides: list[str], round_idx: int = 0) -> tuple[Path, float]:
+    """Round `round_idx` through `rounds/run.py`, as a user runs it; returns the model path and the round's time (s).
+
+    A run folder whose round is complete is taken as it is (its name says what it is), so the
+    "without" teachers serve every lever of the same --both overrides."""
+    round_dir = home / "runs" / name / f"round_{round_idx}"
+    if (round_dir / DONE_FILE).is_file():
+        print(f"reusing {round_dir}", flush=True)
+        return round_dir / MODEL_FILE, float(json.loads((round_dir / MANIFEST_FILE).read_text())["seconds"])
     cmd = [sys.executable, str(REPO / "rounds" / "run.py"), f"experiment_name={name}", f"seed={seed}", "logger=none",
-           *overrides]
+           f"round={round_idx}", *overrides]
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, env=birdrounds_env(home), cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
     if proc.returncode != 0:
         sys.exit(f"{name} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
-    round_dir = home / "runs" / name / "round_0"
     return round_dir / MODEL_FILE, float(json.loads((round_dir / MANIFEST_FILE).read_text())["seconds"])
 
 
@@ -104,6 +117,8 @@ def main() -> int:
     parser.add_argument("--tag", default="default", help="names the 'with' arm's run folders and the result file")
     parser.add_argument("--both", nargs="*", default=[], metavar="OVERRIDE",
                         help="Hydra overrides for both arms (the 'without' teachers then get their own folders)")
+    parser.add_argument("--students", action="store_true",
+                        help="round-1 students from the 'with' teachers of --tag, external rows out vs in")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the 'with' arm only (the lever)")
     args = parser.parse_args()
     home = args.home.resolve()
@@ -119,21 +134,51 @@ def main() -> int:
     chunks = SoundscapeChunks(sorted((root / "val_soundscapes").glob("*.ogg")), audio,
                               window_s=SCORED_CHUNK_S, stride_s=SCORED_CHUNK_S)
     solution = pd.read_csv(root / "val_solution.csv")
+    if args.students:
+        return compare(home, root, extended, chunks, solution, args.seeds, f"students_{args.tag}",
+                       lambda seed: student_pair(home, seed, args.tag, [*args.both, *args.overrides]),
+                       ("in_students=false", "in_students=true"), MIN_STUDENT_GAIN)
+    return compare(home, root, extended, chunks, solution, args.seeds, args.tag,
+                   lambda seed: (train_teacher(home, f"{base}_s{seed}", seed, [*args.both, "data.external.enabled=false"]),
+                                 train_teacher(home, f"xc_with_{args.tag}_s{seed}", seed,
+                                               [*args.both, "data.external.enabled=true", *args.overrides])),
+                   ("without", "with"), MIN_EXTENDED_GAIN, lever=" ".join(args.overrides), both=" ".join(args.both))
+
+
+def student_pair(home: Path, seed: int, tag: str, overrides: list[str]) -> tuple[tuple[Path, float], tuple[Path, float]]:
+    """Round-1 students from the "with" teacher of `tag`: external rows out of (a) and in (b) the student's data."""
+    teacher = home / "runs" / f"xc_with_{tag}_s{seed}" / "round_0"
+    if not (teacher / DONE_FILE).is_file():
+        sys.exit(f"--students needs the teachers of --tag {tag} first: {teacher} is not complete")
+    arms = []
+    for in_students in ("false", "true"):
+        name = f"xc_students_{tag}_{'in' if in_students == 'true' else 'out'}_s{seed}"
+        if not (home / "runs" / name / "round_0" / DONE_FILE).is_file():
+            shutil.rmtree(home / "runs" / name / "round_0", ignore_errors=True)
+            shutil.copytree(teacher, home / "runs" / name / "round_0")
+        arms.append(train_teacher(home, name, seed, ["data.external.enabled=true", *overrides,
+                                                     f"data.external.in_students={in_students}"], round_idx=1))
+    return arms[0], arms[1]
+
+
+def compare(home: Path, root: Path, extended: list[str], chunks: SoundscapeChunks, solution: pd.DataFrame,
+            seeds: list[int], tag: str, train_pair, names: tuple[str, str], goal: float, lever: str = "",
+            both: str = "") -> int:
+    """Train both arms per seed (`train_pair(seed)` -> ((model a, s), (model b, s))), print and save the table."""
+    a, b = names
     per_seed, per_class = [], {}
-    for seed in args.seeds:
+    for seed in seeds:
         started = time.time()
-        without, t_without = train_teacher(home, f"{base}_s{seed}", seed, [*args.both, "data.external.enabled=false"])
-        with_xc, t_with = train_teacher(home, f"xc_with_{args.tag}_s{seed}", seed,
-                                        [*args.both, "data.external.enabled=true", *args.overrides])
-        auc = pd.DataFrame({"without": soundscape_auc_per_class(without, chunks, solution),
-                            "with": soundscape_auc_per_class(with_xc, chunks, solution)})
-        change = (auc["with"] - auc["without"]).reindex(extended).dropna()
+        (model_a, t_a), (model_b, t_b) = train_pair(seed)
+        auc = pd.DataFrame({a: soundscape_auc_per_class(model_a, chunks, solution),
+                            b: soundscape_auc_per_class(model_b, chunks, solution)})
+        change = (auc[b] - auc[a]).reindex(extended).dropna()
         per_class[seed] = change
         per_seed.append({"seed": seed, "extended_change": float(change.mean()), "extended_scored": len(change),
-                         "macro_without": float(auc["without"].mean()), "macro_with": float(auc["with"].mean()),
-                         "seconds_without": t_without, "seconds_with": t_with})
+                         "macro_a": float(auc[a].mean()), "macro_b": float(auc[b].mean()),
+                         "seconds_a": t_a, "seconds_b": t_b})
         print(f"seed {seed}: extended {change.mean():+.3f} over {len(change)} classes, macro "
-              f"{auc['without'].mean():.3f} -> {auc['with'].mean():.3f} ({time.time() - started:.0f} s)", flush=True)
+              f"{auc[a].mean():.3f} -> {auc[b].mean():.3f} ({time.time() - started:.0f} s)", flush=True)
 
     table = pd.DataFrame(per_class)
     focal = pd.read_csv(root / "train.csv")["primary_label"].astype(str).value_counts()
@@ -141,26 +186,26 @@ def main() -> int:
     table.insert(0, "focal", focal.reindex(table.index).fillna(0).astype(int))
     table.insert(1, "imported", imported.reindex(table.index).fillna(0).astype(int))
     table["mean"] = table[list(per_class)].mean(axis=1)
-    print(f"\nper extended class: val soundscape AUC change (with - without) by seed "
-          f"(classes without a positive validation row are not scored); lever: {' '.join(args.overrides) or 'none'}"
-          f"{'; both arms: ' + ' '.join(args.both) if args.both else ''}")
+    print(f"\nper extended class: val soundscape AUC change ({b} - {a}) by seed "
+          f"(classes without a positive validation row are not scored); lever: {lever or 'none'}"
+          f"{'; both arms: ' + both if both else ''}")
     print(table.round(3).to_string())
     rows = pd.DataFrame(per_seed)
-    print("\n| seed | extended classes: AUC change | macro AUC without | macro AUC with | macro change "
-          "| time without (s) | time with (s) |")
+    print(f"\n| seed | extended classes: AUC change | macro AUC {a} | macro AUC {b} | macro change "
+          f"| time {a} (s) | time {b} (s) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in per_seed:
-        print(f"| {r['seed']} | {r['extended_change']:+.3f} | {r['macro_without']:.3f} | {r['macro_with']:.3f} "
-              f"| {r['macro_with'] - r['macro_without']:+.3f} | {r['seconds_without']:.0f} | {r['seconds_with']:.0f} |")
-    macro_change = (rows["macro_with"] - rows["macro_without"]).tolist()
-    print(f"| mean ± std | {mean_std(rows['extended_change'].tolist(), True)} | {mean_std(rows['macro_without'].tolist())} "
-          f"| {mean_std(rows['macro_with'].tolist())} | {mean_std(macro_change, True)} "
-          f"| {rows['seconds_without'].mean():.0f} | {rows['seconds_with'].mean():.0f} |")
-    met = rows["extended_change"].mean() >= MIN_EXTENDED_GAIN and np.mean(macro_change) >= 0
-    print(f"\ngoal (extended >= {MIN_EXTENDED_GAIN:+.2f} mean, macro not lower): {'met' if met else 'NOT met'}")
-    result = {"tag": args.tag, "overrides": args.overrides, "both": args.both, "extended": extended,
+        print(f"| {r['seed']} | {r['extended_change']:+.3f} | {r['macro_a']:.3f} | {r['macro_b']:.3f} "
+              f"| {r['macro_b'] - r['macro_a']:+.3f} | {r['seconds_a']:.0f} | {r['seconds_b']:.0f} |")
+    macro_change = (rows["macro_b"] - rows["macro_a"]).tolist()
+    print(f"| mean ± std | {mean_std(rows['extended_change'].tolist(), True)} | {mean_std(rows['macro_a'].tolist())} "
+          f"| {mean_std(rows['macro_b'].tolist())} | {mean_std(macro_change, True)} "
+          f"| {rows['seconds_a'].mean():.0f} | {rows['seconds_b'].mean():.0f} |")
+    met = rows["extended_change"].mean() >= goal and np.mean(macro_change) >= 0
+    print(f"\ngoal (extended >= {goal:+.2f} mean, macro not lower): {'met' if met else 'NOT met'}")
+    result = {"tag": tag, "arms": names, "lever": lever, "both": both, "extended": extended,
               "per_seed": per_seed, "per_class": {str(k): v.to_dict() for k, v in per_class.items()}, "goal_met": bool(met)}
-    (home / f"xc_gain_{args.tag}.json").write_text(json.dumps(result, indent=1))
+    (home / f"xc_gain_{tag}.json").write_text(json.dumps(result, indent=1))
     return 0 if met else 1
 
 

@@ -39,6 +39,10 @@ def test_config_hash_ignores_where_and_how_not_what():
     assert config_hash(base, 0) == config_hash(compose(["experiment=smoke", "pseudo=second_2025"]), 0)
     assert config_hash(base, 1) != config_hash(compose(["experiment=smoke", "pseudo=second_2025"]), 1)
     assert config_hash(base, 1) != config_hash(compose(["experiment=smoke", "pseudo.student_drop_path_rate=0.1"]), 1)
+    # Students without external rows: the same teacher, other students; external weights change the teacher.
+    no_ext = compose(["experiment=smoke", "data.external.in_students=false"])
+    assert config_hash(base, 0) == config_hash(no_ext, 0) and config_hash(base, 1) != config_hash(no_ext, 1)
+    assert config_hash(base, 0) != config_hash(compose(["experiment=smoke", "data.external.loss_weight=0.5"]), 0)
 
 
 def test_changed_inputs_names_tables_and_audio_lists():

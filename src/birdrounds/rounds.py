@@ -359,7 +359,8 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
 
 # Keys that do not change what a round computes: where things live, how it is tracked, how far to go.
 # `control` only adds the control arm beside each round; it changes no round's own result.
-NON_RESULT_KEYS = ("round", "recompute_from", "control", "logger", "paths", "xc", "export", "predict", "run_dir")
+NON_RESULT_KEYS = ("round", "recompute_from", "control", "logger", "paths", "xc", "export", "predict", "run_dir",
+                   "experiment_name")
 # Nested keys likewise: `data.mixed_val` only adds an evaluation (val_mixed_auc), training is the same.
 NON_RESULT_DATA_KEYS = ("mixed_val",)
 
@@ -372,6 +373,8 @@ def config_hash(cfg: DictConfig, round_idx: int) -> str:
         plain.pop(key, None)
     for key in NON_RESULT_DATA_KEYS:
         (plain.get("data") or {}).pop(key, None)
+    if round_idx == 0:  # whether students train on external rows does not change the teacher
+        ((plain.get("data") or {}).get("external") or {}).pop("in_students", None)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
