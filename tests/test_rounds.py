@@ -35,7 +35,8 @@ def test_build_model_is_seeded_per_round_and_students_get_their_drop_path():
 def test_config_hash_ignores_where_and_how_not_what():
     base = compose(["experiment=smoke"])
     assert config_hash(base, 1) == config_hash(compose(["experiment=smoke", "predict.threads=1",
-                                                        "export.int8=true", "logger=none"]), 1)
+                                                        "export.int8=true", "logger=none",
+                                                        "experiment_name=renamed"]), 1)
     assert config_hash(base, 0) == config_hash(compose(["experiment=smoke", "pseudo=second_2025"]), 0)
     assert config_hash(base, 1) != config_hash(compose(["experiment=smoke", "pseudo=second_2025"]), 1)
     assert config_hash(base, 1) != config_hash(compose(["experiment=smoke", "pseudo.student_drop_path_rate=0.1"]), 1)
