@@ -304,3 +304,28 @@ def test_cache_build_refuses_an_unwritable_cache_in_one_line(tmp_path):
         AudioCache(blocker / "cache", SR_HZ).build([path], num_workers=1, progress=False)
     cache = AudioCache(tmp_path / "cache", SR_HZ)
     assert cache.build([path], num_workers=1, progress=False).n_decoded == 1
+
+
+def test_cache_build_stops_on_a_full_disk_keeping_what_it_wrote(tmp_path, monkeypatch):
+    """A full disk is not bad audio: one line naming data.cache_dir, no file skipped, a rerun resumes."""
+    import errno
+
+    import birdrounds.data.audio as audio_mod
+    from birdrounds.config import ConfigError
+
+    paths = [write(tmp_path / f"tone{i}.ogg", sine(440.0 + 50 * i, 1.0, SR_HZ)) for i in range(3)]
+    real_save, saved = audio_mod._save_npy_atomic, []
+
+    def save_until_full(entry, array):
+        if len(saved) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(entry, array)
+        saved.append(entry)
+
+    monkeypatch.setattr(audio_mod, "_save_npy_atomic", save_until_full)
+    cache = AudioCache(tmp_path / "cache", SR_HZ)
+    with pytest.raises(ConfigError, match=r"^data\.cache_dir: no space left .* after 2 of 3 new entries"):
+        cache.build(paths, num_workers=1, progress=False)
+    monkeypatch.setattr(audio_mod, "_save_npy_atomic", real_save)
+    summary = AudioCache(tmp_path / "cache", SR_HZ).build(paths, num_workers=1, progress=False)
+    assert (summary.n_cached_before, summary.n_decoded, summary.skipped) == (2, 1, [])

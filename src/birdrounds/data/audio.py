@@ -18,6 +18,7 @@ non-finite samples, and truncation:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -212,14 +213,24 @@ class AudioCache:
         n_done = len(paths) - len(jobs)
         bar = tqdm(total=len(paths), initial=n_done, desc="audio cache", unit="file", disable=not progress)
         with bar:
-            for (path, key, *_), (n_samples, error) in zip(jobs, _run_jobs(jobs, num_workers)):
-                bar.update(1)
-                if error is not None:
-                    self._failed[key] = error
-                    self._skip(summary, path, error)
-                    continue
-                summary.n_decoded += 1
-                summary.seconds_of_audio += n_samples / self.sample_rate_hz
+            try:
+                for (path, key, *_), (n_samples, error) in zip(jobs, _run_jobs(jobs, num_workers)):
+                    bar.update(1)
+                    if error is not None:
+                        self._failed[key] = error
+                        self._skip(summary, path, error)
+                        continue
+                    summary.n_decoded += 1
+                    summary.seconds_of_audio += n_samples / self.sample_rate_hz
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                # A full disk is not bad audio: stop, keep every entry written (a rerun resumes).
+                raise ConfigError(
+                    f"data.cache_dir: no space left on the disk of {self.cache_dir} after {summary.n_decoded} of "
+                    f"{len(jobs)} new entries (float16 at {self.sample_rate_hz} Hz takes "
+                    f"{2 * self.sample_rate_hz:,} B per second of audio); free space or point data.cache_dir "
+                    f"elsewhere, and rerun: cached entries are kept") from None
         logger.info("audio cache %s: %s", self.cache_dir, summary)
         return summary
 
