@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -100,6 +101,30 @@ def test_calls_sit_at_the_asked_level_over_the_background(toy):
         bg_rms = np.sqrt(np.mean(background[start:start + 5 * SR].astype(np.float64) ** 2))
         piece = call.gain * audio.load(call.path)[call.clip_start:call.clip_start + call.length]
         assert abs(20 * np.log10(np.sqrt(np.mean(piece ** 2)) / bg_rms) - 6.0) < 1.0  # a steady tone: active = mean
+
+
+def test_background_labels_limit_backgrounds_to_empty_segments(toy, tmp_path):
+    """Only segments a labels CSV marks all-zero serve as backgrounds; the quiet ranking applies among them."""
+    table, scapes, audio = toy
+    labels = pd.DataFrame({"row_id": [f"{Path(s).stem}_{5 * (i + 1)}" for s in scapes for i in range(6)]})
+    for c in CLASSES:
+        labels[c] = 0
+    labels.loc[labels["row_id"].str.startswith("scape0") | labels["row_id"].isin(["scape1_10", "scape1_5"]), "a"] = 1
+    path = tmp_path / "labels.csv"
+    labels.to_csv(path, index=False)
+    mixed = build_mixed_validation(table, scapes, audio, CLASSES, n_rows=60, seed=2, quiet_fraction=1.0,
+                                   background_labels=path)
+    used = {(row["background"], row["background_start"] // (5 * SR)) for _, row in mixed.rows.iterrows()}
+    empty = {(s, i) for s in scapes for i in range(6) if s != "scape0.ogg"} - {("scape1.ogg", 0), ("scape1.ogg", 1)}
+    assert used <= empty and len(used) > 3
+    via_config = mixed_validation_from_config(OmegaConf.create({"enabled": True, "n_rows": 60, "seed": 2,
+                                                                "quiet_fraction": 1.0, "background_labels": str(path)}),
+                                              table, scapes, audio, CLASSES)
+    pd.testing.assert_frame_equal(via_config.rows, mixed.rows)
+    labels[CLASSES] = 1
+    labels.to_csv(path, index=False)
+    with pytest.raises(ValueError, match="listed as empty in background_labels"):
+        build_mixed_validation(table, scapes, audio, CLASSES, n_rows=5, background_labels=path)
 
 
 def test_config_switch(toy):

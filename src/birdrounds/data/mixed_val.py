@@ -134,9 +134,19 @@ class MixedValidation(Dataset):
         return {"audio": torch.from_numpy(self.render(index)), "index": torch.tensor(index, dtype=torch.long)}
 
 
+def _empty_segments(path: str | Path) -> set[str]:
+    """Row ids whose every class column is 0 in a Kaggle-solution-format CSV (`row_id` + class columns)."""
+    table = pd.read_csv(path)
+    if "row_id" not in table.columns or len(table.columns) < 2:
+        raise ValueError(f"mixed validation: background_labels {path} needs row_id and class columns")
+    values = table.drop(columns="row_id").to_numpy(dtype=np.float64)
+    return set(table.loc[values.max(axis=1) <= 0, "row_id"].astype(str))
+
+
 def _quiet_backgrounds(soundscapes: Sequence[str | Path], audio: Any, n: int, quiet_fraction: float,
-                       max_files: int, rng: np.random.Generator) -> pd.DataFrame:
-    """(file, start sample, rms) of the quietest `quiet_fraction` of full 5-s soundscape segments."""
+                       max_files: int, rng: np.random.Generator, allowed: set[str] | None = None) -> pd.DataFrame:
+    """(file, start sample, rms) of the quietest `quiet_fraction` of full 5-s soundscape segments
+    (only those whose row id is in `allowed`, when given)."""
     paths = sorted(str(p) for p in soundscapes)
     if len(paths) > max_files:
         paths = sorted(rng.choice(paths, size=max_files, replace=False).tolist())
@@ -151,9 +161,11 @@ def _quiet_backgrounds(soundscapes: Sequence[str | Path], audio: Any, n: int, qu
             continue
         band = _band_rms(wave, audio.sample_rate_hz, n)
         for k, value in enumerate(band):
-            records.append((path, k * n, float(value)))
+            if allowed is None or row_id(Path(path).stem, (k + 1) * n / audio.sample_rate_hz) in allowed:
+                records.append((path, k * n, float(value)))
     if not records:
-        raise ValueError("mixed validation: no train soundscape gives a full 5-s background segment")
+        raise ValueError("mixed validation: no train soundscape gives a full 5-s background segment"
+                         + (" listed as empty in background_labels" if allowed is not None else ""))
     table = pd.DataFrame(records, columns=["file", "start", "band_rms"])
     table = table.sort_values(["band_rms", "file", "start"], kind="stable").reset_index(drop=True)
     keep = max(1, int(round(quiet_fraction * len(table))))
@@ -173,8 +185,12 @@ def build_mixed_validation(
     call_s: Sequence[float] = (1.0, 5.0),
     max_background_files: int = 200,
     chunk_s: float = SCORED_CHUNK_S,
+    background_labels: str | Path | None = None,
 ) -> MixedValidation:
-    """The mixed validation set (see the module doc); `val_table` must hold the held-out clips only."""
+    """The mixed validation set (see the module doc); `val_table` must hold the held-out clips only.
+
+    `background_labels`: a CSV in Kaggle solution format over train-soundscape 5-s rows (e.g. segments
+    a person listened to, or the synthetic data's truth); only rows labeled all-zero serve as backgrounds."""
     if not 0.0 < quiet_fraction <= 1.0:
         raise ValueError(f"quiet_fraction must be in (0, 1], got {quiet_fraction}")
     probs = np.asarray(calls_per_row, dtype=np.float64)
@@ -188,7 +204,8 @@ def build_mixed_validation(
     sr = audio.sample_rate_hz
     n = int(round(chunk_s * sr))
     rng = np.random.default_rng([seed, 0x6D697864])
-    backgrounds = _quiet_backgrounds(soundscapes, audio, n, quiet_fraction, max_background_files, rng)
+    allowed = _empty_segments(background_labels) if background_labels else None
+    backgrounds = _quiet_backgrounds(soundscapes, audio, n, quiet_fraction, max_background_files, rng, allowed)
 
     clips = val_table.reset_index(drop=True)
     waves: dict[str, np.ndarray | None] = {}
@@ -247,7 +264,8 @@ def mixed_validation_from_config(cfg: Any, val_table: pd.DataFrame, soundscapes:
     if len(val_table) == 0 or not soundscapes:
         log.warning("mixed validation: off (%s)", "no held-out clips" if len(val_table) == 0 else "no train soundscapes")
         return None
-    keys = ("n_rows", "seed", "snr_db", "quiet_fraction", "calls_per_row", "call_s", "max_background_files")
+    keys = ("n_rows", "seed", "snr_db", "quiet_fraction", "calls_per_row", "call_s", "max_background_files",
+            "background_labels")
     kwargs = {key: cfg[key] for key in keys if cfg.get(key) is not None}
     for key in ("snr_db", "calls_per_row", "call_s"):
         if key in kwargs:
