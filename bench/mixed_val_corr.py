@@ -10,6 +10,13 @@ of val_clip_auc with val_soundscape_auc (the synthetic data's labeled validation
     # design knobs, one column each ("name:key=value;key=value", values in YAML):
     python bench/mixed_val_corr.py --runs ... --variant "snr-10..5:snr_db=[-10,5]" --variant "quiet0.2:quiet_fraction=0.2"
 
+The ceiling: no metric can rank the models more consistently with val_soundscape_auc than that score
+agrees with itself. The script predicts every model on the labeled validation soundscapes, splits the
+soundscape files into random halves (--splits times), ranks the models by each half's macro AUC, and
+prints the mean split-half Spearman correlation with its Spearman-Brown full-length reliability r_sb; a
+metric's attainable rho is about sqrt(r_sb) (0 when r_sb <= 0: the models' differences are within the
+soundscape score's own noise).
+
 Runs built before `data.mixed_val` existed get the defaults of configs/data/birdclef2025.yaml.
 Inference only, on CPU unless --device says otherwise.
 """
@@ -31,6 +38,8 @@ from scipy.stats import spearmanr
 from birdrounds.artifacts import CONTROL_DIR, DONE_FILE, METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE
 from birdrounds.data.mixed_val import mixed_validation_from_config
 from birdrounds.data.prepare import prepare_data
+from birdrounds.data.soundscapes import SoundscapeChunks
+from birdrounds.infer import SCORED_CHUNK_S
 from birdrounds.metrics import soundscape_auc
 from birdrounds.model import checkpoint_hash, load_checkpoint
 
@@ -76,6 +85,24 @@ def predict(model: torch.nn.Module, dataset, batch_size: int, device: str) -> np
     return torch.cat(out).numpy()
 
 
+def split_half_reliability(scores: list[np.ndarray], row_ids: np.ndarray, solution, classes: list[str],
+                           n_splits: int, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, min, max) over random half splits of the soundscape files of the Spearman correlation
+    between the models' macro AUCs on the two halves; `scores[m]` are model m's chunk probabilities."""
+    stems = np.array([r.rsplit("_", 1)[0] for r in row_ids])
+    files = np.unique(stems)
+    rng = np.random.default_rng(seed)
+    rhos = []
+    for _ in range(n_splits):
+        half = np.isin(stems, rng.permutation(files)[: len(files) // 2])
+        sides = []
+        for mask in (half, ~half):
+            part = solution[solution["row_id"].isin(row_ids[mask])]
+            sides.append([soundscape_auc(p[mask], row_ids[mask], part, classes) for p in scores])
+        rhos.append(spearmanr(*sides).statistic)
+    return float(np.mean(rhos)), float(np.min(rhos)), float(np.max(rhos))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", type=Path, required=True)
@@ -86,6 +113,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--splits", type=int, default=30, help="random half splits for the reliability ceiling")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -98,7 +126,7 @@ def main() -> None:
         raise SystemExit("--skip-default needs at least one --variant")
     prepared_cache: dict[str, object] = {}
     sets_cache: dict[tuple[str, str], object] = {}
-    table = []
+    table, scape_scores, scape_rows = [], [], None
     started = time.time()
     for folder in folders:
         cfg = OmegaConf.load(folder / ROUND_CONFIG_FILE)
@@ -126,6 +154,11 @@ def main() -> None:
             probs = predict(model, mixed, args.batch_size, args.device)
             row[f"val_{name}_auc"] = soundscape_auc(probs, mixed.rows["row_id"].to_numpy(), mixed.solution,
                                                     prepared.data.classes)
+        if prepared.data.val_solution is not None and prepared.data.val_soundscapes:
+            chunks = SoundscapeChunks(prepared.data.val_soundscapes, prepared.audio, window_s=SCORED_CHUNK_S,
+                                      stride_s=SCORED_CHUNK_S)
+            scape_scores.append(predict(model, chunks, args.batch_size, args.device))
+            scape_rows = (chunks.rows["row_id"].to_numpy(), prepared.data.val_solution, prepared.data.classes)
         table.append(row)
         print(f"{len(table):3d}/{len(folders)} {time.time() - started:5.0f}s {folder}  " + "  ".join(
             f"{k}={v:.4f}" for k, v in row.items() if k.startswith("val_") and v is not None), flush=True)
@@ -146,6 +179,12 @@ def main() -> None:
         values = np.array([row[column] for row in table], dtype=float)
         rho, p = spearmanr(values, truth)
         print(f"| {column} | {rho:.3f} | {p:.2g} |")
+    if scape_rows is not None and len(scape_scores) == len(table) and args.splits > 0:
+        mean, low, high = split_half_reliability(scape_scores, *scape_rows, n_splits=args.splits)
+        r_sb = 2 * mean / (1 + mean) if mean > -1 else float("nan")
+        print(f"\nceiling: split-half Spearman of val_soundscape_auc over {args.splits} random halves of the "
+              f"validation soundscape files: mean {mean:.3f} (min {low:.3f}, max {high:.3f}); Spearman-Brown "
+              f"reliability {r_sb:.3f}; attainable rho about {np.sqrt(r_sb) if r_sb > 0 else 0.0:.2f}")
     for name, overrides in variants:
         if overrides:
             print(f"\nvariant {name}: data.mixed_val + {overrides}")
