@@ -71,7 +71,7 @@ def import_archive(home: Path, overrides: list[str]) -> list[str]:
     return sorted(table["primary_label"].astype(str).unique())
 
 
-def train_teacher(home: Path, name: str, seed: int, overrides: list[str], round_idx: int = 0) -> tuple[Path, float]:
+def train_round(home: Path, name: str, seed: int, overrides: list[str], round_idx: int = 0) -> tuple[Path, float]:
     """Round `round_idx` through `rounds/run.py`, as a user runs it; returns the model path and the round's time (s).
 
     A run folder whose round is complete is taken as it is (its name says what it is), so the
@@ -139,8 +139,8 @@ def main() -> int:
                        lambda seed: student_pair(home, seed, args.tag, [*args.both, *args.overrides]),
                        ("in_students=false", "in_students=true"), MIN_STUDENT_GAIN)
     return compare(home, root, extended, chunks, solution, args.seeds, args.tag,
-                   lambda seed: (train_teacher(home, f"{base}_s{seed}", seed, [*args.both, "data.external.enabled=false"]),
-                                 train_teacher(home, f"xc_with_{args.tag}_s{seed}", seed,
+                   lambda seed: (train_round(home, f"{base}_s{seed}", seed, [*args.both, "data.external.enabled=false"]),
+                                 train_round(home, f"xc_with_{args.tag}_s{seed}", seed,
                                                [*args.both, "data.external.enabled=true", *args.overrides])),
                    ("without", "with"), MIN_EXTENDED_GAIN, lever=" ".join(args.overrides), both=" ".join(args.both))
 
@@ -156,7 +156,7 @@ def student_pair(home: Path, seed: int, tag: str, overrides: list[str]) -> tuple
         if not (home / "runs" / name / "round_0" / DONE_FILE).is_file():
             shutil.rmtree(home / "runs" / name / "round_0", ignore_errors=True)
             shutil.copytree(teacher, home / "runs" / name / "round_0")
-        arms.append(train_teacher(home, name, seed, ["data.external.enabled=true", *overrides,
+        arms.append(train_round(home, name, seed, ["data.external.enabled=true", *overrides,
                                                      f"data.external.in_students={in_students}"], round_idx=1))
     return arms[0], arms[1]
 

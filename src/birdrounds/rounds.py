@@ -357,24 +357,30 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
     )
 
 
-# Keys that do not change what a round computes: where things live, how it is tracked, how far to go.
-# `control` only adds the control arm beside each round; it changes no round's own result.
+# Keys (dotted paths) that do not change what a round computes: where things live, how it is tracked, how
+# far to go. `control` only adds the control arm beside each round; `data.mixed_val` only adds an
+# evaluation (val_mixed_auc); neither changes a round's own result.
 NON_RESULT_KEYS = ("round", "recompute_from", "control", "logger", "paths", "xc", "export", "predict", "run_dir",
-                   "experiment_name")
-# Nested keys likewise: `data.mixed_val` only adds an evaluation (val_mixed_auc), training is the same.
-NON_RESULT_DATA_KEYS = ("mixed_val",)
+                   "experiment_name", "data.mixed_val")
+# And those the teacher (round 0) never reads: the pseudo-labeling settings, whether students keep external rows.
+TEACHER_IGNORED_KEYS = ("pseudo", "data.external.in_students")
+
+
+def _drop_key(plain: dict[str, Any], dotted: str) -> None:
+    """Remove `dotted` (e.g. "data.mixed_val") from a nested plain config, if it is there."""
+    *parents, last = dotted.split(".")
+    node: Any = plain
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(last, None)
 
 
 def config_hash(cfg: DictConfig, round_idx: int) -> str:
     """Hash of the resolved config minus the keys that do not change this round's result."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    # The teacher never reads the pseudo-labeling settings.
-    for key in (*NON_RESULT_KEYS, *(("pseudo",) if round_idx == 0 else ())):
-        plain.pop(key, None)
-    for key in NON_RESULT_DATA_KEYS:
-        (plain.get("data") or {}).pop(key, None)
-    if round_idx == 0:  # whether students train on external rows does not change the teacher
-        ((plain.get("data") or {}).get("external") or {}).pop("in_students", None)
+    for key in (*NON_RESULT_KEYS, *(TEACHER_IGNORED_KEYS if round_idx == 0 else ())):
+        _drop_key(plain, key)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

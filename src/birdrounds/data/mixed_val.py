@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 
 from birdrounds.data.audio import AudioDecodeError
 from birdrounds.data.clips import _as_label_list
+from birdrounds.data.layout import read_table
 from birdrounds.infer import SCORED_CHUNK_S, row_id
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,8 @@ class MixedValidation(Dataset):
 
 def _empty_segments(path: str | Path) -> set[str]:
     """Row ids whose every class column is 0 in a Kaggle-solution-format CSV (`row_id` + class columns)."""
-    table = pd.read_csv(path)
-    if "row_id" not in table.columns or len(table.columns) < 2:
+    table = read_table(Path(path), ("row_id",), "mixed validation background_labels")
+    if len(table.columns) < 2:
         raise ValueError(f"mixed validation: background_labels {path} needs row_id and class columns")
     values = table.drop(columns="row_id").to_numpy(dtype=np.float64)
     return set(table.loc[values.max(axis=1) <= 0, "row_id"].astype(str))
