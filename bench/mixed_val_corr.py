@@ -7,6 +7,8 @@ model on it now, and prints a table per model and the Spearman rank correlations
 of val_clip_auc with val_soundscape_auc (the synthetic data's labeled validation soundscapes).
 
     python bench/mixed_val_corr.py --runs /tmp/exp/runs/seed0 /tmp/exp/runs/seed1 ... [--max-models 40]
+    # the reference scored on 40 validation soundscapes instead of 10 (bench/wide_val.py):
+    python bench/mixed_val_corr.py --runs ... --val-soundscapes 40
     # design knobs, one column each ("name:key=value;key=value", values in YAML):
     python bench/mixed_val_corr.py --runs ... --variant "snr-10..5:snr_db=[-10,5]" --variant "quiet0.2:quiet_fraction=0.2"
 
@@ -40,8 +42,9 @@ from birdrounds.data.mixed_val import mixed_validation_from_config
 from birdrounds.data.prepare import prepare_data
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.infer import SCORED_CHUNK_S
-from birdrounds.metrics import soundscape_auc
+from birdrounds.metrics import ROW_ID_COLUMN, soundscape_auc
 from birdrounds.model import checkpoint_hash, load_checkpoint
+from birdrounds.pseudo import chunk_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,6 +116,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--val-soundscapes", type=int, default=None, metavar="N",
+                        help="the reference val_soundscape_auc on the same synthetic data with N labeled validation "
+                             "soundscapes (bench/wide_val.py) instead of the 10 each model validated on")
     parser.add_argument("--splits", type=int, default=30, help="random half splits for the reliability ceiling")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -124,6 +130,12 @@ def main() -> None:
     variants = ([] if args.skip_default else [("mixed", {})]) + [parse_variant(v) for v in args.variant]
     if not variants:
         raise SystemExit("--skip-default needs at least one --variant")
+    wide = None
+    if args.val_soundscapes:
+        from wide_val import ValidationSoundscapes
+
+        wide = ValidationSoundscapes.build(OmegaConf.load(folders[0] / ROUND_CONFIG_FILE).data, args.val_soundscapes)
+        print(f"reference: val_soundscape_auc on {wide.n_files} validation soundscapes ({wide.root})", flush=True)
     prepared_cache: dict[str, object] = {}
     sets_cache: dict[tuple[str, str], object] = {}
     table, scape_scores, scape_rows = [], [], None
@@ -154,7 +166,13 @@ def main() -> None:
             probs = predict(model, mixed, args.batch_size, args.device)
             row[f"val_{name}_auc"] = soundscape_auc(probs, mixed.rows["row_id"].to_numpy(), mixed.solution,
                                                     prepared.data.classes)
-        if prepared.data.val_solution is not None and prepared.data.val_soundscapes:
+        if wide is not None:
+            probs, classes = wide.predict(folder / MODEL_FILE)
+            row_ids = chunk_rows(wide.chunks)[ROW_ID_COLUMN].to_numpy()
+            row["val_soundscape_auc"] = soundscape_auc(probs, row_ids, wide.solution, classes)
+            scape_scores.append(probs)
+            scape_rows = (row_ids, wide.solution, classes)
+        elif prepared.data.val_solution is not None and prepared.data.val_soundscapes:
             chunks = SoundscapeChunks(prepared.data.val_soundscapes, prepared.audio, window_s=SCORED_CHUNK_S,
                                       stride_s=SCORED_CHUNK_S)
             scape_scores.append(predict(model, chunks, args.batch_size, args.device))

@@ -19,6 +19,8 @@ control, the share of the oracle's headroom (oracle - control) it captures, the 
     python bench/rounds_gain.py --home /tmp/rounds_gain [--seeds 0 1 2] [--rounds 2] [overrides ...]
     # another student recipe on the same teachers, in the same home:
     python bench/rounds_gain.py --home /tmp/rounds_gain --tag lr1e3 --teacher-from '' pseudo.student_train.lr=1e-3
+    # every arm scored on 40 validation soundscapes instead of the 10 it validated on (bench/wide_val.py):
+    python bench/rounds_gain.py --home /tmp/rounds_gain --report-only --val-soundscapes 40
 
 Exit status 0 when every goal is met, 1 when not. Rounds already complete in a run folder are reused.
 """
@@ -35,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from birdrounds.artifacts import DONE_FILE, MANIFEST_FILE, METRICS_FILE
+from omegaconf import OmegaConf
+
+from birdrounds.artifacts import DONE_FILE, MANIFEST_FILE, METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "val_soundscape_auc"
@@ -58,9 +62,21 @@ def run(home: Path, run_dir: Path, seed: int, rounds: int, overrides: list[str])
 
 
 def arm(folder: Path) -> dict:
-    """An arm's final metrics with its wall time (manifest.json)."""
+    """An arm's final metrics with its wall time (manifest.json) and folder."""
     metrics = json.loads((folder / METRICS_FILE).read_text())
-    return {**metrics, "seconds": json.loads((folder / MANIFEST_FILE).read_text())["seconds"]}
+    return {**metrics, "seconds": json.loads((folder / MANIFEST_FILE).read_text())["seconds"], "folder": folder}
+
+
+def rescore(results: list[dict], n_soundscapes: int) -> int:
+    """Replace every arm's val_soundscape_auc by its score on the wider validation set (bench/wide_val.py)."""
+    from wide_val import ValidationSoundscapes
+
+    teacher_dir = results[0]["teacher"]["folder"]
+    wide = ValidationSoundscapes.build(OmegaConf.load(teacher_dir / ROUND_CONFIG_FILE).data, n_soundscapes)
+    arms = [r["teacher"] for r in results] + [a for r in results for rk in r["rounds"] for a in rk.values()]
+    for item in arms:
+        item[KEY] = wide.score(item["folder"] / MODEL_FILE)
+    return wide.n_files
 
 
 def seed_dir(home: Path, seed: int, tag: str | None) -> Path:
@@ -76,15 +92,19 @@ def copy_teacher(source: Path, target: Path) -> None:
 
 
 def run_seed(home: Path, seed: int, rounds: int, truth: Path, overrides: list[str], tag: str | None = None,
-             teacher_from: str | None = None) -> dict:
-    """Both run folders of one seed; returns teacher, and per round student, control and oracle."""
+             teacher_from: str | None = None, train: bool = True) -> dict:
+    """Both run folders of one seed; returns teacher, and per round student, control and oracle.
+
+    `train=False` reads the finished folders as they are (e.g. runs made before the config gained keys).
+    """
     main_dir = seed_dir(home, seed, tag)
     oracle_dir = main_dir.with_name(main_dir.name + "_oracle")
-    if teacher_from is not None:
-        copy_teacher(seed_dir(home, seed, teacher_from or None), main_dir)
-    run(home, main_dir, seed, rounds, ["control=true", *overrides])
-    copy_teacher(main_dir, oracle_dir)
-    run(home, oracle_dir, seed, rounds, [f"pseudo.truth={truth}", *overrides])
+    if train:
+        if teacher_from is not None:
+            copy_teacher(seed_dir(home, seed, teacher_from or None), main_dir)
+        run(home, main_dir, seed, rounds, ["control=true", *overrides])
+        copy_teacher(main_dir, oracle_dir)
+        run(home, oracle_dir, seed, rounds, [f"pseudo.truth={truth}", *overrides])
     return {"teacher": arm(main_dir / "round_0"),
             "rounds": [{"student": arm(main_dir / f"round_{k}"), "control": arm(main_dir / f"round_{k}" / "control"),
                         "oracle": arm(oracle_dir / f"round_{k}")} for k in range(1, rounds + 1)]}
@@ -113,16 +133,25 @@ def main() -> int:
     parser.add_argument("--teacher-from", default=None, metavar="TAG",
                         help="reuse the round-0 teachers of the runs tagged TAG ('' = untagged) instead of "
                              "training them again (the teacher config must be the same; it is checked)")
+    parser.add_argument("--val-soundscapes", type=int, default=None, metavar="N",
+                        help="score every arm after training on the same synthetic data with N labeled validation "
+                             "soundscapes (the demo has 10; see bench/wide_val.py) instead of its metrics.json")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the finished run folders as they are")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     home = args.home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     truth = args.truth or home / "data" / "synthetic" / "truth" / "train_soundscape_labels.csv"
-    if not truth.is_file():
+    if not truth.is_file() and not args.report_only:
         # The data is generated by the first run; the oracle needs its truth table.
         run(home, seed_dir(home, args.seeds[0], args.tag), args.seeds[0], 0, args.overrides)
-    results = [run_seed(home, seed, args.rounds, truth, args.overrides, args.tag, args.teacher_from)
+    results = [run_seed(home, seed, args.rounds, truth, args.overrides, args.tag, args.teacher_from,
+                        train=not args.report_only)
                for seed in args.seeds]
+    if args.val_soundscapes:
+        n_files = rescore(results, args.val_soundscapes)
+        print(f"\n{KEY} below: every model scored on {n_files} validation soundscapes (bench/wide_val.py)")
 
     teacher = np.array([r["teacher"][KEY] for r in results])
     teacher_clip = np.array([r["teacher"]["val_clip_auc"] for r in results])

@@ -20,6 +20,8 @@ Goal (issue 15): extended classes +0.02 mean or better, macro AUC not lower, und
     python bench/xc_archive_gain.py --home /tmp/xc_gain --tag softce --both loss=soft_ce
     # students with and without the external rows, from the default "with" teachers
     python bench/xc_archive_gain.py --home /tmp/xc_gain --students
+    # the same models scored on 40 validation soundscapes instead of 10 (bench/wide_val.py)
+    python bench/xc_archive_gain.py --home /tmp/xc_gain --val-soundscapes 40
 
 Teachers already complete in a run folder are reused as they are. Results also go to <home>/xc_gain_<tag>.json.
 Exit status 0 when the goal is met, 1 when not.
@@ -38,16 +40,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
+from wide_val import ValidationSoundscapes
 
 from birdrounds.artifacts import DONE_FILE, MANIFEST_FILE, MODEL_FILE
 from birdrounds.config import compose
-from birdrounds.data.audio import AudioCache
-from birdrounds.data.prepare import synthesize
-from birdrounds.data.soundscapes import SoundscapeChunks
-from birdrounds.infer import SCORED_CHUNK_S
-from birdrounds.metrics import per_class_roc_auc
-from birdrounds.model import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_EXTENDED_GAIN = 0.02
@@ -90,20 +86,6 @@ def train_round(home: Path, name: str, seed: int, overrides: list[str], round_id
     return round_dir / MODEL_FILE, float(json.loads((round_dir / MANIFEST_FILE).read_text())["seconds"])
 
 
-@torch.no_grad()
-def soundscape_auc_per_class(model_path: Path, chunks: SoundscapeChunks, solution: pd.DataFrame) -> pd.Series:
-    """Per-class ROC-AUC of a checkpoint on the labeled validation soundscapes (5-s rows; NaN without positives)."""
-    model, ckpt = load_checkpoint(model_path)
-    model.eval()
-    probs = []
-    for start in range(0, len(chunks), 32):
-        batch = torch.stack([chunks[i]["audio"] for i in range(start, min(start + 32, len(chunks)))])
-        probs.append(torch.sigmoid(model(batch)["logits"]).numpy())
-    pred = pd.DataFrame(np.concatenate(probs), columns=ckpt["classes"]).assign(row_id=chunks.rows["row_id"].values)
-    truth = solution.set_index("row_id").loc[pred["row_id"]].reset_index()
-    return per_class_roc_auc(truth[ckpt["classes"]], pred[ckpt["classes"]])
-
-
 def mean_std(values: list[float], signed: bool = False) -> str:
     arr = np.asarray(values, dtype=float)
     sign = "+" if signed else ""
@@ -119,26 +101,28 @@ def main() -> int:
                         help="Hydra overrides for both arms (the 'without' teachers then get their own folders)")
     parser.add_argument("--students", action="store_true",
                         help="round-1 students from the 'with' teachers of --tag, external rows out vs in")
+    parser.add_argument("--val-soundscapes", type=int, default=None, metavar="N",
+                        help="score on the same data with N labeled validation soundscapes (the demo has 10; "
+                             "bench/wide_val.py); results go to xc_gain_<tag>_val<N>.json")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the 'with' arm only (the lever)")
     args = parser.parse_args()
     home = args.home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     os.environ["BIRDROUNDS_HOME"] = str(home)
     cfg = compose(list(args.both))
-    root = synthesize(cfg.data.synth, cfg.data.root, num_workers=cfg.data.num_workers)
+    val = ValidationSoundscapes.build(cfg.data, args.val_soundscapes)
+    root = Path(cfg.data.root)
     extended = import_archive(home, list(args.both))
     print(f"extended classes ({len(extended)}): {' '.join(extended)}", flush=True)
 
     base = "xc_without" + ("_" + "_".join(o.replace("=", "-").replace(".", "-") for o in args.both) if args.both else "")
-    audio = AudioCache(cfg.data.cache_dir, cfg.data.sample_rate_hz)
-    chunks = SoundscapeChunks(sorted((root / "val_soundscapes").glob("*.ogg")), audio,
-                              window_s=SCORED_CHUNK_S, stride_s=SCORED_CHUNK_S)
-    solution = pd.read_csv(root / "val_solution.csv")
+    suffix = f"_val{val.n_files}" if args.val_soundscapes else ""
+    print(f"scored on {val.n_files} validation soundscapes ({val.root})", flush=True)
     if args.students:
-        return compare(home, root, extended, chunks, solution, args.seeds, f"students_{args.tag}",
+        return compare(home, root, extended, val, args.seeds, f"students_{args.tag}{suffix}",
                        lambda seed: student_pair(home, seed, args.tag, [*args.both, *args.overrides]),
                        ("in_students=false", "in_students=true"), MIN_STUDENT_GAIN)
-    return compare(home, root, extended, chunks, solution, args.seeds, args.tag,
+    return compare(home, root, extended, val, args.seeds, f"{args.tag}{suffix}",
                    lambda seed: (train_round(home, f"{base}_s{seed}", seed, [*args.both, "data.external.enabled=false"]),
                                  train_round(home, f"xc_with_{args.tag}_s{seed}", seed,
                                                [*args.both, "data.external.enabled=true", *args.overrides])),
@@ -161,8 +145,8 @@ def student_pair(home: Path, seed: int, tag: str, overrides: list[str]) -> tuple
     return arms[0], arms[1]
 
 
-def compare(home: Path, root: Path, extended: list[str], chunks: SoundscapeChunks, solution: pd.DataFrame,
-            seeds: list[int], tag: str, train_pair, names: tuple[str, str], goal: float, lever: str = "",
+def compare(home: Path, root: Path, extended: list[str], val: ValidationSoundscapes, seeds: list[int], tag: str,
+            train_pair, names: tuple[str, str], goal: float, lever: str = "",
             both: str = "") -> int:
     """Train both arms per seed (`train_pair(seed)` -> ((model a, s), (model b, s))), print and save the table."""
     a, b = names
@@ -170,8 +154,7 @@ def compare(home: Path, root: Path, extended: list[str], chunks: SoundscapeChunk
     for seed in seeds:
         started = time.time()
         (model_a, t_a), (model_b, t_b) = train_pair(seed)
-        auc = pd.DataFrame({a: soundscape_auc_per_class(model_a, chunks, solution),
-                            b: soundscape_auc_per_class(model_b, chunks, solution)})
+        auc = pd.DataFrame({a: val.per_class(model_a), b: val.per_class(model_b)})
         change = (auc[b] - auc[a]).reindex(extended).dropna()
         per_class[seed] = change
         per_seed.append({"seed": seed, "extended_change": float(change.mean()), "extended_scored": len(change),

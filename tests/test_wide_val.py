@@ -1,0 +1,68 @@
+"""bench/wide_val.py: the same synthetic data with more labeled validation soundscapes, for benchmark scoring."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+from omegaconf import OmegaConf
+
+from birdrounds.config import compose
+from birdrounds.model import save_checkpoint
+from conftest import config_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from wide_val import ValidationSoundscapes, check_same_training_data  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_cfg(tmp_path_factory):
+    """The smoke data config under one home for the module (the generated folders are shared)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BIRDROUNDS_HOME", str(tmp_path_factory.mktemp("home")))
+        data = compose(["experiment=smoke"]).data
+        OmegaConf.resolve(data)
+    return data
+
+
+def test_twin_keeps_the_training_data_and_adds_validation_soundscapes(data_cfg):
+    own = ValidationSoundscapes.build(data_cfg)
+    assert own.root == Path(data_cfg.root) and own.n_files == data_cfg.synth.n_val_soundscapes == 2
+
+    wide = ValidationSoundscapes.build(data_cfg, n_soundscapes=5)
+    assert wide.root == Path(data_cfg.root).with_name(Path(data_cfg.root).name + "_val5") and wide.n_files == 5
+    rows_per_file = int(data_cfg.synth.soundscape_s // 5)
+    assert len(wide.solution) == len(wide.chunks) == 5 * rows_per_file
+    # The data's own validation rows are among the twin's, with the same labels.
+    own_solution = own.solution.set_index("row_id")
+    assert wide.solution.set_index("row_id").loc[own_solution.index].equals(own_solution)
+
+    # A twin whose training audio differs is refused, naming the file.
+    victim = sorted((wide.root / "train_audio").rglob("*.ogg"))[0]
+    audio, rate = sf.read(victim)
+    sf.write(victim, audio * 0.5, rate, format="OGG", subtype="VORBIS")
+    with pytest.raises(SystemExit, match=victim.name):
+        check_same_training_data(Path(data_cfg.root), wide.root)
+
+
+def test_score_matches_per_class_mean_and_is_cached_under_the_weights_hash(data_cfg, tmp_path):
+    wide = ValidationSoundscapes.build(data_cfg, n_soundscapes=4)
+    classes = list(pd.read_csv(Path(data_cfg.root) / "taxonomy.csv")["primary_label"].astype(str))
+    model_path = tmp_path / "round_1" / "model.pt"
+    save_checkpoint(model_path, config_model(len(classes)), classes)
+
+    auc = wide.score(model_path)
+    per_class = wide.per_class(model_path)
+    assert 0.0 <= auc <= 1.0 and np.isclose(auc, per_class.mean())  # macro = mean over scored classes
+    cache = model_path.with_name("model.val4.json")
+    record = json.loads(cache.read_text())
+    assert record["val_soundscape_auc"] == auc and record["files"] == 4
+
+    # The cache is read while the weights are the same, and ignored once they change.
+    cache.write_text(json.dumps({**record, "val_soundscape_auc": 0.123}))
+    assert wide.score(model_path) == 0.123
+    save_checkpoint(model_path, config_model(len(classes)), classes)  # another random init
+    assert wide.score(model_path) != 0.123 and json.loads(cache.read_text())["checkpoint_hash"] != record["checkpoint_hash"]
