@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from birdrounds.config import compose
-from birdrounds.data.mixed_val import build_mixed_validation, mixed_validation_from_config
+from birdrounds.data.mixed_val import _active_level, build_mixed_validation, far_away, mixed_validation_from_config
 from birdrounds.rounds import config_hash
 
 SR = 8000
@@ -101,6 +101,40 @@ def test_calls_sit_at_the_asked_level_over_the_background(toy):
         bg_rms = np.sqrt(np.mean(background[start:start + 5 * SR].astype(np.float64) ** 2))
         piece = call.gain * audio.load(call.path)[call.clip_start:call.clip_start + call.length]
         assert abs(20 * np.log10(np.sqrt(np.mean(piece ** 2)) / bg_rms) - 6.0) < 1.0  # a steady tone: active = mean
+
+
+def test_far_calls_lose_high_frequencies_gain_a_tail_and_keep_their_level():
+    rng = np.random.default_rng(0)
+    dry = (0.1 * rng.standard_normal(SR)).astype(np.float32)  # white: energy at every frequency
+
+    def high_share(x):
+        power = np.abs(np.fft.rfft(x)) ** 2
+        return power[np.fft.rfftfreq(len(x), 1 / SR) > 2000].sum() / power.sum()
+
+    assert far_away(dry, SR, 0.0, seed=1) is dry
+    near, far = far_away(dry, SR, 0.3, seed=1), far_away(dry, SR, 1.0, seed=1)
+    assert len(dry) < len(near) < len(far) == len(dry) + int(0.8 * SR) - 1  # RT60 0.1 + 0.7 * distance
+    assert high_share(far) < high_share(near) < high_share(dry)
+    for wave in (near, far):
+        assert _active_level(wave, SR) == pytest.approx(_active_level(dry, SR), rel=1e-4)  # the drawn SNR holds
+    np.testing.assert_array_equal(far, far_away(dry, SR, 1.0, seed=1))
+
+
+def test_distance_option_renders_every_call_from_afar(toy):
+    table, scapes, audio = toy
+    build = functools.partial(build_mixed_validation, table, scapes, audio, CLASSES, n_rows=24, seed=5)
+    plain, far = build(), build(distance=(0.5, 1.0))
+    assert all(call.distance == 0.0 for calls in plain.calls for call in calls)
+    distances = [call.distance for calls in far.calls for call in calls]
+    assert distances and all(0.5 <= d <= 1.0 for d in distances)
+    k = next(i for i, calls in enumerate(far.calls) if calls)
+    np.testing.assert_array_equal(far.render(k), build(distance=(0.5, 1.0)).render(k))  # deterministic
+    via_config = mixed_validation_from_config(OmegaConf.create({"enabled": True, "n_rows": 24, "seed": 5,
+                                                                "distance": [0.5, 1.0]}), table, scapes, audio, CLASSES)
+    pd.testing.assert_frame_equal(via_config.rows, far.rows)
+    for bad in ((0.5, 0.2), (0.0, 1.5), (-0.1, 0.5)):
+        with pytest.raises(ValueError, match="distance"):
+            build(distance=bad)
 
 
 def test_background_labels_limit_backgrounds_to_empty_segments(toy, tmp_path):

@@ -14,7 +14,9 @@ Construction (`build_mixed_validation`), a pure function of its inputs and `seed
   segment of `call_s` seconds (uniform) is cut where the clip is loud (a window with at least half
   the clip's best window energy), scaled so that its active level (RMS of its loudest quarter of
   50-ms frames) lies `snr_db` (uniform) over the background segment's RMS, like the synthetic
-  soundscapes' calls (about -6..+11 dB over the background), and added at a random offset.
+  soundscapes' calls (about -6..+11 dB over the background), and added at a random offset. With
+  `distance` set, each call is first heard from afar (`far_away`: high frequencies absorbed, a
+  reverberant tail), as calls in field recordings mostly are.
 - Labels: the clip's primary label is positive; its secondary labels (those in the class list) are
   positive too, as `clip_auc` counts them (targets >= 0.5). Rows with no call are all-negative.
 - Row ids: `mixed<k>_<end_s>`, 12 rows per pseudo-file k (`row_id`), so the solution has Kaggle's
@@ -58,6 +60,34 @@ class _Call:
     length: int  # samples
     offset: int  # where in the 5-s row it starts
     gain: float
+    distance: float = 0.0  # 0 = as recorded; up to 1 = far away (see `far_away`)
+    seed: int = 0  # of the reverb tail
+
+
+def far_away(piece: np.ndarray, sr: int, distance: float, seed: int) -> np.ndarray:
+    """A call heard from `distance` (0..1): high frequencies absorbed, a reverberant tail added.
+
+    Air and foliage absorb high frequencies more (gain exp(-distance * f / 8 kHz): -8.7 dB at 8 kHz
+    from the farthest), and a far call arrives with more reverberation (an exponentially decaying
+    noise tail, RT60 0.1-0.8 s, mixed in with weight `distance`). The result, longer by the tail, keeps
+    the dry call's active level, so the row's SNR stays what was drawn.
+    """
+    if distance <= 0.0 or len(piece) == 0:
+        return piece
+    rng = np.random.default_rng([seed, 0x666172])
+    rt60 = 0.1 + 0.7 * distance
+    t = np.arange(int(round(rt60 * sr))) / sr
+    tail = rng.standard_normal(len(t)) * np.exp(-6.9 * t / rt60)
+    tail /= np.sqrt(np.sum(tail**2)) + 1e-12
+    wet = signal.fftconvolve(piece, tail)
+    out = np.concatenate([piece, np.zeros(len(tail) - 1, dtype=piece.dtype)]) * (1 - 0.5 * distance)
+    out = out + distance * wet * (np.sqrt(np.mean(piece.astype(np.float64) ** 2)) /
+                                  (np.sqrt(np.mean(wet[: len(piece)] ** 2)) + 1e-12))
+    spectrum = np.fft.rfft(out)
+    spectrum *= np.exp(-distance * np.fft.rfftfreq(len(out), 1 / sr) / 8000.0)
+    out = np.fft.irfft(spectrum, n=len(out))
+    level, dry = _active_level(out, sr), _active_level(piece, sr)
+    return (out * (dry / level if level > 1e-12 else 0.0)).astype(np.float32)
 
 
 def _band_rms(wave: np.ndarray, sr: int, n: int) -> np.ndarray:
@@ -127,6 +157,7 @@ class MixedValidation(Dataset):
             if wave is None:
                 continue
             piece = np.asarray(wave[call.clip_start : call.clip_start + call.length], dtype=np.float32)
+            piece = far_away(piece, self.audio.sample_rate_hz, call.distance, call.seed)
             piece = piece[: self.n_samples - call.offset]
             out[call.offset : call.offset + len(piece)] += call.gain * piece
         return out
@@ -187,13 +218,17 @@ def build_mixed_validation(
     max_background_files: int = 200,
     chunk_s: float = SCORED_CHUNK_S,
     background_labels: str | Path | None = None,
+    distance: Sequence[float] = (0.0, 0.0),
 ) -> MixedValidation:
     """The mixed validation set (see the module doc); `val_table` must hold the held-out clips only.
 
     `background_labels`: a CSV in Kaggle solution format over train-soundscape 5-s rows (e.g. segments
-    a person listened to, or the synthetic data's truth); only rows labeled all-zero serve as backgrounds."""
+    a person listened to, or the synthetic data's truth); only rows labeled all-zero serve as backgrounds.
+    `distance`: (low, high) of a uniform draw per call in [0, 1], rendered by `far_away`; (0, 0) = as recorded."""
     if not 0.0 < quiet_fraction <= 1.0:
         raise ValueError(f"quiet_fraction must be in (0, 1], got {quiet_fraction}")
+    if len(distance) != 2 or not 0.0 <= distance[0] <= distance[1] <= 1.0:
+        raise ValueError(f"distance: (low, high) with 0 <= low <= high <= 1, got {list(distance)}")
     probs = np.asarray(calls_per_row, dtype=np.float64)
     if probs.ndim != 1 or len(probs) < 1 or (probs < 0).any() or probs.sum() <= 0:
         raise ValueError(f"calls_per_row: probabilities of 0, 1, 2 ... calls per row, got {list(calls_per_row)}")
@@ -240,7 +275,10 @@ def build_mixed_validation(
             level = _active_level(wave[start : start + length], sr)
             if level < 1e-8:
                 continue
-            row_calls.append(_Call(str(clip["path"]), start, length, offset, bg_rms * 10 ** (snr / 20) / level))
+            far = {}
+            if distance[1] > 0:  # drawn only then, so sets without distance keep their rows
+                far = {"distance": float(rng.uniform(*distance)), "seed": int(rng.integers(2**31))}
+            row_calls.append(_Call(str(clip["path"]), start, length, offset, bg_rms * 10 ** (snr / 20) / level, **far))
             labels[k, index[clip["primary_label"]]] = 1
             for label in _as_label_list(clip.get("secondary_labels")):
                 if label in index:
@@ -266,9 +304,9 @@ def mixed_validation_from_config(cfg: Any, val_table: pd.DataFrame, soundscapes:
         log.warning("mixed validation: off (%s)", "no held-out clips" if len(val_table) == 0 else "no train soundscapes")
         return None
     keys = ("n_rows", "seed", "snr_db", "quiet_fraction", "calls_per_row", "call_s", "max_background_files",
-            "background_labels")
+            "background_labels", "distance")
     kwargs = {key: cfg[key] for key in keys if cfg.get(key) is not None}
-    for key in ("snr_db", "calls_per_row", "call_s"):
+    for key in ("snr_db", "calls_per_row", "call_s", "distance"):
         if key in kwargs:
             kwargs[key] = [float(v) for v in kwargs[key]]
     return build_mixed_validation(val_table, soundscapes, audio, classes, **kwargs)
