@@ -36,7 +36,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from omegaconf import OmegaConf
 
 from birdrounds.artifacts import DONE_FILE, MANIFEST_FILE, METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE

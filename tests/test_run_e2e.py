@@ -175,6 +175,8 @@ def test_external_rows_loss_and_sample_weights_and_student_switch(home):
     cfg = compose(["experiment=smoke"])
     prepared = prepare_data(cfg.data, progress=False)
 
+    assert cfg.data.external.sample_weight == 2.0  # the measured default (README, Measured)
+    cfg.data.external.sample_weight = 1.0
     plain = build_datasets(prepared, cfg.data, cfg.seed, round_idx=0)
     cfg.data.external.loss_weight, cfg.data.external.sample_weight = 0.25, 3.0
     weighted = build_datasets(prepared, cfg.data, cfg.seed, round_idx=0)
