@@ -42,9 +42,8 @@ from birdrounds.data.mixed_val import mixed_validation_from_config
 from birdrounds.data.prepare import prepare_data
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.infer import SCORED_CHUNK_S
-from birdrounds.metrics import ROW_ID_COLUMN, soundscape_auc
+from birdrounds.metrics import soundscape_auc
 from birdrounds.model import checkpoint_hash, load_checkpoint
-from birdrounds.pseudo import chunk_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,10 +167,9 @@ def main() -> None:
                                                     prepared.data.classes)
         if wide is not None:
             probs, classes = wide.predict(folder / MODEL_FILE)
-            row_ids = chunk_rows(wide.chunks)[ROW_ID_COLUMN].to_numpy()
-            row["val_soundscape_auc"] = soundscape_auc(probs, row_ids, wide.solution, classes)
+            row["val_soundscape_auc"] = wide.score_probs(probs, classes)
             scape_scores.append(probs)
-            scape_rows = (row_ids, wide.solution, classes)
+            scape_rows = (wide.row_ids, wide.solution, classes)
         elif prepared.data.val_solution is not None and prepared.data.val_soundscapes:
             chunks = SoundscapeChunks(prepared.data.val_soundscapes, prepared.audio, window_s=SCORED_CHUNK_S,
                                       stride_s=SCORED_CHUNK_S)

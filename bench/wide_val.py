@@ -74,6 +74,15 @@ class ValidationSoundscapes:
         model.eval()
         return predict_chunks([model], self.chunks, batch_size=32), list(ckpt["classes"])
 
+    @property
+    def row_ids(self) -> np.ndarray:
+        """The chunks' Kaggle row ids, in `predict`'s row order."""
+        return chunk_rows(self.chunks)[ROW_ID_COLUMN].to_numpy()
+
+    def score_probs(self, probs: np.ndarray, classes: list[str]) -> float:
+        """Macro soundscape AUC of chunk probabilities in `predict`'s row order."""
+        return soundscape_auc(probs, self.row_ids, self.solution, classes)
+
     def score(self, model_path: Path) -> float:
         """Macro soundscape AUC of a checkpoint, cached in `<model>.val<N>.json` under its weights' hash."""
         cache = model_path.with_name(f"{model_path.stem}.val{self.n_files}.json")
@@ -83,7 +92,7 @@ class ValidationSoundscapes:
             if record.get("checkpoint_hash") == digest and record.get("root") == str(self.root):
                 return float(record["val_soundscape_auc"])
         probs, classes = self.predict(model_path)
-        auc = soundscape_auc(probs, chunk_rows(self.chunks)[ROW_ID_COLUMN].to_numpy(), self.solution, classes)
+        auc = self.score_probs(probs, classes)
         tmp = cache.with_name(cache.name + ".tmp")
         tmp.write_text(json.dumps({"val_soundscape_auc": auc, "checkpoint_hash": digest, "root": str(self.root),
                                    "files": self.n_files}))
@@ -93,7 +102,7 @@ class ValidationSoundscapes:
     def per_class(self, model_path: Path) -> pd.Series:
         """Per-class ROC-AUC of a checkpoint (NaN for a class without positive rows)."""
         probs, classes = self.predict(model_path)
-        pred = pd.DataFrame(probs, columns=classes).assign(row_id=chunk_rows(self.chunks)[ROW_ID_COLUMN].values)
+        pred = pd.DataFrame(probs, columns=classes).assign(row_id=self.row_ids)
         truth = self.solution.set_index(ROW_ID_COLUMN).loc[pred[ROW_ID_COLUMN]].reset_index()
         return per_class_roc_auc(truth.reindex(columns=classes, fill_value=0), pred[classes])
 

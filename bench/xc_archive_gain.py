@@ -20,6 +20,9 @@ Goal (issue 15): extended classes +0.02 mean or better, macro AUC not lower, und
     python bench/xc_archive_gain.py --home /tmp/xc_gain --tag softce --both loss=soft_ce
     # students with and without the external rows, from the default "with" teachers
     python bench/xc_archive_gain.py --home /tmp/xc_gain --students
+    # students keeping the rows, without vs with a lever (here: drop clips the teacher does not detect)
+    python bench/xc_archive_gain.py --home /tmp/xc_gain --students --student-lever filt02 \
+        data.external.filter_min_prob=0.2
     # the same models scored on 40 validation soundscapes instead of 10 (bench/wide_val.py)
     python bench/xc_archive_gain.py --home /tmp/xc_gain --val-soundscapes 40
 
@@ -101,6 +104,9 @@ def main() -> int:
                         help="Hydra overrides for both arms (the 'without' teachers then get their own folders)")
     parser.add_argument("--students", action="store_true",
                         help="round-1 students from the 'with' teachers of --tag, external rows out vs in")
+    parser.add_argument("--student-lever", metavar="NAME", default=None,
+                        help="with --students: compare students keeping the external rows without (in) and with "
+                             "the positional overrides (NAME: its run folders), instead of rows out vs in")
     parser.add_argument("--val-soundscapes", type=int, default=None, metavar="N",
                         help="score on the same data with N labeled validation soundscapes (the demo has 10; "
                              "bench/wide_val.py); results go to xc_gain_<tag>_val<N>.json")
@@ -118,9 +124,16 @@ def main() -> int:
     base = "xc_without" + ("_" + "_".join(o.replace("=", "-").replace(".", "-") for o in args.both) if args.both else "")
     suffix = f"_val{val.n_files}" if args.val_soundscapes else ""
     print(f"scored on {val.n_files} validation soundscapes ({val.root})", flush=True)
+    if args.students and args.student_lever:
+        arms = (("in", ["data.external.in_students=true"]),
+                (args.student_lever, ["data.external.in_students=true", *args.overrides]))
+        return compare(home, root, extended, val, args.seeds, f"students_{args.tag}_{args.student_lever}{suffix}",
+                       lambda seed: student_pair(home, seed, args.tag, list(args.both), arms),
+                       ("in", args.student_lever), MIN_STUDENT_GAIN, lever=" ".join(args.overrides))
     if args.students:
+        arms = (("out", ["data.external.in_students=false"]), ("in", ["data.external.in_students=true"]))
         return compare(home, root, extended, val, args.seeds, f"students_{args.tag}{suffix}",
-                       lambda seed: student_pair(home, seed, args.tag, [*args.both, *args.overrides]),
+                       lambda seed: student_pair(home, seed, args.tag, [*args.both, *args.overrides], arms),
                        ("in_students=false", "in_students=true"), MIN_STUDENT_GAIN)
     return compare(home, root, extended, val, args.seeds, f"{args.tag}{suffix}",
                    lambda seed: (train_round(home, f"{base}_s{seed}", seed, [*args.both, "data.external.enabled=false"]),
@@ -129,20 +142,22 @@ def main() -> int:
                    ("without", "with"), MIN_EXTENDED_GAIN, lever=" ".join(args.overrides), both=" ".join(args.both))
 
 
-def student_pair(home: Path, seed: int, tag: str, overrides: list[str]) -> tuple[tuple[Path, float], tuple[Path, float]]:
-    """Round-1 students from the "with" teacher of `tag`: external rows out of (a) and in (b) the student's data."""
+def student_pair(home: Path, seed: int, tag: str, overrides: list[str],
+                 arms: tuple[tuple[str, list[str]], tuple[str, list[str]]]) -> tuple[tuple[Path, float], tuple[Path, float]]:
+    """Round-1 students from the "with" teacher of `tag`, one per arm (name, its overrides): e.g. external
+    rows out of (a) and in (b) the student's data. Each arm's folder gets a copy of the teacher (reused)."""
     teacher = home / "runs" / f"xc_with_{tag}_s{seed}" / "round_0"
     if not (teacher / DONE_FILE).is_file():
         sys.exit(f"--students needs the teachers of --tag {tag} first: {teacher} is not complete")
-    arms = []
-    for in_students in ("false", "true"):
-        name = f"xc_students_{tag}_{'in' if in_students == 'true' else 'out'}_s{seed}"
+    results = []
+    for arm, arm_overrides in arms:
+        name = f"xc_students_{tag}_{arm}_s{seed}"
         if not (home / "runs" / name / "round_0" / DONE_FILE).is_file():
             shutil.rmtree(home / "runs" / name / "round_0", ignore_errors=True)
             shutil.copytree(teacher, home / "runs" / name / "round_0")
-        arms.append(train_round(home, name, seed, ["data.external.enabled=true", *overrides,
-                                                     f"data.external.in_students={in_students}"], round_idx=1))
-    return arms[0], arms[1]
+        results.append(train_round(home, name, seed, ["data.external.enabled=true", *overrides, *arm_overrides],
+                                   round_idx=1))
+    return results[0], results[1]
 
 
 def compare(home: Path, root: Path, extended: list[str], val: ValidationSoundscapes, seeds: list[int], tag: str,

@@ -57,6 +57,7 @@ def test_score_matches_per_class_mean_and_is_cached_under_the_weights_hash(data_
     auc = wide.score(model_path)
     per_class = wide.per_class(model_path)
     assert 0.0 <= auc <= 1.0 and np.isclose(auc, per_class.mean())  # macro = mean over scored classes
+    assert np.isclose(wide.score_probs(*wide.predict(model_path)), auc)  # what mixed_val_corr.py scores with
     cache = model_path.with_name("model.val4.json")
     record = json.loads(cache.read_text())
     assert record["val_soundscape_auc"] == auc and record["files"] == 4

@@ -19,6 +19,7 @@ MANIFEST_FILE = "manifest.json"           # config hash, inputs, teachers, timin
 ROUND_CONFIG_FILE = "config.yaml"         # the resolved config, secrets redacted (birdrounds.rounds)
 DONE_FILE = "DONE"                        # the completion marker, written last (birdrounds.rounds)
 PSEUDO_FILE = "pseudo_labels.parquet"     # a student's pseudo-labels (birdrounds.rounds)
+EXTERNAL_SCORES_FILE = "external_scores.json"  # data.external.filter_min_prob: each external clip's detection score
 CONTROL_DIR = "control"                   # round_k/control/: the round's equal-compute control
 # run_dir/ itself (birdrounds.report, birdrounds.submit)
 REPORT_FILE = "report.md"

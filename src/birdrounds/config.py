@@ -71,6 +71,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("data.external.loss_weight", "data.external.sample_weight"):
         if OmegaConf.select(cfg, key) is not None:
             require(cfg, key, lambda v: isinstance(v, (int, float)) and v >= 0, "must be a number >= 0")
+    if OmegaConf.select(cfg, "data.external.filter_min_prob") is not None:
+        require(cfg, "data.external.filter_min_prob", lambda v: isinstance(v, (int, float)) and 0 <= v <= 1,
+                "must be null or a probability in [0, 1]")
     require(cfg, "round", lambda v: isinstance(v, int) and v >= 0, "must be a non-negative integer")
     require(cfg, "recompute_from", lambda v: v is None or (isinstance(v, int) and v >= 0),
             "must be null or a round number")

@@ -391,3 +391,25 @@ def file_weights(rows: pd.DataFrame, probs: np.ndarray) -> np.ndarray:
     frame["file"] = rows["file"].to_numpy()
     per_file = frame.groupby("file", sort=False).max().sum(axis=1)
     return per_file.reindex(rows["file"].to_numpy()).to_numpy(dtype=np.float64)
+
+
+def detection_scores(models: Sequence[nn.Module], paths: Sequence[str], labels: Sequence[str], classes: list[str],
+                     audio: Any, window_s: float, batch_size: int = 16, device: str | torch.device = "cpu",
+                     progress: bool = False) -> np.ndarray:
+    """For each recording, the highest probability the models give its label over `window_s` windows at
+    half-window stride: "is the labeled species detected anywhere in it". NaN for a file that cannot be
+    decoded (skipped with a warning by SoundscapeChunks)."""
+    if len(paths) != len(labels):
+        raise ValueError("detection_scores: paths and labels differ in length")
+    unique = list(dict.fromkeys(paths))
+    windows = SoundscapeChunks(unique, audio, window_s=window_s, stride_s=window_s / 2, min_last_s=0.0)
+    probs = predict_windows(models, windows, framewise=False, batch_size=batch_size, device=device,
+                            progress=progress) if len(windows) else np.zeros((0, len(classes)), np.float32)
+    column = {c: i for i, c in enumerate(classes)}
+    files = windows.rows["file"].to_numpy()
+    scores = np.full(len(paths), np.nan)
+    for k, (path, label) in enumerate(zip(paths, labels)):
+        mask = files == path
+        if mask.any() and label in column:
+            scores[k] = float(probs[mask, column[label]].max())
+    return scores

@@ -20,6 +20,7 @@ import json
 import logging
 import subprocess
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 from birdrounds.artifacts import (
     CONTROL_DIR,
     DONE_FILE,
+    EXTERNAL_SCORES_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
     PSEUDO_FILE,
@@ -58,6 +60,7 @@ from birdrounds.mixing import ConcatPseudoDataset, PseudoChunkDataset
 from birdrounds.model import checkpoint_hash, load_checkpoint, weights_hash
 from birdrounds.pseudo import (
     chunk_rows,
+    detection_scores,
     is_framewise,
     predict_windows,
     pseudo_stats,
@@ -109,13 +112,15 @@ class RoundParts:
     n_external: int = 0  # external (Xeno-canto) rows in train_table
 
 
-def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, round_idx: int = 0) -> RoundParts:
+def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, round_idx: int = 0,
+                   drop_external: Collection[str] = ()) -> RoundParts:
     """Training clips (held-out fold removed), validation clips, labeled validation soundscapes and the
     mixed validation (held-out clips only; external rows, fold -1, are never held out).
 
     External rows (`data.external`) get `loss_weight` on their loss and `sample_weight` on their draw
     probability; with `in_students: false` only the teacher (round 0) trains on them, and round k's
     student and control both leave them out, so the control still sees the student's labeled data.
+    External rows whose path is in `drop_external` (`filter_external`'s verdict) are left out too.
     """
     data, audio = prepared.data, prepared.audio
     ext_cfg = data_cfg.external
@@ -124,6 +129,8 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, roun
     in_training = ~held_out
     if round_idx > 0 and not ext_cfg.get("in_students", True):
         in_training &= ~external
+    if len(drop_external):
+        in_training &= ~(external & data.train["path"].isin(set(drop_external)).to_numpy())
     train_table, val_table = data.train[in_training].reset_index(drop=True), data.train[held_out].reset_index(drop=True)
     if train_table.empty:
         raise ConfigError(f"data.fold: holding out fold {data_cfg.fold} leaves no training rows "
@@ -153,6 +160,49 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, roun
         val_solution=data.val_solution if val_soundscapes is not None else None, val_mixed=val_mixed,
         n_external=int(row_external.sum()),
     )
+
+
+def filter_external(cfg: DictConfig, prepared: PreparedData, model_path: Path, out_dir: Path,
+                    accelerator: Accelerator) -> list[str] | None:
+    """`data.external.filter_min_prob`: the external recordings in which `model_path` (the round's starting
+    model: the previous round's for a student, the previous control for a control) does not detect the
+    labeled species anywhere (the highest window probability of its label is below the threshold).
+
+    Returns their paths (None when the filter is off). The scores are computed once by the main process
+    and kept in `out_dir/external_scores.json` under the model's hash, so a resumed round reads them.
+    """
+    threshold = cfg.data.external.get("filter_min_prob")
+    external = prepared.folds == EXTERNAL_FOLD
+    if threshold is None or not external.any() or not cfg.data.external.get("in_students", True):
+        return None
+    table = prepared.data.train[external]
+    paths, labels = table["path"].astype(str).tolist(), table["primary_label"].astype(str).tolist()
+    record_path = out_dir / EXTERNAL_SCORES_FILE
+    model_hash = checkpoint_hash(model_path)
+
+    def current() -> dict[str, Any] | None:
+        record = json.loads(record_path.read_text()) if record_path.is_file() else None
+        ok = record is not None and record.get("model_hash") == model_hash and set(record["scores"]) == set(paths)
+        return record if ok else None
+
+    if accelerator.is_main_process and current() is None:
+        log.info("scoring %d external recordings with %s (data.external.filter_min_prob=%g)",
+                 len(paths), model_path, threshold)
+        scores = detection_scores([load_checkpoint(model_path)[0]], paths, labels, prepared.data.classes,
+                                  prepared.audio, window_s=cfg.data.window_s, batch_size=cfg.train.batch_size,
+                                  device=accelerator.device, progress=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record_path, {
+            "model": str(model_path), "model_hash": model_hash, "window_s": cfg.data.window_s,
+            "scores": {p: None if np.isnan(v) else round(float(v), 6) for p, v in zip(paths, scores)}})
+    accelerator.wait_for_everyone()
+    record = current()
+    if record is None:
+        raise RuntimeError(f"{record_path}: the external recordings' scores are missing after scoring")
+    dropped = [p for p in paths if record["scores"][p] is not None and record["scores"][p] < threshold]
+    log.info("data.external.filter_min_prob=%g: %d of %d external recordings not detected by %s, left out",
+             threshold, len(dropped), len(paths), model_path.parent.name)
+    return dropped
 
 
 def teacher_paths(cfg: DictConfig, run_dir: Path, round_idx: int) -> list[Path]:
@@ -335,7 +385,10 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
     `teachers[0]` (see `control_start`), with the student's schedule and seed, on the labeled data alone.
     """
     student = round_idx > 0 and not control
-    parts = build_datasets(prepared, student_data_config(cfg) if student else cfg.data, cfg.seed, round_idx)
+    out_dir = round_dir / CONTROL_DIR if control else round_dir
+    dropped = filter_external(cfg, prepared, teachers[0], out_dir, accelerator) if round_idx > 0 and teachers else None
+    parts = build_datasets(prepared, student_data_config(cfg) if student else cfg.data, cfg.seed, round_idx,
+                           drop_external=dropped or ())
     if student:
         parts = student_parts(cfg, prepared, pseudo_label(cfg, prepared, teachers, round_idx, round_dir,
                                                          accelerator), parts)
@@ -343,12 +396,13 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
     arm = "control" if control else ("teacher" if round_idx == 0 else "student")
     round_info = {"round": round_idx, "arm": arm, "init_weights_hash": weights_hash(model),
                   "external_clips": parts.n_external,
+                  **({"external_filtered": len(dropped)} if dropped is not None else {}),
                   **({"pseudo": parts.pseudo_stats} if parts.pseudo_stats is not None else {})}
     loss_fn = instantiate(cfg.loss)(class_counts=parts.class_counts)
     # fit writes the round's metrics.json (its only writer): the metrics, then `round_info`.
     return fit(
         accelerator, model, parts.train_set, loss_fn, prepared.data.classes,
-        round_dir / CONTROL_DIR if control else round_dir, instantiate(round_train_config(cfg, round_idx)),
+        out_dir, instantiate(round_train_config(cfg, round_idx)),
         sampler=parts.sampler, collate_fn=parts.collate_fn, val_clips=parts.val_clips,
         val_soundscapes=parts.val_soundscapes, val_solution=parts.val_solution, val_mixed=parts.val_mixed,
         config=OmegaConf.to_container(cfg, resolve=True),
@@ -363,7 +417,10 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
 NON_RESULT_KEYS = ("round", "recompute_from", "control", "logger", "paths", "xc", "export", "predict", "run_dir",
                    "experiment_name", "data.mixed_val")
 # And those the teacher (round 0) never reads: the pseudo-labeling settings, whether students keep external rows.
-TEACHER_IGNORED_KEYS = ("pseudo", "data.external.in_students")
+TEACHER_IGNORED_KEYS = ("pseudo", "data.external.in_students", "data.external.filter_min_prob")
+# Keys added after rounds were recorded, left out of the hash while they hold the value that does what the
+# code did before them, so finished rounds stay reusable after an upgrade (a real setting still counts).
+NEUTRAL_WHEN = {"data.external.filter_min_prob": None}
 
 
 def _drop_key(plain: dict[str, Any], dotted: str) -> None:
@@ -381,6 +438,9 @@ def config_hash(cfg: DictConfig, round_idx: int) -> str:
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in (*NON_RESULT_KEYS, *(TEACHER_IGNORED_KEYS if round_idx == 0 else ())):
         _drop_key(plain, key)
+    for key, neutral in NEUTRAL_WHEN.items():
+        if OmegaConf.select(cfg, key, default=neutral) == neutral:
+            _drop_key(plain, key)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
