@@ -405,11 +405,7 @@ def detection_scores(models: Sequence[nn.Module], paths: Sequence[str], labels: 
     windows = SoundscapeChunks(unique, audio, window_s=window_s, stride_s=window_s / 2, min_last_s=0.0)
     probs = predict_windows(models, windows, framewise=False, batch_size=batch_size, device=device,
                             progress=progress) if len(windows) else np.zeros((0, len(classes)), np.float32)
-    column = {c: i for i, c in enumerate(classes)}
-    files = windows.rows["file"].to_numpy()
-    scores = np.full(len(paths), np.nan)
-    for k, (path, label) in enumerate(zip(paths, labels)):
-        mask = files == path
-        if mask.any() and label in column:
-            scores[k] = float(probs[mask, column[label]].max())
-    return scores
+    # One pass over the windows: each file's best window per class, then each recording's label looked up.
+    best = pd.DataFrame(probs, columns=classes).assign(file=windows.rows["file"].to_numpy()).groupby("file").max()
+    return np.array([float(best.at[path, label]) if path in best.index and label in best.columns else np.nan
+                     for path, label in zip(paths, labels)])
