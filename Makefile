@@ -7,8 +7,10 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install --upgrade pip
-	$(VENV)/bin/pip install -e '.[dev]'
+	$(VENV)/bin/pip install --no-cache-dir --upgrade pip
+	# --no-cache-dir: the CUDA build of torch and its nvidia wheels take ~6 GB installed; a second
+	# copy in pip's cache can fill a small disk.
+	$(VENV)/bin/pip install --no-cache-dir -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
