@@ -62,6 +62,9 @@ def run(home: Path, run_dir: Path, seed: int, rounds: int, overrides: list[str])
 
 def arm(folder: Path) -> dict:
     """An arm's final metrics with its wall time (manifest.json) and folder."""
+    for name in (METRICS_FILE, MANIFEST_FILE):
+        if not (folder / name).is_file():
+            sys.exit(f"{folder / name} is missing: that arm has not finished (run without --report-only)")
     metrics = json.loads((folder / METRICS_FILE).read_text())
     return {**metrics, "seconds": json.loads((folder / MANIFEST_FILE).read_text())["seconds"], "folder": folder}
 

@@ -1,0 +1,85 @@
+"""bench/rounds_gain.py --report-only: the table's arithmetic and the goal checks, on run folders written here.
+
+Training the arms is covered by test_control.py and test_run_e2e.py; this checks what the benchmark
+reads from finished folders and what it concludes (gain, headroom, share, convergence, exit status).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_arm(folder: Path, soundscape_auc: float, clip_auc: float, seconds: float) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps({"val_soundscape_auc": soundscape_auc, "val_clip_auc": clip_auc}))
+    (folder / "manifest.json").write_text(json.dumps({"seconds": seconds}))
+
+
+def make_seed(home: Path, seed: int, teacher: tuple, rounds: list[dict]) -> None:
+    """rounds: per round, {"student": (soundscape, clip), "control": ..., "oracle": ...}."""
+    main, oracle = home / "runs" / f"seed{seed}", home / "runs" / f"seed{seed}_oracle"
+    write_arm(main / "round_0", *teacher, seconds=100)
+    for k, arms in enumerate(rounds, start=1):
+        write_arm(main / f"round_{k}", *arms["student"], seconds=10 * k)
+        write_arm(main / f"round_{k}" / "control", *arms["control"], seconds=11 * k)
+        write_arm(oracle / f"round_{k}", *arms["oracle"], seconds=12 * k)
+
+
+def report(home: Path, *seeds: int, rounds: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "bench" / "rounds_gain.py"), "--home", str(home),
+                           "--report-only", "--rounds", str(rounds), "--seeds", *map(str, seeds)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def goal_lines(stdout: str) -> dict[str, bool]:
+    goals = stdout.split("### Goals")[1].strip().splitlines()
+    return {line.split(": ", 1)[1].split(":")[0]: line.startswith("- MET") for line in goals}
+
+
+def test_all_goals_met_exit_zero(tmp_path):
+    # Seed 0: r1 control .70, student .73, oracle .76; r2 control .70, student .75, oracle .76.
+    make_seed(tmp_path, 0, (0.65, 0.900), [
+        {"student": (0.73, 0.9), "control": (0.70, 0.905), "oracle": (0.76, 0.9)},
+        {"student": (0.75, 0.9), "control": (0.70, 0.905), "oracle": (0.76, 0.9)}])
+    make_seed(tmp_path, 1, (0.66, 0.910), [
+        {"student": (0.74, 0.9), "control": (0.70, 0.913), "oracle": (0.77, 0.9)},
+        {"student": (0.74, 0.9), "control": (0.70, 0.913), "oracle": (0.77, 0.9)}])
+    proc = report(tmp_path, 0, 1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    # Convergence: clip AUC the control adds, +0.005 and +0.003, mean +0.004.
+    assert "| 0 | 0.650 | 0.900 | 0.905 | +0.005 | 100 |" in out
+    assert "| mean ± std | 0.655 ± 0.007 | 0.905 ± 0.007 | 0.909 ± 0.006 | +0.004 ± 0.001 | |" in out
+    # Round 1 per seed: gain, headroom, share, times student / control / oracle.
+    assert "| 0 | 0.700 | 0.730 | 0.760 | +0.030 | +0.060 | 0.50 | 10 / 11 / 12 |" in out
+    assert "| 1 | 0.700 | 0.740 | 0.770 | +0.040 | +0.070 | 0.57 | 10 / 11 / 12 |" in out
+    assert "| mean ± std | 0.700 ± 0.000 | 0.735 ± 0.007 | 0.765 ± 0.007 | +0.035 ± 0.007 | +0.065 ± 0.007 |" in out
+    # Round 2 is reported as well, with its own times.
+    assert "| 0 | 0.700 | 0.750 | 0.760 | +0.050 | +0.060 | 0.83 | 20 / 22 / 24 |" in out
+    assert set(goal_lines(out).values()) == {True}
+
+
+def test_one_weak_seed_and_no_headroom_fail(tmp_path):
+    make_seed(tmp_path, 0, (0.65, 0.90), [{"student": (0.74, 0.9), "control": (0.70, 0.93), "oracle": (0.70, 0.9)}])
+    make_seed(tmp_path, 1, (0.65, 0.90), [{"student": (0.71, 0.9), "control": (0.70, 0.93), "oracle": (0.69, 0.9)}])
+    proc = report(tmp_path, 0, 1, rounds=1)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    goals = goal_lines(proc.stdout)
+    assert goals == {"teacher converged": False, "oracle - control, round 1": False,
+                     "round 1 student - control": True,  # +0.025 on average
+                     "round 1 student - control in every seed": False,  # seed 1: +0.010
+                     "round 1 share of the oracle's headroom": False}  # the oracle is worse than the control
+    assert "– (no headroom)" in proc.stdout
+    assert "+0.040, +0.010 (>= +0.03)" in proc.stdout
+
+
+def test_missing_arm_names_the_folder(tmp_path):
+    make_seed(tmp_path, 0, (0.65, 0.90), [{"student": (0.74, 0.9), "control": (0.70, 0.93), "oracle": (0.70, 0.9)}])
+    (tmp_path / "runs" / "seed0" / "round_1" / "control" / "metrics.json").unlink()
+    proc = report(tmp_path, 0, rounds=1)
+    assert proc.returncode != 0
+    assert "seed0/round_1/control/metrics.json is missing: that arm has not finished" in proc.stderr
+    assert "Traceback" not in proc.stderr
