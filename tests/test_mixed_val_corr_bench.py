@@ -1,0 +1,62 @@
+"""bench/mixed_val_corr.py: which folders it scores, and the split-half ceiling of the soundscape score."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from mixed_val_corr import model_folders, parse_variant, split_half_reliability  # noqa: E402
+
+
+def finished(folder: Path, weights: bytes, done: bool = True) -> Path:
+    folder.mkdir(parents=True)
+    for name in ("metrics.json", "config.yaml"):
+        (folder / name).write_text("{}")
+    (folder / "model.pt").write_bytes(weights)
+    if done:
+        (folder / "DONE").write_text("")
+    return folder
+
+
+def test_model_folders_finished_only_once_each_in_run_round_order(tmp_path):
+    main, oracle = tmp_path / "seed0", tmp_path / "seed0_oracle"
+    teacher = finished(main / "round_0", b"teacher")
+    student = finished(main / "round_1", b"student")
+    control = finished(main / "round_1" / "control", b"control")
+    finished(main / "round_2", b"killed student", done=False)  # not finished: skipped
+    finished(main / "round_10", b"late")
+    finished(main / "round_backup", b"not a round")
+    finished(oracle / "round_0", b"teacher")  # the oracle run's copy of the teacher: counted once
+    oracle_1 = finished(oracle / "round_1", b"oracle")
+    assert model_folders([main, oracle]) == [teacher, student, control, main / "round_10", oracle_1]
+
+
+def test_parse_variant_reads_yaml_values():
+    assert parse_variant("far:distance=[1,4];quiet_fraction=0.2") == ("far", {"distance": [1, 4], "quiet_fraction": 0.2})
+    assert parse_variant("plain") == ("plain", {})
+
+
+def toy_scores(noise: list[float], seed: int = 0, n_files: int = 24, rows: int = 12, n_classes: int = 4):
+    """Chunk probabilities of one model per noise level: the truth plus that much Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    classes = [f"c{i}" for i in range(n_classes)]
+    row_ids = np.array([f"S{f:02d}_{5 * (r + 1)}" for f in range(n_files) for r in range(rows)])
+    truth = (rng.random((len(row_ids), n_classes)) < 0.3).astype(int)
+    solution = pd.DataFrame(truth, columns=classes)
+    solution.insert(0, "row_id", row_ids)
+    scores = [truth + sigma * rng.standard_normal(truth.shape) for sigma in noise]
+    return scores, row_ids, solution, classes
+
+
+def test_split_half_reliability_high_for_real_differences_low_for_noise():
+    # Models far apart in quality rank the same on every half of the files.
+    mean, low, high = split_half_reliability(*toy_scores([0.3, 0.6, 1.0, 1.6, 2.5, 4.0]), n_splits=10)
+    assert mean > 0.9 and low <= mean <= high <= 1.0
+    # Models equal in quality (independent noise of the same size): the halves disagree on their order.
+    mean, low, high = split_half_reliability(*toy_scores([1.0] * 8), n_splits=12)
+    assert mean < 0.5 and low < 0 < high
+    # The same splits for the same seed.
+    scores = toy_scores([0.5, 1.0, 2.0, 1.5])
+    assert split_half_reliability(*scores, n_splits=5, seed=3) == split_half_reliability(*scores, n_splits=5, seed=3)
