@@ -5,11 +5,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-quick install clean
 
+# --no-cache-dir: the CUDA build of torch and its nvidia wheels take ~6 GB installed; a second copy in
+# pip's cache can fill a small disk.
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --no-cache-dir --upgrade pip
-	# --no-cache-dir: the CUDA build of torch and its nvidia wheels take ~6 GB installed; a second
-	# copy in pip's cache can fill a small disk.
 	$(VENV)/bin/pip install --no-cache-dir -e '.[dev]'
 	touch $(STAMP)
 
