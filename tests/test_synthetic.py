@@ -13,9 +13,12 @@ import pandas as pd
 import pytest
 import soundfile as sf
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from scipy import signal
 from sklearn.metrics import roc_auc_score
 
+from birdrounds.config import ConfigError
+from birdrounds.data.prepare import synthesize
 from birdrounds.data.synthetic import (
     CHUNK_S,
     GENERATOR_VERSION,
@@ -205,6 +208,24 @@ def test_a_folder_that_is_not_a_dataset_is_never_replaced(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="not a synthetic dataset"):
         generate(keep, MICRO, num_workers=0, progress=False, overwrite=True)
     assert (keep / "notes.txt").read_text() == "precious"
+
+
+def test_synthesize_names_data_root_and_deletes_only_its_own_datasets(tmp_path: Path) -> None:
+    """From a config (CLI, rounds), a taken folder is a one-line ConfigError naming data.root, never replaced."""
+    spec_cfg = OmegaConf.create({"_target_": "birdrounds.data.synthetic.SynthSpec", **MICRO.__dict__})
+    out = synthesize(spec_cfg, tmp_path / "d", num_workers=0)
+    spec_cfg.n_train_soundscapes = 1  # e.g. a newer default than the data already generated there
+    with pytest.raises(ConfigError, match=r"^data\.root: .*different spec.*'n_train_soundscapes': \(0, 1\).*"
+                       r"remove that folder to generate it anew") as err:
+        synthesize(spec_cfg, out, num_workers=0)
+    assert "overwrite=True" not in str(err.value) and "\n" not in str(err.value)
+    assert json.loads((out / "DONE.json").read_text())["spec"]["n_train_soundscapes"] == 0
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    with pytest.raises(ConfigError, match="not a synthetic dataset") as err:
+        synthesize(spec_cfg, keep, num_workers=0)
+    assert "remove" not in str(err.value) and (keep / "notes.txt").read_text() == "precious"
 
 
 def test_spec_is_validated_and_hydra_instantiable() -> None:

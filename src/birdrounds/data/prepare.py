@@ -48,9 +48,14 @@ class PreparedData:
 
 def synthesize(spec_cfg: DictConfig, root: str | Path, num_workers: int = 2) -> Path:
     """Generate the synthetic dataset at `root` unless an identical one is already there."""
-    from birdrounds.data.synthetic import generate
+    from birdrounds.data.synthetic import TargetTaken, generate
 
-    return generate(Path(root), instantiate(spec_cfg), num_workers=num_workers)
+    try:
+        return generate(Path(root), instantiate(spec_cfg), num_workers=num_workers)
+    except TargetTaken as err:  # e.g. data made by an older default: the user decides what to delete
+        remedy = "remove that folder to generate it anew, or " if err.ours else ""
+        raise ConfigError(f"data.root: {err.reason}; {remedy}set data.root (or BIRDROUNDS_HOME) "
+                          "to another folder") from None
 
 
 def prepare_data(data_cfg: DictConfig, seed: int = 0, progress: bool = True) -> PreparedData:

@@ -52,7 +52,7 @@ class SynthSpec:
     """Sizes and seed of a synthetic dataset; the defaults are the demo's dataset."""
 
     n_species: int = 24
-    n_train_soundscapes: int = 30
+    n_train_soundscapes: int = 90
     n_val_soundscapes: int = 10
     soundscape_s: float = 60.0
     sample_rate_hz: int = 32000
@@ -856,20 +856,30 @@ def _is_complete(out_dir: Path, spec: SynthSpec) -> bool:
     return done is not None and {k: done.get(k) for k in ("version", "spec")} == _done_record(spec)
 
 
+class TargetTaken(ValueError):
+    """`out_dir` holds something `generate` may not replace: another spec's dataset, or not a dataset."""
+
+    def __init__(self, reason: str, remedy: str, ours: bool):
+        super().__init__(f"{reason}; {remedy}")
+        self.reason = reason  # what is there, without the API-level remedy
+        self.ours = ours  # a dataset this generator made (safe to delete), not someone's folder
+
+
 def _check_target(out_dir: Path, spec: SynthSpec, overwrite: bool) -> None:
     """Raise unless `out_dir` is absent, empty, or a synthetic dataset we may replace."""
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         return
     done = _read_done(out_dir)
     if done is None:
-        raise ValueError(f"{out_dir} exists and is not a synthetic dataset (no readable DONE.json); "
-                         "refusing to replace it; choose another out_dir or remove it")
+        raise TargetTaken(f"{out_dir} exists and is not a synthetic dataset (no readable DONE.json)",
+                          "refusing to replace it; choose another out_dir or remove it", ours=False)
     if not overwrite:
         old = done.get("spec", {})
         diff = {k: (old.get(k), v) for k, v in _spec_record(spec).items() if old.get(k) != v}
         version = "" if done.get("version") == GENERATOR_VERSION else f" (generator version {done.get('version')})"
-        raise ValueError(f"{out_dir} holds a synthetic dataset made with a different spec{version} "
-                         f"(field: (existing, requested) = {diff}); pass overwrite=True or choose another out_dir")
+        raise TargetTaken(f"{out_dir} holds a synthetic dataset made with a different spec{version} "
+                          f"(field: (existing, requested) = {diff})", "pass overwrite=True or choose another out_dir",
+                          ours=True)
 
 
 def _remove_stale_temps(out_dir: Path) -> None:
