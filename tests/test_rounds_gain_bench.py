@@ -83,3 +83,32 @@ def test_missing_arm_names_the_folder(tmp_path):
     assert proc.returncode != 0
     assert "seed0/round_1/control/metrics.json is missing: that arm has not finished" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_controls_from_copies_finished_controls_and_needs_matching_teachers(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    from rounds_gain import copy_controls
+
+    make_seed(tmp_path, 0, (0.65, 0.90), [{"student": (0.74, 0.9), "control": (0.70, 0.93), "oracle": (0.7, 0.9)},
+                                          {"student": (0.75, 0.9), "control": (0.71, 0.93), "oracle": (0.7, 0.9)}])
+    source, target = tmp_path / "runs" / "seed0", tmp_path / "runs" / "seed0_lever"
+    for k in (1, 2):
+        (source / f"round_{k}" / "control" / "DONE").touch()
+    (target / "round_1" / "control").mkdir(parents=True)
+    (target / "round_1" / "control" / "partial.pt").touch()  # an unfinished control there is replaced
+    copy_controls(source, target, rounds=2)
+    for k, auc in ((1, 0.70), (2, 0.71)):
+        copied = json.loads((target / f"round_{k}" / "control" / "metrics.json").read_text())
+        assert copied["val_soundscape_auc"] == auc and (target / f"round_{k}" / "control" / "DONE").is_file()
+    assert not (target / "round_1" / "control" / "partial.pt").exists()
+    (source / "round_2" / "control" / "DONE").unlink()
+    try:
+        copy_controls(source, tmp_path / "runs" / "other", rounds=2)
+    except SystemExit as err:
+        assert "round_2/control has not finished" in str(err)
+    else:
+        raise AssertionError("an unfinished source control was copied")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "rounds_gain.py"), "--home", str(tmp_path),
+                           "--tag", "lever", "--controls-from", "", "--seeds", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--controls-from TAG needs --teacher-from TAG" in proc.stderr
