@@ -13,10 +13,15 @@ the wider set after training, without retraining; nothing of it enters training 
     per_class = val.per_class(run_dir / "round_1" / "model.pt")
 
 `n_soundscapes=None` (or the data's own count) scores on the data's own validation soundscapes.
+
+From the shell, a finished run (e.g. `make demo`'s) scored on the wider set, student against control:
+
+    python bench/wide_val.py runs/demo --val-soundscapes 40
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -27,6 +32,7 @@ import pandas as pd
 import soundfile as sf
 from omegaconf import DictConfig, OmegaConf
 
+from birdrounds.artifacts import DONE_FILE, METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE
 from birdrounds.data.audio import AudioCache
 from birdrounds.data.prepare import synthesize
 from birdrounds.data.soundscapes import SoundscapeChunks
@@ -123,3 +129,48 @@ def check_same_training_data(base: Path, wide: Path) -> None:
     if not wide_solution.loc[solution.index].equals(solution):
         raise SystemExit(f"{wide / 'val_solution.csv'} disagrees with {base / 'val_solution.csv'} on shared rows")
 
+
+
+def round_arms(run_dir: Path) -> list[tuple[int, Path, Path | None]]:
+    """(round, model folder, its control folder or None) for every finished round of a run, in order."""
+    def finished(folder: Path) -> bool:
+        return all((folder / name).is_file() for name in (DONE_FILE, MODEL_FILE, METRICS_FILE))
+
+    arms = []
+    for folder in run_dir.glob("round_*"):
+        index = folder.name.removeprefix("round_")
+        if index.isdigit() and finished(folder):
+            control = folder / "control"
+            arms.append((int(index), folder, control if finished(control) else None))
+    return sorted(arms, key=lambda arm: arm[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Score a finished run's rounds and controls on the synthetic "
+                                                 "data's validation soundscapes, its own and a wider twin.")
+    parser.add_argument("run_dir", type=Path, help="a run folder (runs/<experiment_name>) on the synthetic data")
+    parser.add_argument("--val-soundscapes", type=int, default=40, metavar="N",
+                        help="validation soundscapes of the wider twin (default 40)")
+    args = parser.parse_args()
+    arms = round_arms(args.run_dir)
+    if not arms:
+        raise SystemExit(f"{args.run_dir}: no finished round_*/ folder (DONE, model.pt, metrics.json)")
+    data_cfg = OmegaConf.load(arms[0][1] / ROUND_CONFIG_FILE).data
+    own, wide = ValidationSoundscapes.build(data_cfg), ValidationSoundscapes.build(data_cfg, args.val_soundscapes)
+    print(f"| round | student, {own.n_files} soundscapes | control | gain | "
+          f"student, {wide.n_files} soundscapes | control | gain |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for index, folder, control in arms:
+        cells = []
+        for val in (own, wide):
+            student = val.score(folder / MODEL_FILE)
+            if control is None:
+                cells += [f"{student:.3f}", "–", "–"]
+            else:
+                reference = val.score(control / MODEL_FILE)
+                cells += [f"{student:.3f}", f"{reference:.3f}", f"{student - reference:+.3f}"]
+        print(f"| {index} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

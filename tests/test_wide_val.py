@@ -1,6 +1,7 @@
 """bench/wide_val.py: the same synthetic data with more labeled validation soundscapes, for benchmark scoring."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+import torch
 from omegaconf import OmegaConf
 
 from birdrounds.config import compose
@@ -15,7 +17,7 @@ from birdrounds.model import save_checkpoint
 from conftest import config_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from wide_val import ValidationSoundscapes, check_same_training_data  # noqa: E402
+from wide_val import ValidationSoundscapes, check_same_training_data, round_arms  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +69,34 @@ def test_score_matches_per_class_mean_and_is_cached_under_the_weights_hash(data_
     assert wide.score(model_path) == 0.123
     save_checkpoint(model_path, config_model(len(classes)), classes)  # another random init
     assert wide.score(model_path) != 0.123 and json.loads(cache.read_text())["checkpoint_hash"] != record["checkpoint_hash"]
+
+
+def test_cli_scores_each_round_and_its_control_on_both_sets(data_cfg, tmp_path):
+    from wide_val import round_arms
+
+    classes = list(pd.read_csv(Path(data_cfg.root) / "taxonomy.csv")["primary_label"].astype(str))
+    run = tmp_path / "run"
+    for folder, seed in (("round_0", 0), ("round_1", 1), ("round_1/control", 2), ("round_2", 3)):
+        path = run / folder
+        torch.manual_seed(seed)  # distinct random weights per arm
+        save_checkpoint(path / "model.pt", config_model(len(classes)), classes)
+        (path / "metrics.json").write_text("{}")
+        (path / "DONE").touch()
+        OmegaConf.save(OmegaConf.create({"data": data_cfg}), path / "config.yaml")
+    (run / "round_3").mkdir()  # unfinished: left out
+    assert [(k, f.name, c is not None) for k, f, c in round_arms(run)] == [
+        (0, "round_0", False), (1, "round_1", True), (2, "round_2", False)]
+
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "wide_val.py"),
+                           str(run), "--val-soundscapes", "4"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[0] for row in rows] == ["| 0", "| 1", "| 2"]
+    own = ValidationSoundscapes.build(data_cfg)
+    wide = ValidationSoundscapes.build(data_cfg, n_soundscapes=4)
+    student, control = run / "round_1" / "model.pt", run / "round_1" / "control" / "model.pt"
+    expected = [own.score(student), own.score(control), own.score(student) - own.score(control),
+                wide.score(student), wide.score(control), wide.score(student) - wide.score(control)]
+    assert rows[1] == "| 1 | " + " | ".join(
+        f"{v:+.3f}" if i % 3 == 2 else f"{v:.3f}" for i, v in enumerate(expected)) + " |"
+    assert rows[0].endswith("| – | – |") and "2 soundscapes" in proc.stdout and "4 soundscapes" in proc.stdout
