@@ -32,7 +32,7 @@ import pandas as pd
 import soundfile as sf
 from omegaconf import DictConfig, OmegaConf
 
-from birdrounds.artifacts import DONE_FILE, METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE
+from birdrounds.artifacts import CONTROL_DIR, DONE_FILE, MODEL_FILE, ROUND_CONFIG_FILE
 from birdrounds.data.audio import AudioCache
 from birdrounds.data.prepare import synthesize
 from birdrounds.data.soundscapes import SoundscapeChunks
@@ -40,6 +40,7 @@ from birdrounds.infer import SCORED_CHUNK_S
 from birdrounds.metrics import ROW_ID_COLUMN, per_class_roc_auc, soundscape_auc
 from birdrounds.model import checkpoint_hash, load_checkpoint
 from birdrounds.pseudo import chunk_rows, predict_chunks
+from birdrounds.report import completed_rounds
 
 # Files that must be identical between the run's data and the wider copy: everything a model trains on.
 SAME_TABLES = ("train.csv", "taxonomy.csv", "truth/train_soundscape_labels.csv")
@@ -130,19 +131,10 @@ def check_same_training_data(base: Path, wide: Path) -> None:
         raise SystemExit(f"{wide / 'val_solution.csv'} disagrees with {base / 'val_solution.csv'} on shared rows")
 
 
-
 def round_arms(run_dir: Path) -> list[tuple[int, Path, Path | None]]:
-    """(round, model folder, its control folder or None) for every finished round of a run, in order."""
-    def finished(folder: Path) -> bool:
-        return all((folder / name).is_file() for name in (DONE_FILE, MODEL_FILE, METRICS_FILE))
-
-    arms = []
-    for folder in run_dir.glob("round_*"):
-        index = folder.name.removeprefix("round_")
-        if index.isdigit() and finished(folder):
-            control = folder / "control"
-            arms.append((int(index), folder, control if finished(control) else None))
-    return sorted(arms, key=lambda arm: arm[0])
+    """(round, model folder, its control folder or None) for every completed round of a run, in order."""
+    return [(index, folder, folder / CONTROL_DIR if (folder / CONTROL_DIR / DONE_FILE).is_file() else None)
+            for index, folder in completed_rounds(run_dir)]
 
 
 def main() -> None:
@@ -154,7 +146,7 @@ def main() -> None:
     args = parser.parse_args()
     arms = round_arms(args.run_dir)
     if not arms:
-        raise SystemExit(f"{args.run_dir}: no finished round_*/ folder (DONE, model.pt, metrics.json)")
+        raise SystemExit(f"{args.run_dir}: no completed round_*/ folder (DONE marker)")
     data_cfg = OmegaConf.load(arms[0][1] / ROUND_CONFIG_FILE).data
     own, wide = ValidationSoundscapes.build(data_cfg), ValidationSoundscapes.build(data_cfg, args.val_soundscapes)
     print(f"| round | student, {own.n_files} soundscapes | control | gain | "

@@ -72,8 +72,6 @@ def test_score_matches_per_class_mean_and_is_cached_under_the_weights_hash(data_
 
 
 def test_cli_scores_each_round_and_its_control_on_both_sets(data_cfg, tmp_path):
-    from wide_val import round_arms
-
     classes = list(pd.read_csv(Path(data_cfg.root) / "taxonomy.csv")["primary_label"].astype(str))
     run = tmp_path / "run"
     for folder, seed in (("round_0", 0), ("round_1", 1), ("round_1/control", 2), ("round_2", 3)):
