@@ -57,9 +57,8 @@ def model_folders(run_dirs: list[Path]) -> list[Path]:
     (an oracle run reuses its teacher) counts once."""
     found, seen = [], set()
     for run_dir in run_dirs:
-        for folder in sorted(run_dir.glob("round_*"), key=lambda p: p.name):
-            if not folder.name.removeprefix("round_").isdigit():
-                continue
+        rounds = [p for p in run_dir.glob("round_*") if p.name.removeprefix("round_").isdigit()]
+        for folder in sorted(rounds, key=lambda p: int(p.name.removeprefix("round_"))):
             for candidate in (folder, folder / CONTROL_DIR):
                 if all((candidate / f).is_file() for f in (DONE_FILE, MODEL_FILE, METRICS_FILE, ROUND_CONFIG_FILE)):
                     digest = checkpoint_hash(candidate / MODEL_FILE)

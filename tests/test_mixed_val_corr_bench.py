@@ -26,11 +26,12 @@ def test_model_folders_finished_only_once_each_in_run_round_order(tmp_path):
     student = finished(main / "round_1", b"student")
     control = finished(main / "round_1" / "control", b"control")
     finished(main / "round_2", b"killed student", done=False)  # not finished: skipped
-    finished(main / "round_10", b"late")
+    third = finished(main / "round_3", b"third")
+    finished(main / "round_10", b"late")  # after round_3, though it sorts before it by name
     finished(main / "round_backup", b"not a round")
     finished(oracle / "round_0", b"teacher")  # the oracle run's copy of the teacher: counted once
     oracle_1 = finished(oracle / "round_1", b"oracle")
-    assert model_folders([main, oracle]) == [teacher, student, control, main / "round_10", oracle_1]
+    assert model_folders([main, oracle]) == [teacher, student, control, third, main / "round_10", oracle_1]
 
 
 def test_parse_variant_reads_yaml_values():
