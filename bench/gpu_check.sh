@@ -14,8 +14,9 @@
 # The wheels go to $SITE (default /tmp/site) on PYTHONPATH; the project is used from src/ (no torch install).
 #
 # Knobs (env): STEPS (optimizer steps per epoch), EPOCHS, BATCH, WORKERS (train.num_workers of the first run,
-# default = the config's 2), MORE_WORKERS (a second run with this many workers; 0 = skip), WORK (scratch
-# folder), PYTHON, SKIP_INSTALL=1.
+# default = the config's 2), MORE_WORKERS (a second run with this many workers; 0 = skip), DEVICE_AUG (1 = a
+# third run with WORKERS workers and data.augment_on=device: augmentation and MixUp on the GPU; 0 = skip),
+# WORK (scratch folder), PYTHON, SKIP_INSTALL=1.
 set -euo pipefail
 
 CPU=${CPU:-0}
@@ -85,10 +86,11 @@ SYNTH_S=$(( $(date +%s) - t0 ))
 
 # 3. Training through accelerate launch, bf16, one process; fit() records samples/s and data_wait_share
 #    per epoch in round_0/metrics.json (time blocked in next(loader) / epoch time, main process).
-train() {  # train NAME WORKERS
+train() {  # train NAME WORKERS [OVERRIDES...]
   local name=$1 workers=$2
+  shift 2
   step "$PY" -m accelerate.commands.launch --config_file "$ACC_CONFIG" --num_processes 1 \
-    rounds/run.py "${TRAIN_ARGS[@]}" round=0 logger=none experiment_name="$name" \
+    rounds/run.py "${TRAIN_ARGS[@]}" "$@" round=0 logger=none experiment_name="$name" \
     train.mixed_precision=bf16 train.epochs="$EPOCHS" train.max_steps_per_epoch="$STEPS" \
     train.batch_size="$BATCH" train.num_workers="$workers" train.log_every_steps=10 \
     data.sampler.samples_per_epoch=$(( STEPS * BATCH ))
@@ -99,6 +101,9 @@ t0=$(date +%s); train "w$WORKERS" "$WORKERS"; TRAIN_S=$(( $(date +%s) - t0 ))
 RUNS=("w$WORKERS")
 if [[ "$MORE_WORKERS" != 0 && "$MORE_WORKERS" != "$WORKERS" ]]; then
   train "w$MORE_WORKERS" "$MORE_WORKERS"; RUNS+=("w$MORE_WORKERS")
+fi
+if [[ "${DEVICE_AUG:-1}" == 1 ]]; then
+  train "w${WORKERS}_device" "$WORKERS" data.augment_on=device; RUNS+=("w${WORKERS}_device")
 fi
 
 # 4. Pseudo-labeling throughput with the trained teacher (predict_windows, as a student round calls it).
@@ -117,7 +122,8 @@ for name in runs:
     history = json.loads((out / f"metrics_{name}.json").read_text())["history"]
     last = history[-1]
     summary["training"][name] = {
-        "num_workers": int(name[1:]),
+        "num_workers": int(name[1:].split("_")[0]),
+        "augment_on": "device" if name.endswith("_device") else "workers",
         "samples_per_s": round(last["samples_per_s"], 2), "data_wait_share": round(last["data_wait_share"], 4),
         "epochs": [{"epoch": h["epoch"], "samples_per_s": round(h["samples_per_s"], 2),
                     "data_wait_share": round(h["data_wait_share"], 4)} for h in history],

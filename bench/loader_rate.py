@@ -10,6 +10,8 @@ per core (cores = workers, or 1 for workers=0, where the main process does the w
     python bench/loader_rate.py                         # synthetic data under $BIRDROUNDS_HOME (generated if absent)
     python bench/loader_rate.py --workers 0 1 2 --batches 40
     python bench/loader_rate.py --json out.json data.augment.pitch_p=0    # Hydra overrides after the flags
+    python bench/loader_rate.py data.augment_on=device    # workers only read, crop and slice backgrounds;
+                                                          # also times the per-batch transform on the CPU
 
 Measure on an otherwise idle machine: the per-core figure assumes each worker has a core of its own.
 """
@@ -31,7 +33,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from birdrounds.config import compose  # noqa: E402
 from birdrounds.data.clips import make_sampler  # noqa: E402
 from birdrounds.data.prepare import prepare_data  # noqa: E402
-from birdrounds.rounds import build_datasets  # noqa: E402
+from birdrounds.rounds import build_datasets, with_background_windows  # noqa: E402
 
 
 def measure(parts, data_cfg, batch_size: int, batches: int, workers: int, prefetch_factor: int, seed: int) -> dict:
@@ -75,7 +77,8 @@ def main() -> None:
     cfg = compose(["logger=none", "train=default", *args.overrides])
     batch_size = args.batch_size or cfg.train.batch_size
     prepared = prepare_data(cfg.data, seed=cfg.seed, progress=False)
-    parts = build_datasets(prepared, cfg.data, cfg.seed)
+    # As train_round builds them: with data.augment_on=device the workers also read background windows.
+    parts = with_background_windows(build_datasets(prepared, cfg.data, cfg.seed), cfg.data, prepared, cfg.seed)
     augment = {k: v for k, v in cfg.data.augment.items() if k.endswith("_p") or k == "pitch_method"}
     print(f"window {cfg.data.window_s} s @ {cfg.data.sample_rate_hz} Hz, batch {batch_size}, {args.batches} batches, "
           f"MixUp {dict(cfg.data.mixup) if cfg.data.mixup else None}, augment {augment}, "
@@ -92,8 +95,29 @@ def main() -> None:
     for r in rows:
         print(f"| {r['workers']} | {r['cores']} | {r['samples_per_s']} | {r['samples_per_s_with_startup']} "
               f"| {r['samples_per_s_per_core']} | {r['first_batch_s']} |")
+    result = {"batch_size": batch_size, "augment_on": cfg.data.get("augment_on", "workers"), "rows": rows}
+    if parts.batch_transform is not None:
+        result["transform"] = time_transform(parts, batch_size, cfg.seed)
+        t = result["transform"]
+        print(f"per-batch transform ({parts.batch_transform!r}) on the CPU, 1 thread: {t['s_per_batch']} s per "
+              f"batch of {batch_size} = {t['samples_per_s']} samples/s (best of {t['batches']}; on a GPU it is "
+              f"a few batched kernels)")
     if args.json:
-        args.json.write_text(json.dumps({"batch_size": batch_size, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+def time_transform(parts, batch_size: int, seed: int, batches: int = 5) -> dict:
+    """Seconds per batch of `parts.batch_transform` (augment_on=device) run here on the CPU, best of `batches`."""
+    loader = DataLoader(parts.train_set, batch_size=batch_size, shuffle=True, collate_fn=parts.collate_fn,
+                        drop_last=True, generator=torch.Generator().manual_seed(seed))
+    parts.batch_transform.set_epoch(0)
+    times = []
+    for i, batch in zip(range(batches), loader):
+        start = time.perf_counter()
+        parts.batch_transform(batch)
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return {"batches": len(times), "s_per_batch": round(best, 3), "samples_per_s": round(batch_size / best, 1)}
 
 
 if __name__ == "__main__":

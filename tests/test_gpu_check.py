@@ -36,9 +36,13 @@ def test_gpu_check_cpu_path_end_to_end(tmp_path):
     assert summary["pseudo_windows_per_s"] > 0
     assert summary["pseudo"]["windows"] > 0 and summary["pseudo"]["soundscape_s_per_s"] > 0
     assert summary["verdict"] in ("OK", "DATA-BOUND")
-    (run,) = summary["training"].values()
-    assert run["epochs"] and all(e["samples_per_s"] > 0 for e in run["epochs"])
-    for name in ("gpu_check.log", "env.txt", "pseudo.json", f"metrics_w{run['num_workers']}.json"):
+    # The default workers' augmentation, then the same workers with augmentation and MixUp on the device.
+    workers, device = summary["training"].values()
+    assert (workers["augment_on"], device["augment_on"]) == ("workers", "device")
+    assert workers["num_workers"] == device["num_workers"]
+    for run in (workers, device):
+        assert run["epochs"] and all(e["samples_per_s"] > 0 for e in run["epochs"])
+    for name in ("gpu_check.log", "env.txt", "pseudo.json", *(f"metrics_{n}.json" for n in summary["training"])):
         assert (out / name).is_file(), name
     # What the device tool brings back: at most 8 files, none deeper than 2 folders.
     assert len([p for p in out.rglob("*") if p.is_file()]) <= 8

@@ -48,9 +48,11 @@ from birdrounds.artifacts import (
 from birdrounds.config import ConfigError, redact_secrets, validate
 from birdrounds.data.clips import (
     ClipDataset,
+    MixUp,
     MixUpCollate,
     make_sampler,
 )
+from birdrounds.data.device_augment import BackgroundWindows, BatchAugment
 from birdrounds.data.layout import DEFAULT_PATHS
 from birdrounds.data.mixed_val import MixedValidation, mixed_validation_from_config
 from birdrounds.data.prepare import EXTERNAL_FOLD, PreparedData, prepare_data
@@ -110,6 +112,7 @@ class RoundParts:
     val_mixed: MixedValidation | None = None
     pseudo_stats: dict[str, Any] | None = None
     n_external: int = 0  # external (Xeno-canto) rows in train_table
+    batch_transform: BatchAugment | None = None  # `data.augment_on: device`: augmentation + MixUp per batch
 
 
 def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, round_idx: int = 0,
@@ -138,7 +141,9 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, roun
     row_external = external[in_training]
     loss_weights = np.where(row_external, float(ext_cfg.get("loss_weight", 1.0)), 1.0)
     draw_weights = np.where(row_external, float(ext_cfg.get("sample_weight", 1.0)), 1.0)
-    augment = instantiate(data_cfg.augment, background_paths=[str(p) for p in data.soundscapes], background_audio=audio)
+    on_device = data_cfg.get("augment_on", "workers") == "device"
+    augment = None if on_device else instantiate(data_cfg.augment, background_paths=[str(p) for p in data.soundscapes],
+                                                 background_audio=audio)
     clip_args = OmegaConf.to_container(data_cfg.clips, resolve=True)
     train_set = ClipDataset(train_table, data.classes, audio, window_s=data_cfg.window_s, augment=augment,
                             seed=seed, row_weights=loss_weights, **clip_args)
@@ -151,15 +156,37 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, roun
     sampler = make_sampler(train_table, temperature=data_cfg.sampler.temperature,
                            num_samples=data_cfg.sampler.samples_per_epoch,
                            rating_weight=data_cfg.clips.rating_weight, seed=seed, row_weights=draw_weights)
+    mixup = instantiate(data_cfg.mixup) if data_cfg.mixup else None
     return RoundParts(
         train_set=train_set, sampler=sampler,
-        collate_fn=MixUpCollate(instantiate(data_cfg.mixup) if data_cfg.mixup else None),
+        collate_fn=MixUpCollate(None if on_device else mixup),
+        batch_transform=device_augment(data_cfg, mixup, seed) if on_device else None,
         train_table=train_table,
         class_counts=train_table["primary_label"].value_counts().reindex(data.classes, fill_value=0).tolist(),
         val_clips=val_set if len(val_set) else None, val_soundscapes=val_soundscapes,
         val_solution=data.val_solution if val_soundscapes is not None else None, val_mixed=val_mixed,
         n_external=int(row_external.sum()),
     )
+
+
+def device_augment(data_cfg: DictConfig, mixup: MixUp | None, seed: int) -> BatchAugment:
+    """`data.augment` and `data.mixup` as one per-batch transform on the training device."""
+    kwargs = OmegaConf.to_container(data_cfg.augment, resolve=True) if data_cfg.augment else {
+        "sample_rate_hz": data_cfg.sample_rate_hz, "gain_p": 0.0, "noise_p": 0.0, "background_p": 0.0,
+        "shift_p": 0.0, "pitch_p": 0.0, "stretch_p": 0.0}
+    kwargs.pop("_target_", None)
+    return BatchAugment(**kwargs, mixup=mixup, seed=seed)
+
+
+def with_background_windows(parts: RoundParts, data_cfg: DictConfig, prepared: PreparedData, seed: int) -> RoundParts:
+    """On-device augmentation: the workers add each item's soundscape window (the outermost dataset,
+    so pseudo-labeled items get one too); the mix itself happens on the device."""
+    transform = parts.batch_transform
+    if transform is None or transform.background_p <= 0 or not prepared.data.soundscapes:
+        return parts
+    windows = BackgroundWindows(parts.train_set, [str(p) for p in prepared.data.soundscapes], prepared.audio,
+                                p=transform.background_p, seed=seed)
+    return dataclasses.replace(parts, train_set=windows)
 
 
 def filter_external(cfg: DictConfig, prepared: PreparedData, model_path: Path, out_dir: Path,
@@ -392,6 +419,7 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
     if student:
         parts = student_parts(cfg, prepared, pseudo_label(cfg, prepared, teachers, round_idx, round_dir,
                                                          accelerator), parts)
+    parts = with_background_windows(parts, cfg.data, prepared, cfg.seed)
     model = initial_model(cfg, len(prepared.data.classes), round_idx, teachers[0] if teachers else None)
     arm = "control" if control else ("teacher" if round_idx == 0 else "student")
     round_info = {"round": round_idx, "arm": arm, "init_weights_hash": weights_hash(model),
@@ -403,7 +431,8 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
     return fit(
         accelerator, model, parts.train_set, loss_fn, prepared.data.classes,
         out_dir, instantiate(round_train_config(cfg, round_idx)),
-        sampler=parts.sampler, collate_fn=parts.collate_fn, val_clips=parts.val_clips,
+        sampler=parts.sampler, collate_fn=parts.collate_fn, batch_transform=parts.batch_transform,
+        val_clips=parts.val_clips,
         val_soundscapes=parts.val_soundscapes, val_solution=parts.val_solution, val_mixed=parts.val_mixed,
         config=OmegaConf.to_container(cfg, resolve=True),
         logger=instantiate(cfg.logger) if cfg.logger.log_with else None, window_s=cfg.data.window_s,
@@ -420,7 +449,7 @@ NON_RESULT_KEYS = ("round", "recompute_from", "control", "logger", "paths", "xc"
 TEACHER_IGNORED_KEYS = ("pseudo", "data.external.in_students", "data.external.filter_min_prob")
 # Keys added after rounds were recorded, left out of the hash while they hold the value that does what the
 # code did before them, so finished rounds stay reusable after an upgrade (a real setting still counts).
-NEUTRAL_WHEN = {"data.external.filter_min_prob": None}
+NEUTRAL_WHEN = {"data.external.filter_min_prob": None, "data.augment_on": "workers"}
 
 
 def _drop_key(plain: dict[str, Any], dotted: str) -> None:

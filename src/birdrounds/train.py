@@ -267,6 +267,7 @@ class _Run:
     loss_fn: LossFn
     settings: TrainSettings
     ema: ModelEmaV3 | None
+    batch_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     step: int = 0
     lr: float = 0.0  # of the latest update
 
@@ -286,6 +287,7 @@ def fit(
     *,
     sampler: Sampler[int] | None = None,
     collate_fn: Callable | None = None,
+    batch_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     val_clips: Dataset | None = None,
     val_soundscapes: Dataset | None = None,
     val_solution: pd.DataFrame | None = None,
@@ -300,7 +302,8 @@ def fit(
     Writes (main process only) out_dir/checkpoints/epoch_NNN/, out_dir/model.pt and out_dir/metrics.json
     (their only writer). `val_soundscapes` (SoundscapeChunks) needs `val_solution` (row_id + class
     columns). `val_mixed` (data.mixed_val.MixedValidation: held-out calls in soundscape backgrounds,
-    with its own `rows` and `solution`) gives `val_mixed_auc`. `extra_metrics` follow the metrics in
+    with its own `rows` and `solution`) gives `val_mixed_auc`. `batch_transform` maps each training batch
+    on the device before the forward pass (`data.augment_on: device`). `extra_metrics` follow the metrics in
     the result and in metrics.json (a round's number and arm). The caller owns the Accelerator (one per
     process, reusable for the next fit) and calls `end_training()` at the end.
     """
@@ -332,7 +335,7 @@ def fit(
     # checkpointed beside save_state's files (see _save_epoch_checkpoint).
     updates_per_epoch = math.ceil(len(train_loader) / settings.grad_accum_steps)
     scheduler = settings.scheduler(optimizer, steps_per_epoch=updates_per_epoch, epochs=settings.epochs)
-    run = _Run(accelerator, model, optimizer, scheduler, train_loader, loss_fn, settings, ema)
+    run = _Run(accelerator, model, optimizer, scheduler, train_loader, loss_fn, settings, ema, batch_transform)
 
     start_epoch, history = _resume(run, out_dir / CHECKPOINTS_DIR)
     if logger is not None:
@@ -340,7 +343,8 @@ def fit(
             accelerator.init_trackers(logger.project, config=redact_secrets(config),
                                       init_kwargs=logger.init_kwargs(out_dir))
     for epoch in range(start_epoch, settings.epochs):
-        _seed_epoch(accelerator, settings.seed, epoch, [train_loader, epoch_sampler, train_set, collate_fn])
+        _seed_epoch(accelerator, settings.seed, epoch, [train_loader, epoch_sampler, train_set, collate_fn,
+                                                       batch_transform])
         metrics = {"epoch": epoch, **_train_one_epoch(run, epoch)}
         metrics.update(_validate(run, classes, clip_loader, soundscape_loader, val_soundscapes, val_solution))
         if mixed_loader is not None:
@@ -374,6 +378,8 @@ def _train_one_epoch(run: _Run, epoch: int) -> dict[str, float]:
     clock, start = _WaitClock(), time.perf_counter()
     progress = tqdm(run.train_loader, desc=f"epoch {epoch}", disable=not acc.is_local_main_process, leave=False)
     for batch in clock.iterate(progress):
+        if run.batch_transform is not None:
+            batch = run.batch_transform(batch)
         with acc.accumulate(run.model):
             outputs = run.model(batch["audio"])
             terms = run.loss_fn(outputs, batch["target"], batch.get("weight"))
