@@ -78,7 +78,7 @@ def main() -> None:
     batch_size = args.batch_size or cfg.train.batch_size
     prepared = prepare_data(cfg.data, seed=cfg.seed, progress=False)
     # As train_round builds them: with data.augment_on=device the workers also read background windows.
-    parts = with_background_windows(build_datasets(prepared, cfg.data, cfg.seed), cfg.data, prepared, cfg.seed)
+    parts = with_background_windows(build_datasets(prepared, cfg.data, cfg.seed), prepared, cfg.seed)
     augment = {k: v for k, v in cfg.data.augment.items() if k.endswith("_p") or k == "pitch_method"}
     print(f"window {cfg.data.window_s} s @ {cfg.data.sample_rate_hz} Hz, batch {batch_size}, {args.batches} batches, "
           f"MixUp {dict(cfg.data.mixup) if cfg.data.mixup else None}, augment {augment}, "

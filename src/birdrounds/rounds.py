@@ -178,7 +178,7 @@ def device_augment(data_cfg: DictConfig, mixup: MixUp | None, seed: int) -> Batc
     return BatchAugment(**kwargs, mixup=mixup, seed=seed)
 
 
-def with_background_windows(parts: RoundParts, data_cfg: DictConfig, prepared: PreparedData, seed: int) -> RoundParts:
+def with_background_windows(parts: RoundParts, prepared: PreparedData, seed: int) -> RoundParts:
     """On-device augmentation: the workers add each item's soundscape window (the outermost dataset,
     so pseudo-labeled items get one too); the mix itself happens on the device."""
     transform = parts.batch_transform
@@ -419,7 +419,7 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
     if student:
         parts = student_parts(cfg, prepared, pseudo_label(cfg, prepared, teachers, round_idx, round_dir,
                                                          accelerator), parts)
-    parts = with_background_windows(parts, cfg.data, prepared, cfg.seed)
+    parts = with_background_windows(parts, prepared, cfg.seed)
     model = initial_model(cfg, len(prepared.data.classes), round_idx, teachers[0] if teachers else None)
     arm = "control" if control else ("teacher" if round_idx == 0 else "student")
     round_info = {"round": round_idx, "arm": arm, "init_weights_hash": weights_hash(model),
