@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from birdrounds import rounds
+from birdrounds.config import compose
+from birdrounds.data.augment import AugmentSettings, build_waveform_augment
 from birdrounds.data.clips import MixUp
 from birdrounds.data.device_augment import (
     BackgroundWindows,
@@ -18,7 +22,11 @@ from birdrounds.data.device_augment import (
 )
 
 SR = 8000
-OFF = dict(gain_p=0.0, noise_p=0.0, background_p=0.0, shift_p=0.0, pitch_p=0.0, stretch_p=0.0)
+
+
+def settings(**on) -> AugmentSettings:
+    """Everything off but `on`."""
+    return dataclasses.replace(AugmentSettings.off(), **on)
 
 
 def tone(freq_hz: float, seconds: float = 2.0, until_s: float | None = None) -> torch.Tensor:
@@ -66,7 +74,7 @@ def test_time_stretch_changes_tempo_keeps_pitch_and_length():
 
 def test_signalsmith_pitch_on_device_keeps_the_tempo():
     x = tone(500.0, until_s=1.0)[None].repeat(2, 1)
-    aug = BatchAugment(SR, **{**OFF, "pitch_p": 1.0, "pitch_semitones": (4.0, 4.0)}, pitch_method="signalsmith",
+    aug = BatchAugment(SR, settings(pitch_p=1.0, pitch_semitones=(4.0, 4.0), pitch_method="signalsmith"),
                        n_fft=256, hop_length=64)
     aug.set_epoch(0)
     out = aug({"audio": x})["audio"]
@@ -82,7 +90,7 @@ def batch(size: int = 8, n: int = 4000, seed: int = 0) -> dict[str, torch.Tensor
 
 def test_batch_augment_is_reproducible_per_epoch_and_keeps_shape_and_dtype():
     def run(epoch: int) -> torch.Tensor:
-        aug = BatchAugment(SR, pitch_method="resample", n_fft=256, hop_length=64, seed=3)
+        aug = BatchAugment(SR, AugmentSettings(pitch_method="resample"), n_fft=256, hop_length=64, seed=3)
         aug.set_epoch(epoch)
         return aug(batch())["audio"]
 
@@ -94,11 +102,11 @@ def test_batch_augment_is_reproducible_per_epoch_and_keeps_shape_and_dtype():
 
 
 def test_batch_augment_with_everything_off_is_the_identity_and_mixup_runs_after():
-    aug = BatchAugment(SR, **OFF)
+    aug = BatchAugment(SR, AugmentSettings.off())
     aug.set_epoch(0)
     b = batch()
     assert torch.equal(aug(b)["audio"], b["audio"])
-    mixed = BatchAugment(SR, **OFF, mixup=MixUp(prob=1.0, weight=0.5))
+    mixed = BatchAugment(SR, AugmentSettings.off(), mixup=MixUp(prob=1.0, weight=0.5))
     mixed.set_epoch(0)
     out = mixed(b)
     assert (out["target"].sum(dim=1) == 2).all()  # every clip mixed with another: two labels each
@@ -107,13 +115,13 @@ def test_batch_augment_with_everything_off_is_the_identity_and_mixup_runs_after(
 
 def test_gain_and_background_follow_their_ranges():
     b = batch()
-    gain = BatchAugment(SR, **{**OFF, "gain_p": 1.0, "gain_db": (-6.0, -6.0)})
+    gain = BatchAugment(SR, settings(gain_p=1.0, gain_db=(-6.0, -6.0)))
     gain.set_epoch(0)
     assert torch.allclose(gain(b)["audio"], b["audio"] * 10 ** (-6 / 20))
 
     background = torch.randn(8, 4000)
     background[::2] = 0.0  # not drawn by the worker: left alone
-    aug = BatchAugment(SR, **{**OFF, "background_p": 1.0, "background_snr_db": (10.0, 10.0)})
+    aug = BatchAugment(SR, settings(background_p=1.0, background_snr_db=(10.0, 10.0)))
     aug.set_epoch(0)
     out = aug({**b, "background": background})
     assert "background" not in out
@@ -123,11 +131,28 @@ def test_gain_and_background_follow_their_ranges():
     assert torch.allclose(snr_db, torch.full_like(snr_db, 10.0), atol=1e-3)
 
 
-def test_batch_augment_refuses_bad_ranges_and_methods():
+def test_augment_settings_refuse_bad_ranges_and_methods_in_both_placements():
     with pytest.raises(ValueError, match="pitch_method"):
-        BatchAugment(SR, pitch_method="rubberband")
+        AugmentSettings(pitch_method="rubberband")
     with pytest.raises(ValueError, match="gain_db"):
-        BatchAugment(SR, gain_db=(6.0, -6.0))
+        AugmentSettings(gain_db=(6.0, -6.0))
+    with pytest.raises(ValueError, match="noise_p"):
+        AugmentSettings(noise_p=1.5)
+    with pytest.raises(ValueError, match="stretch_rate"):
+        AugmentSettings(stretch_rate=(0.0, 1.0))
+    with pytest.raises(ValueError, match="gain_db"):  # the workers' builder reads the same settings
+        build_waveform_augment(SR, gain_db=(6.0, -6.0))
+    with pytest.raises(TypeError, match="gain_dB"):
+        build_waveform_augment(SR, gain_dB=(0.0, 1.0))
+
+
+def test_device_transform_reads_the_configs_augment_knobs():
+    cfg = compose(["data.augment.gain_p=0.9", "+data.augment.noise_snr_db=[1.0,2.0]", "data.augment_on=device"])
+    transform = rounds.device_augment(cfg.data, None, seed=0)
+    assert transform.settings.gain_p == 0.9 and transform.settings.noise_snr_db == (1.0, 2.0)
+    assert transform.settings.pitch_method == cfg.data.augment.pitch_method
+    cfg.data.augment = None
+    assert rounds.device_augment(cfg.data, None, seed=0).settings == AugmentSettings.off()
 
 
 class Windows:
@@ -214,7 +239,7 @@ def test_students_get_background_windows_outermost_and_the_transform_on_the_devi
     assert seen["collate_fn"].mixup is None  # MixUp moved to the device transform
     transform = seen["batch_transform"]
     assert isinstance(transform, BatchAugment) and isinstance(transform.mixup, MixUp)
-    assert transform.background_p == cfg.data.augment.background_p
+    assert transform.settings.background_p == cfg.data.augment.background_p
     item = seen["set"][0]
     assert item["background"].shape == item["audio"].shape
     assert seen["set"].dataset.labeled.augment is None  # nothing augmented in the workers

@@ -14,6 +14,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 
+AUGMENT_ON = ("workers", "device")  # `data.augment_on`: where data.augment and data.mixup run
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message starts with the offending key."""
 
@@ -68,7 +71,7 @@ def validate(cfg: DictConfig) -> None:
     require(cfg, "data.n_folds", lambda v: isinstance(v, int) and v >= 2, "must be an integer >= 2")
     require(cfg, "data.fold", lambda v: isinstance(v, int) and 0 <= v < cfg.data.n_folds, f"must be in [0, data.n_folds={cfg.data.n_folds})")
     if OmegaConf.select(cfg, "data.augment_on") is not None:
-        require(cfg, "data.augment_on", lambda v: v in ("workers", "device"), "must be 'workers' or 'device'")
+        require(cfg, "data.augment_on", lambda v: v in AUGMENT_ON, f"must be one of {AUGMENT_ON}")
     require(cfg, "data.on_missing_file", lambda v: v in ("warn", "error"), "must be 'warn' or 'error'")
     for key in ("data.external.loss_weight", "data.external.sample_weight"):
         if OmegaConf.select(cfg, key) is not None:

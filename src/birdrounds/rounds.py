@@ -46,6 +46,7 @@ from birdrounds.artifacts import (
     write_json_atomic,
 )
 from birdrounds.config import ConfigError, redact_secrets, validate
+from birdrounds.data.augment import AugmentSettings
 from birdrounds.data.clips import (
     ClipDataset,
     MixUp,
@@ -171,21 +172,23 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, roun
 
 def device_augment(data_cfg: DictConfig, mixup: MixUp | None, seed: int) -> BatchAugment:
     """`data.augment` and `data.mixup` as one per-batch transform on the training device."""
-    kwargs = OmegaConf.to_container(data_cfg.augment, resolve=True) if data_cfg.augment else {
-        "sample_rate_hz": data_cfg.sample_rate_hz, "gain_p": 0.0, "noise_p": 0.0, "background_p": 0.0,
-        "shift_p": 0.0, "pitch_p": 0.0, "stretch_p": 0.0}
-    kwargs.pop("_target_", None)
-    return BatchAugment(**kwargs, mixup=mixup, seed=seed)
+    settings = AugmentSettings.off()
+    if data_cfg.augment:
+        knobs = OmegaConf.to_container(data_cfg.augment, resolve=True)
+        for key in ("_target_", "sample_rate_hz"):
+            knobs.pop(key, None)
+        settings = AugmentSettings(**knobs)
+    return BatchAugment(data_cfg.sample_rate_hz, settings, mixup=mixup, seed=seed)
 
 
 def with_background_windows(parts: RoundParts, prepared: PreparedData, seed: int) -> RoundParts:
     """On-device augmentation: the workers add each item's soundscape window (the outermost dataset,
     so pseudo-labeled items get one too); the mix itself happens on the device."""
     transform = parts.batch_transform
-    if transform is None or transform.background_p <= 0 or not prepared.data.soundscapes:
+    if transform is None or transform.settings.background_p <= 0 or not prepared.data.soundscapes:
         return parts
     windows = BackgroundWindows(parts.train_set, [str(p) for p in prepared.data.soundscapes], prepared.audio,
-                                p=transform.background_p, seed=seed)
+                                p=transform.settings.background_p, seed=seed)
     return dataclasses.replace(parts, train_set=windows)
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -67,15 +69,19 @@ class SoundscapeBackground(BaseWaveformTransform):
     def apply(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
         if sample_rate != self.audio.sample_rate_hz:
             raise ValueError(f"clip is {sample_rate} Hz but the background source is {self.audio.sample_rate_hz} Hz")
-        noise = self._window(self.parameters["path"], len(samples), self.parameters["start_fraction"])
+        noise = self.window(self.parameters["path"], len(samples), self.parameters["start_fraction"])
         signal_rms, noise_rms = _rms(samples), _rms(noise) if noise is not None else 0.0
         if signal_rms == 0.0 or noise_rms == 0.0:
             return samples
         target_noise_rms = signal_rms / 10 ** (self.parameters["snr_db"] / 20)
         return (samples + noise * np.float32(target_noise_rms / noise_rms)).astype(np.float32)
 
-    def _window(self, path: str, n_samples: int, start_fraction: float) -> np.ndarray | None:
-        """`n_samples` of background from `path` starting at a fraction of the free range (tiled if short)."""
+    def window(self, path: str, n_samples: int, start_fraction: float) -> np.ndarray | None:
+        """`n_samples` of background from `path` starting at a fraction of the free range (tiled if short).
+
+        None for an empty or undecodable file (the latter warned about once and dropped from the pool).
+        Also the reader of `device_augment.BackgroundWindows`.
+        """
         if path in self.bad_paths:
             return None
         try:
@@ -141,60 +147,94 @@ class WaveformAugment:
         return f"WaveformAugment({self.compose!r})"
 
 
+PITCH_METHODS = ("signalsmith", "resample")
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """The `data.augment` knobs: each transform's probability and range, shared by both placements.
+
+    `build_waveform_augment` (per clip in the DataLoader workers) and `device_augment.BatchAugment` (per
+    batch on the training device) read the same settings, so a knob means the same in both.
+    """
+
+    gain_p: float = 0.5
+    gain_db: tuple[float, float] = (-12.0, 6.0)
+    noise_p: float = 0.3
+    noise_snr_db: tuple[float, float] = (5.0, 40.0)
+    background_p: float = 0.5
+    background_snr_db: tuple[float, float] = (0.0, 20.0)
+    shift_p: float = 0.3
+    shift_max_fraction: float = 0.5
+    pitch_p: float = 0.2
+    pitch_semitones: tuple[float, float] = (-2.0, 2.0)
+    pitch_method: str = "signalsmith"
+    stretch_p: float = 0.2
+    stretch_rate: tuple[float, float] = (0.9, 1.1)
+
+    def __post_init__(self) -> None:
+        if self.pitch_method not in PITCH_METHODS:
+            raise ValueError(f"pitch_method must be 'signalsmith' or 'resample', got {self.pitch_method!r}")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name.endswith("_p") and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{field.name} must be in [0, 1], got {value}")
+            if isinstance(value, (list, tuple)):
+                low, high = value  # a config's lists become tuples, so the settings stay hashable
+                object.__setattr__(self, field.name, (float(low), float(high)))
+                if low > high:
+                    raise ValueError(f"{field.name}: low {low} is above high {high}")
+        if self.stretch_rate[0] <= 0:
+            raise ValueError(f"stretch_rate must be positive, got {self.stretch_rate}")
+
+    @classmethod
+    def off(cls) -> AugmentSettings:
+        """Every transform off (`data.augment: null`)."""
+        return cls(**{f.name: 0.0 for f in dataclasses.fields(cls) if f.name.endswith("_p")})
+
+
 def build_waveform_augment(
     sample_rate_hz: int,
-    gain_p: float = 0.5,
-    gain_db: tuple[float, float] = (-12.0, 6.0),
-    noise_p: float = 0.3,
-    noise_snr_db: tuple[float, float] = (5.0, 40.0),
-    background_p: float = 0.5,
-    background_snr_db: tuple[float, float] = (0.0, 20.0),
     background_paths: Sequence[str] | None = None,
     background_audio: Any = None,
-    shift_p: float = 0.3,
-    shift_max_fraction: float = 0.5,
-    pitch_p: float = 0.2,
-    pitch_semitones: tuple[float, float] = (-2.0, 2.0),
-    pitch_method: str = "signalsmith",
-    stretch_p: float = 0.2,
-    stretch_rate: tuple[float, float] = (0.9, 1.1),
+    **knobs: Any,
 ) -> WaveformAugment | None:
     """Training waveform augmentation, each transform with its own probability; None when all are off.
 
-    Order: time shift (with rollover), time stretch (length kept), pitch shift, background mix, Gaussian
-    noise (both at an SNR relative to the call), then gain (the recording level, noise included). Stretch
-    and pitch use Signalsmith (~25 ms per 5-s 32 kHz clip each); `pitch_method="resample"` gives up the
-    kept tempo for ~1 ms (see `ResamplePitchShift`). Background mixing is skipped without paths or source.
-    Parameters come from the global `random` / `np.random` (audiomentations' convention); `ClipDataset`
-    seeds both per item.
+    `knobs` are `AugmentSettings` fields (an unknown name is a TypeError naming it). Order: time shift
+    (with rollover), time stretch (length kept), pitch shift, background mix, Gaussian noise (both at an
+    SNR relative to the call), then gain (the recording level, noise included). Stretch and pitch use
+    Signalsmith (~25 ms per 5-s 32 kHz clip each); `pitch_method="resample"` gives up the kept tempo for
+    ~1 ms (see `ResamplePitchShift`). Background mixing is skipped without paths or source. Parameters
+    come from the global `random` / `np.random` (audiomentations' convention); `ClipDataset` seeds both
+    per item.
     """
+    s = AugmentSettings(**knobs)
     transforms: list[BaseWaveformTransform] = []
-    if shift_p > 0:
-        transforms.append(Shift(-shift_max_fraction, shift_max_fraction, rollover=True, p=shift_p))
-    if stretch_p > 0:
+    if s.shift_p > 0:
+        transforms.append(Shift(-s.shift_max_fraction, s.shift_max_fraction, rollover=True, p=s.shift_p))
+    if s.stretch_p > 0:
         transforms.append(
-            TimeStretch(*stretch_rate, leave_length_unchanged=True, method="signalsmith_stretch", p=stretch_p)
+            TimeStretch(*s.stretch_rate, leave_length_unchanged=True, method="signalsmith_stretch", p=s.stretch_p)
         )
-    if pitch_p > 0:
-        transforms.append(_pitch_shift(pitch_method, pitch_semitones, pitch_p))
-    if background_p > 0 and background_paths and background_audio is not None:
+    if s.pitch_p > 0:
+        transforms.append(_pitch_shift(s.pitch_method, s.pitch_semitones, s.pitch_p))
+    if s.background_p > 0 and background_paths and background_audio is not None:
         if background_audio.sample_rate_hz != sample_rate_hz:
             raise ValueError(
                 f"background source is {background_audio.sample_rate_hz} Hz, clips are {sample_rate_hz} Hz"
             )
-        background = SoundscapeBackground(background_paths, background_audio, *background_snr_db, p=background_p)
+        background = SoundscapeBackground(background_paths, background_audio, *s.background_snr_db, p=s.background_p)
         transforms.append(background)
-    if noise_p > 0:
-        transforms.append(AddGaussianSNR(*noise_snr_db, p=noise_p))
-    if gain_p > 0:
-        transforms.append(Gain(*gain_db, p=gain_p))
+    if s.noise_p > 0:
+        transforms.append(AddGaussianSNR(*s.noise_snr_db, p=s.noise_p))
+    if s.gain_p > 0:
+        transforms.append(Gain(*s.gain_db, p=s.gain_p))
     return WaveformAugment(transforms) if transforms else None
 
 
 def _pitch_shift(method: str, semitones: tuple[float, float], p: float) -> BaseWaveformTransform:
     """Pitch-shift transform: "signalsmith" keeps the tempo, "resample" is ~20x cheaper but does not."""
-    if method == "signalsmith":
-        return PitchShift(*semitones, method="signalsmith_stretch", p=p)
     if method == "resample":
         return ResamplePitchShift(*semitones, p=p)
-    raise ValueError(f"pitch_method must be 'signalsmith' or 'resample', got {method!r}")
+    return PitchShift(*semitones, method="signalsmith_stretch", p=p)

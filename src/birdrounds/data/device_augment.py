@@ -33,10 +33,9 @@ import torch
 from accelerate import PartialState
 from torch.utils.data import Dataset
 
-from birdrounds.data.augment import SoundscapeBackground
+from birdrounds.data.augment import AugmentSettings, SoundscapeBackground
 from birdrounds.data.clips import MixUp
 
-AUGMENT_ON = ("workers", "device")
 BACKGROUND_KEY = "background"
 
 
@@ -74,7 +73,7 @@ class BackgroundWindows(Dataset):
         window = None
         if rng.random() < self.p:
             path = self.reader.paths[int(rng.integers(len(self.reader.paths)))]
-            window = self.reader._window(path, n, float(rng.random()))
+            window = self.reader.window(path, n, float(rng.random()))
         item[BACKGROUND_KEY] = torch.from_numpy(window) if window is not None else torch.zeros(n)
         return item
 
@@ -82,57 +81,28 @@ class BackgroundWindows(Dataset):
 class BatchAugment:
     """`data.augment`'s transforms, then MixUp, applied to a batch dict on its device (see the module doc).
 
-    Takes the keyword arguments of `data.augment.build_waveform_augment` but `background_paths` and
-    `background_audio` (the workers' `BackgroundWindows` reads the windows; the mix happens here when the
-    batch has `background`). Probabilities and ranges mean the same as there.
+    `settings` are the workers' (`data.augment`), with the same meaning; the background windows come
+    with the batch (`BackgroundWindows`, in the workers) and are mixed in here when present.
     """
 
     def __init__(
         self,
         sample_rate_hz: int,
-        gain_p: float = 0.5,
-        gain_db: tuple[float, float] = (-12.0, 6.0),
-        noise_p: float = 0.3,
-        noise_snr_db: tuple[float, float] = (5.0, 40.0),
-        background_p: float = 0.5,
-        background_snr_db: tuple[float, float] = (0.0, 20.0),
-        shift_p: float = 0.3,
-        shift_max_fraction: float = 0.5,
-        pitch_p: float = 0.2,
-        pitch_semitones: tuple[float, float] = (-2.0, 2.0),
-        pitch_method: str = "signalsmith",
-        stretch_p: float = 0.2,
-        stretch_rate: tuple[float, float] = (0.9, 1.1),
+        settings: AugmentSettings,
         mixup: MixUp | None = None,
         seed: int = 0,
         n_fft: int = 512,
         hop_length: int = 128,
     ) -> None:
-        if pitch_method not in ("signalsmith", "resample"):
-            raise ValueError(f"pitch_method must be 'signalsmith' or 'resample', got {pitch_method!r}")
-        for name, (low, high) in (("gain_db", gain_db), ("noise_snr_db", noise_snr_db),
-                                  ("background_snr_db", background_snr_db), ("pitch_semitones", pitch_semitones),
-                                  ("stretch_rate", stretch_rate)):
-            if low > high:
-                raise ValueError(f"{name}: low {low} is above high {high}")
-        if stretch_rate[0] <= 0:
-            raise ValueError(f"stretch_rate must be positive, got {stretch_rate}")
         self.sample_rate_hz = int(sample_rate_hz)
-        self.gain_p, self.gain_db = gain_p, tuple(gain_db)
-        self.noise_p, self.noise_snr_db = noise_p, tuple(noise_snr_db)
-        self.background_p, self.background_snr_db = background_p, tuple(background_snr_db)
-        self.shift_p, self.shift_max_fraction = shift_p, shift_max_fraction
-        self.pitch_p, self.pitch_semitones, self.pitch_method = pitch_p, tuple(pitch_semitones), pitch_method
-        self.stretch_p, self.stretch_rate = stretch_p, tuple(stretch_rate)
+        self.settings = settings
         self.mixup = mixup
         self.seed, self.epoch = int(seed), 0
         self.n_fft, self.hop_length = n_fft, hop_length
         self._generator: torch.Generator | None = None
 
     def __repr__(self) -> str:
-        return (f"BatchAugment(shift_p={self.shift_p}, stretch_p={self.stretch_p}, pitch_p={self.pitch_p} "
-                f"({self.pitch_method}), background_p={self.background_p}, noise_p={self.noise_p}, "
-                f"gain_p={self.gain_p}, mixup={self.mixup is not None})")
+        return f"BatchAugment({self.settings}, mixup={self.mixup is not None})"
 
     def set_epoch(self, epoch: int) -> None:
         """Restart the draws from (seed, epoch, process index); MixUp's too."""
@@ -152,7 +122,7 @@ class BatchAugment:
         out = dict(batch)
         x = batch["audio"].float()
         background = out.pop(BACKGROUND_KEY, None)
-        gen = self._rng(x.device)
+        gen, s = self._rng(x.device), self.settings
         size, n = x.shape
 
         def draw(p: float) -> torch.Tensor:
@@ -161,31 +131,31 @@ class BatchAugment:
         def uniform(low: float, high: float) -> torch.Tensor:
             return low + (high - low) * torch.rand(size, generator=gen, device=x.device)
 
-        if self.shift_p > 0:
-            on, frac = draw(self.shift_p), uniform(-self.shift_max_fraction, self.shift_max_fraction)
+        if s.shift_p > 0:
+            on, frac = draw(s.shift_p), uniform(-s.shift_max_fraction, s.shift_max_fraction)
             x = torch.where(on[:, None], roll_rows(x, (frac * n).round().long()), x)
-        if self.stretch_p > 0:
-            on, rate = draw(self.stretch_p), uniform(*self.stretch_rate)
+        if s.stretch_p > 0:
+            on, rate = draw(s.stretch_p), uniform(*s.stretch_rate)
             x = self._on_rows(x, on, lambda rows, idx: time_stretch(rows, rate[idx], self.n_fft, self.hop_length))
-        if self.pitch_p > 0:
-            on = draw(self.pitch_p)
-            factor = 2.0 ** (uniform(*self.pitch_semitones) / 12.0)
-            if self.pitch_method == "resample":
+        if s.pitch_p > 0:
+            on = draw(s.pitch_p)
+            factor = 2.0 ** (uniform(*s.pitch_semitones) / 12.0)
+            if s.pitch_method == "resample":
                 x = self._on_rows(x, on, lambda rows, idx: resample_rows(rows, factor[idx]))
             else:
                 x = self._on_rows(x, on, lambda rows, idx: resample_rows(
                     time_stretch(rows, 1.0 / factor[idx], self.n_fft, self.hop_length), factor[idx]))
-        if self.background_p > 0 and background is not None:
+        if s.background_p > 0 and background is not None:
             # The worker drew whether to mix (a zero window means no); only the SNR is drawn here.
             background = background.to(x.device, x.dtype)
-            x = x + background * _scale_to_snr(x, background, uniform(*self.background_snr_db))[:, None]
-        if self.noise_p > 0:
-            on, snr = draw(self.noise_p), uniform(*self.noise_snr_db)
+            x = x + background * _scale_to_snr(x, background, uniform(*s.background_snr_db))[:, None]
+        if s.noise_p > 0:
+            on, snr = draw(s.noise_p), uniform(*s.noise_snr_db)
             noise = torch.randn(x.shape, generator=gen, device=x.device)
             std = _rms(x) / 10.0 ** (snr / 20.0)
             x = x + noise * (std * on)[:, None]
-        if self.gain_p > 0:
-            on, db = draw(self.gain_p), uniform(*self.gain_db)
+        if s.gain_p > 0:
+            on, db = draw(s.gain_p), uniform(*s.gain_db)
             x = x * torch.where(on, 10.0 ** (db / 20.0), torch.ones_like(db))[:, None]
         out["audio"] = x.to(batch["audio"].dtype)
         return self.mixup(out) if self.mixup is not None else out
