@@ -19,6 +19,11 @@ prints the mean split-half Spearman correlation with its Spearman-Brown full-len
 metric's attainable rho is about sqrt(r_sb) (0 when r_sb <= 0: the models' differences are within the
 soundscape score's own noise).
 
+Each run's held-out fold, and so its mixed set, depends on the run's seed, so the script also prints
+the correlations within each split seed (the comparison a user makes inside one run: did this round
+beat its control?), and the same without the oracle students (`pseudo.truth` set), which a real run
+never has. `--from-json` prints every table again from a saved `--json` file, without inference.
+
 Runs built before `data.mixed_val` existed get the defaults of configs/data/birdclef2025.yaml.
 Inference only, on CPU unless --device says otherwise.
 """
@@ -68,6 +73,55 @@ def model_folders(run_dirs: list[Path]) -> list[Path]:
     return found
 
 
+def run_facts(folder: Path) -> dict:
+    """The split seed of a model's run (its held-out fold and mixed set follow it) and whether it is an
+    oracle student (trained on `pseudo.truth`)."""
+    cfg = OmegaConf.load(folder / ROUND_CONFIG_FILE)
+    pseudo = cfg.get("pseudo") or {}
+    return {"seed": int(cfg.get("seed", 0)), "oracle": bool(pseudo.get("truth"))}
+
+
+def within_run_rho(table: list[dict], column: str, reference: str = "val_soundscape_auc") -> dict:
+    """Spearman of `column` with `reference` inside each split seed (groups of 3+ models), their mean and
+    std, and the pooled Spearman after subtracting each seed's mean from both (one scale per held-out fold)."""
+    groups: dict[int, list[dict]] = {}
+    for row in table:
+        groups.setdefault(int(row["seed"]), []).append(row)
+    per_seed, centred_x, centred_y = {}, [], []
+    for seed, rows in sorted(groups.items()):
+        if len(rows) < 3:
+            continue
+        x = np.array([r[column] for r in rows], dtype=float)
+        y = np.array([r[reference] for r in rows], dtype=float)
+        per_seed[seed] = (float(spearmanr(x, y).statistic), len(rows))
+        centred_x += list(x - x.mean())
+        centred_y += list(y - y.mean())
+    rhos = [rho for rho, _ in per_seed.values()]
+    pooled = spearmanr(centred_x, centred_y) if len(centred_x) >= 3 else None
+    return {"per_seed": per_seed, "mean": float(np.mean(rhos)) if rhos else float("nan"),
+            "std": float(np.std(rhos)) if rhos else float("nan"),
+            "centred": (float(pooled.statistic), float(pooled.pvalue)) if pooled is not None else None}
+
+
+def print_correlations(table: list[dict], columns: list[str]) -> None:
+    """Pooled and within-run Spearman tables, over all models and without the oracle students."""
+    subsets = [("all", table)]
+    if any(row["oracle"] for row in table):
+        subsets.append(("without oracle students", [row for row in table if not row["oracle"]]))
+    for label, rows in subsets:
+        truth = np.array([row["val_soundscape_auc"] for row in rows], dtype=float)
+        print(f"\nSpearman rank correlation with val_soundscape_auc, {label}: {len(rows)} models\n")
+        print("| metric | pooled rho | p-value | within each split seed: rho (models) | mean ± std | per-seed means removed, pooled rho (p) |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for column in columns[1:]:
+            values = np.array([row[column] for row in rows], dtype=float)
+            rho, p = spearmanr(values, truth)
+            within = within_run_rho(rows, column)
+            seeds = ", ".join(f"{seed}: {r:.3f} ({n})" for seed, (r, n) in within["per_seed"].items()) or "–"
+            centred = f"{within['centred'][0]:.3f} ({within['centred'][1]:.2g})" if within["centred"] else "–"
+            print(f"| {column} | {rho:.3f} | {p:.2g} | {seeds} | {within['mean']:.3f} ± {within['std']:.3f} | {centred} |")
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, spec = text.partition(":")
     overrides = {}
@@ -106,7 +160,9 @@ def split_half_reliability(scores: list[np.ndarray], row_ids: np.ndarray, soluti
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", type=Path, required=True)
+    parser.add_argument("--runs", nargs="+", type=Path)
+    parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
+                        help="print the correlation tables of a saved --json table (no inference)")
     parser.add_argument("--max-models", type=int, default=None)
     parser.add_argument("--variant", action="append", default=[],
                         help="extra mixed-set design, 'name:key=value;key=value' over data.mixed_val")
@@ -122,6 +178,17 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
+    if args.from_json is not None:
+        table = json.loads(args.from_json.read_text())
+        for row in table:
+            if "seed" not in row or "oracle" not in row:  # tables saved before these fields
+                row.update(run_facts(Path(row["model"])))
+        columns = ["val_soundscape_auc", "val_clip_auc",
+                   *[k for k in table[0] if k.startswith("val_") and k not in ("val_soundscape_auc", "val_clip_auc")]]
+        print_correlations(table, columns)
+        return
+    if not args.runs:
+        raise SystemExit("--runs (or --from-json) is required")
     folders = model_folders(args.runs)[: args.max_models]
     if not folders:
         raise SystemExit("no completed round folders under --runs")
@@ -152,7 +219,8 @@ def main() -> None:
         model, _ = load_checkpoint(folder / MODEL_FILE, map_location=args.device)
         base = {**default_mixed_cfg(), **(OmegaConf.to_container(cfg.data.mixed_val) if cfg.data.get("mixed_val") else {})}
         row = {"model": str(folder), "arm": metrics.get("arm"), "round": metrics.get("round"),
-               "val_clip_auc": metrics.get("val_clip_auc"), "val_soundscape_auc": metrics.get("val_soundscape_auc")}
+               "val_clip_auc": metrics.get("val_clip_auc"), "val_soundscape_auc": metrics.get("val_soundscape_auc"),
+               **run_facts(folder)}
         for name, overrides in variants:
             mixed_cfg = {**base, **overrides, "enabled": True}
             set_key = (data_key, json.dumps(mixed_cfg, sort_keys=True))
@@ -186,14 +254,7 @@ def main() -> None:
         name = "/".join(Path(row["model"]).parts[-3:]) if Path(row["model"]).name == CONTROL_DIR \
             else "/".join(Path(row["model"]).parts[-2:])
         print(f"| {name} | {row['arm']} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |")
-    truth = np.array([row["val_soundscape_auc"] for row in table], dtype=float)
-    print(f"\nSpearman rank correlation with val_soundscape_auc over {len(table)} models:\n")
-    print("| metric | Spearman rho | p-value |")
-    print("| --- | --- | --- |")
-    for column in columns[1:]:
-        values = np.array([row[column] for row in table], dtype=float)
-        rho, p = spearmanr(values, truth)
-        print(f"| {column} | {rho:.3f} | {p:.2g} |")
+    print_correlations(table, columns)
     if scape_rows is not None and len(scape_scores) == len(table) and args.splits > 0:
         mean, low, high = split_half_reliability(scape_scores, *scape_rows, n_splits=args.splits)
         r_sb = 2 * mean / (1 + mean) if mean > -1 else float("nan")

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from mixed_val_corr import model_folders, parse_variant, split_half_reliability  # noqa: E402
+from mixed_val_corr import model_folders, parse_variant, run_facts, split_half_reliability, within_run_rho  # noqa: E402
 
 
 def finished(folder: Path, weights: bytes, done: bool = True) -> Path:
@@ -61,3 +61,25 @@ def test_split_half_reliability_high_for_real_differences_low_for_noise():
     # The same splits for the same seed.
     scores = toy_scores([0.5, 1.0, 2.0, 1.5])
     assert split_half_reliability(*scores, n_splits=5, seed=3) == split_half_reliability(*scores, n_splits=5, seed=3)
+
+
+def test_within_run_rho_ranks_inside_each_split_seed():
+    # Each seed's metric is off by its own constant (another held-out fold): pooled, the order is lost;
+    # within each seed it is exact, and removing the seed means restores it.
+    truth = [0.80, 0.82, 0.84, 0.86]
+    table = [{"seed": seed, "val_soundscape_auc": t, "m": t + offset}
+             for seed, offset in ((0, 0.0), (1, -0.1), (2, 0.1)) for t in truth]
+    table.append({"seed": 3, "val_soundscape_auc": 0.9, "m": 0.1})  # a lone model: no within-seed rank
+    out = within_run_rho(table, "m")
+    assert out["per_seed"] == {0: (1.0, 4), 1: (1.0, 4), 2: (1.0, 4)}
+    assert out["mean"] == 1.0 and out["std"] == 0.0
+    assert out["centred"][0] > 0.99
+    reversed_table = [{**row, "m": -row["m"]} for row in table]
+    assert within_run_rho(reversed_table, "m")["mean"] == -1.0
+
+
+def test_run_facts_reads_seed_and_oracle(tmp_path):
+    (tmp_path / "config.yaml").write_text("seed: 2\npseudo:\n  truth: /data/truth.csv\n")
+    assert run_facts(tmp_path) == {"seed": 2, "oracle": True}
+    (tmp_path / "config.yaml").write_text("seed: 1\npseudo:\n  truth: null\n")
+    assert run_facts(tmp_path) == {"seed": 1, "oracle": False}
