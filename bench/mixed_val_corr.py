@@ -19,7 +19,8 @@ prints the mean split-half Spearman correlation with its Spearman-Brown full-len
 metric's attainable rho is about sqrt(r_sb) (0 when r_sb <= 0: the models' differences are within the
 soundscape score's own noise).
 
-Each run's held-out fold, and so its mixed set, depends on the run's seed, so the script also prints
+Each run's held-out fold, and so its mixed set, follows its split seed (`data.split_seed`, by default
+the run's seed; fix it so that runs of different seeds share one mixed set), so the script also prints
 the correlations within each split seed (the comparison a user makes inside one run: did this round
 beat its control?), and the same without the oracle students (`pseudo.truth` set), which a real run
 never has. `--from-json` prints every table again from a saved `--json` file, without inference.
@@ -44,7 +45,7 @@ from scipy.stats import spearmanr
 
 from birdrounds.artifacts import CONTROL_DIR, DONE_FILE, METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE
 from birdrounds.data.mixed_val import mixed_validation_from_config
-from birdrounds.data.prepare import prepare_data
+from birdrounds.data.prepare import prepare_data, split_seed
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.infer import SCORED_CHUNK_S
 from birdrounds.metrics import soundscape_auc
@@ -74,11 +75,18 @@ def model_folders(run_dirs: list[Path]) -> list[Path]:
 
 
 def run_facts(folder: Path) -> dict:
-    """The split seed of a model's run (its held-out fold and mixed set follow it) and whether it is an
-    oracle student (trained on `pseudo.truth`)."""
+    """A model's training seed, its split seed (`data.split_seed`, else the seed: the held-out fold and
+    mixed set follow it) and whether it is an oracle student (trained on `pseudo.truth`)."""
     cfg = OmegaConf.load(folder / ROUND_CONFIG_FILE)
     pseudo = cfg.get("pseudo") or {}
-    return {"seed": int(cfg.get("seed", 0)), "oracle": bool(pseudo.get("truth"))}
+    seed = int(cfg.get("seed", 0))
+    return {"seed": seed, "split_seed": split_seed(cfg.get("data") or {}, seed), "oracle": bool(pseudo.get("truth"))}
+
+
+def metric_columns(row: dict) -> list[str]:
+    """The scores of a table row: the reference first, then val_clip_auc, then each mixed-set design."""
+    first = ["val_soundscape_auc", "val_clip_auc"]
+    return first + [k for k in row if k.startswith("val_") and k.endswith("_auc") and k not in first]
 
 
 def within_run_rho(table: list[dict], column: str, reference: str = "val_soundscape_auc") -> dict:
@@ -86,7 +94,7 @@ def within_run_rho(table: list[dict], column: str, reference: str = "val_soundsc
     std, and the pooled Spearman after subtracting each seed's mean from both (one scale per held-out fold)."""
     groups: dict[int, list[dict]] = {}
     for row in table:
-        groups.setdefault(int(row["seed"]), []).append(row)
+        groups.setdefault(int(row.get("split_seed", row["seed"])), []).append(row)
     per_seed, centred_x, centred_y = {}, [], []
     for seed, rows in sorted(groups.items()):
         if len(rows) < 3:
@@ -181,11 +189,9 @@ def main() -> None:
     if args.from_json is not None:
         table = json.loads(args.from_json.read_text())
         for row in table:
-            if "seed" not in row or "oracle" not in row:  # tables saved before these fields
+            if "split_seed" not in row or "oracle" not in row:  # tables saved before these fields
                 row.update(run_facts(Path(row["model"])))
-        columns = ["val_soundscape_auc", "val_clip_auc",
-                   *[k for k in table[0] if k.startswith("val_") and k not in ("val_soundscape_auc", "val_clip_auc")]]
-        print_correlations(table, columns)
+        print_correlations(table, metric_columns(table[0]))
         return
     if not args.runs:
         raise SystemExit("--runs (or --from-json) is required")
@@ -209,9 +215,9 @@ def main() -> None:
         cfg = OmegaConf.load(folder / ROUND_CONFIG_FILE)
         metrics = json.loads((folder / METRICS_FILE).read_text())
         data_cfg = cfg.data.copy()
-        data_key = json.dumps([OmegaConf.to_container(data_cfg, resolve=True), int(cfg.seed)], sort_keys=True,
-                              default=str)
-        if data_key not in prepared_cache:
+        data_key = json.dumps([OmegaConf.to_container(data_cfg, resolve=True), split_seed(data_cfg, int(cfg.seed))],
+                              sort_keys=True, default=str)
+        if data_key not in prepared_cache:  # runs that share data and split seed share the held-out fold
             prepared_cache[data_key] = prepare_data(data_cfg, seed=int(cfg.seed), progress=False)
         prepared = prepared_cache[data_key]
         held_out = prepared.folds == data_cfg.fold
@@ -246,7 +252,7 @@ def main() -> None:
         print(f"{len(table):3d}/{len(folders)} {time.time() - started:5.0f}s {folder}  " + "  ".join(
             f"{k}={v:.4f}" for k, v in row.items() if k.startswith("val_") and v is not None), flush=True)
 
-    columns = ["val_soundscape_auc", "val_clip_auc", *[f"val_{name}_auc" for name, _ in variants]]
+    columns = metric_columns(table[0])
     print(f"\n{len(table)} models, {time.time() - started:.0f} s\n")
     print("| model | arm | " + " | ".join(columns) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in columns) + " |")

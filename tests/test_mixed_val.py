@@ -184,6 +184,25 @@ def test_config_defaults_and_hash_ignores_it():
         assert config_hash(base, k) != config_hash(compose(["experiment=smoke", "data.fold=1"]), k)
 
 
+def test_split_seed_fixes_the_held_out_fold_across_training_seeds(home):
+    from birdrounds import cli, rounds
+    from birdrounds.data.prepare import prepare_data
+
+    assert cli.main(["synth", "experiment=smoke"]) == 0
+    cfg = compose(["experiment=smoke", "logger=none"])
+    folds = {seed: prepare_data(cfg.data, seed=seed, progress=False).folds for seed in (0, 1, 2)}
+    assert any(not np.array_equal(folds[0], folds[seed]) for seed in (1, 2))  # null: the fold follows the seed
+    fixed = compose(["experiment=smoke", "logger=none", "data.split_seed=0"])
+    for seed in (1, 2):
+        assert np.array_equal(prepare_data(fixed.data, seed=seed, progress=False).folds, folds[0])
+    # null is the behaviour before the key existed: finished rounds keep their hash; a fixed split does not.
+    old = cfg.copy()
+    OmegaConf.set_struct(old, False)
+    old.data.pop("split_seed")
+    assert rounds.config_hash(cfg, 1) == rounds.config_hash(old, 1)
+    assert rounds.config_hash(fixed, 1) != rounds.config_hash(cfg, 1)
+
+
 def test_build_datasets_mixes_the_held_out_fold_only(home):
     from birdrounds import cli
     from birdrounds.data.prepare import prepare_data

@@ -78,8 +78,14 @@ def test_within_run_rho_ranks_inside_each_split_seed():
     assert within_run_rho(reversed_table, "m")["mean"] == -1.0
 
 
-def test_run_facts_reads_seed_and_oracle(tmp_path):
-    (tmp_path / "config.yaml").write_text("seed: 2\npseudo:\n  truth: /data/truth.csv\n")
-    assert run_facts(tmp_path) == {"seed": 2, "oracle": True}
-    (tmp_path / "config.yaml").write_text("seed: 1\npseudo:\n  truth: null\n")
-    assert run_facts(tmp_path) == {"seed": 1, "oracle": False}
+def test_run_facts_reads_seeds_and_oracle(tmp_path):
+    (tmp_path / "config.yaml").write_text("seed: 2\ndata: {}\npseudo:\n  truth: /data/truth.csv\n")
+    assert run_facts(tmp_path) == {"seed": 2, "split_seed": 2, "oracle": True}  # a run from before split_seed
+    (tmp_path / "config.yaml").write_text("seed: 1\ndata:\n  split_seed: 0\npseudo:\n  truth: null\n")
+    assert run_facts(tmp_path) == {"seed": 1, "split_seed": 0, "oracle": False}
+
+
+def test_within_run_rho_groups_by_split_seed_not_training_seed():
+    truth = [0.80, 0.82, 0.84]
+    table = [{"seed": seed, "split_seed": 0, "val_soundscape_auc": t, "m": t} for seed, t in enumerate(truth)]
+    assert within_run_rho(table, "m")["per_seed"] == {0: (1.0, 3)}

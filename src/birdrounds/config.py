@@ -70,6 +70,9 @@ def validate(cfg: DictConfig) -> None:
     require(cfg, "data.window_s", lambda v: isinstance(v, (int, float)) and v > 0, "must be a positive number of seconds")
     require(cfg, "data.n_folds", lambda v: isinstance(v, int) and v >= 2, "must be an integer >= 2")
     require(cfg, "data.fold", lambda v: isinstance(v, int) and 0 <= v < cfg.data.n_folds, f"must be in [0, data.n_folds={cfg.data.n_folds})")
+    if OmegaConf.select(cfg, "data.split_seed") is not None:
+        require(cfg, "data.split_seed", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                "must be an integer >= 0 or null (null: the run's seed)")
     if OmegaConf.select(cfg, "data.augment_on") is not None:
         require(cfg, "data.augment_on", lambda v: v in AUGMENT_ON, f"must be one of {AUGMENT_ON}")
     require(cfg, "data.on_missing_file", lambda v: v in ("warn", "error"), "must be 'warn' or 'error'")

@@ -452,7 +452,7 @@ NON_RESULT_KEYS = ("round", "recompute_from", "control", "logger", "paths", "xc"
 TEACHER_IGNORED_KEYS = ("pseudo", "data.external.in_students", "data.external.filter_min_prob")
 # Keys added after rounds were recorded, left out of the hash while they hold the value that does what the
 # code did before them, so finished rounds stay reusable after an upgrade (a real setting still counts).
-NEUTRAL_WHEN = {"data.external.filter_min_prob": None, "data.augment_on": "workers"}
+NEUTRAL_WHEN = {"data.external.filter_min_prob": None, "data.augment_on": "workers", "data.split_seed": None}
 
 
 def _drop_key(plain: dict[str, Any], dotted: str) -> None:

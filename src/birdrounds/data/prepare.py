@@ -58,8 +58,17 @@ def synthesize(spec_cfg: DictConfig, root: str | Path, num_workers: int = 2) -> 
                           "to another folder") from None
 
 
+def split_seed(data_cfg: DictConfig, seed: int) -> int:
+    """The seed of the fold assignment: `data.split_seed`, or the run's seed where it is null or absent."""
+    value = data_cfg.get("split_seed")
+    return int(seed) if value is None else int(value)
+
+
 def prepare_data(data_cfg: DictConfig, seed: int = 0, progress: bool = True) -> PreparedData:
-    """Synthesize if configured, load and validate the folder, fill the cache, drop unreadable files."""
+    """Synthesize if configured, load and validate the folder, fill the cache, drop unreadable files.
+
+    The folds are assigned with `data_cfg.split_seed`, or with `seed` (the run's) where that is null.
+    """
     if data_cfg.get("synth") is not None:
         synthesize(data_cfg.synth, data_cfg.root, num_workers=data_cfg.num_workers)
     data = load_birdclef(
@@ -83,7 +92,7 @@ def prepare_data(data_cfg: DictConfig, seed: int = 0, progress: bool = True) -> 
     if data.train.empty:
         raise ConfigError(f"data.train_csv: no usable rows in {data.paths['train_csv']} "
                           f"({len(data.missing_files)} listed files missing, {len(bad)} unreadable audio files)")
-    folds = assign_folds(data.train, n_folds=data_cfg.n_folds, seed=seed, audio=audio)
+    folds = assign_folds(data.train, n_folds=data_cfg.n_folds, seed=split_seed(data_cfg, seed), audio=audio)
     n_external = 0
     if external is not None and len(external):
         external = external[~external["path"].isin(bad)]
