@@ -174,7 +174,7 @@ class AugmentSettings:
 
     def __post_init__(self) -> None:
         if self.pitch_method not in PITCH_METHODS:
-            raise ValueError(f"pitch_method must be 'signalsmith' or 'resample', got {self.pitch_method!r}")
+            raise ValueError(f"pitch_method must be one of {PITCH_METHODS}, got {self.pitch_method!r}")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name.endswith("_p") and not 0.0 <= value <= 1.0:
