@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from scipy.stats import spearmanr
 
 from birdrounds.artifacts import CONTROL_DIR, DONE_FILE, METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE
@@ -74,10 +74,10 @@ def model_folders(run_dirs: list[Path]) -> list[Path]:
     return found
 
 
-def run_facts(folder: Path) -> dict:
+def run_facts(cfg: DictConfig) -> dict:
     """A model's training seed, its split seed (`data.split_seed`, else the seed: the held-out fold and
-    mixed set follow it) and whether it is an oracle student (trained on `pseudo.truth`)."""
-    cfg = OmegaConf.load(folder / ROUND_CONFIG_FILE)
+    mixed set follow it) and whether it is an oracle student (trained on `pseudo.truth`), from its
+    round's saved config."""
     pseudo = cfg.get("pseudo") or {}
     seed = int(cfg.get("seed", 0))
     return {"seed": seed, "split_seed": split_seed(cfg.get("data") or {}, seed), "oracle": bool(pseudo.get("truth"))}
@@ -190,7 +190,7 @@ def main() -> None:
         table = json.loads(args.from_json.read_text())
         for row in table:
             if "split_seed" not in row or "oracle" not in row:  # tables saved before these fields
-                row.update(run_facts(Path(row["model"])))
+                row.update(run_facts(OmegaConf.load(Path(row["model"]) / ROUND_CONFIG_FILE)))
         print_correlations(table, metric_columns(table[0]))
         return
     if not args.runs:
@@ -214,8 +214,9 @@ def main() -> None:
     for folder in folders:
         cfg = OmegaConf.load(folder / ROUND_CONFIG_FILE)
         metrics = json.loads((folder / METRICS_FILE).read_text())
+        facts = run_facts(cfg)
         data_cfg = cfg.data.copy()
-        data_key = json.dumps([OmegaConf.to_container(data_cfg, resolve=True), split_seed(data_cfg, int(cfg.seed))],
+        data_key = json.dumps([OmegaConf.to_container(data_cfg, resolve=True), facts["split_seed"]],
                               sort_keys=True, default=str)
         if data_key not in prepared_cache:  # runs that share data and split seed share the held-out fold
             prepared_cache[data_key] = prepare_data(data_cfg, seed=int(cfg.seed), progress=False)
@@ -226,7 +227,7 @@ def main() -> None:
         base = {**default_mixed_cfg(), **(OmegaConf.to_container(cfg.data.mixed_val) if cfg.data.get("mixed_val") else {})}
         row = {"model": str(folder), "arm": metrics.get("arm"), "round": metrics.get("round"),
                "val_clip_auc": metrics.get("val_clip_auc"), "val_soundscape_auc": metrics.get("val_soundscape_auc"),
-               **run_facts(folder)}
+               **facts}
         for name, overrides in variants:
             mixed_cfg = {**base, **overrides, "enabled": True}
             set_key = (data_key, json.dumps(mixed_cfg, sort_keys=True))

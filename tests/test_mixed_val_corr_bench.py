@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from mixed_val_corr import model_folders, parse_variant, run_facts, split_half_reliability, within_run_rho  # noqa: E402
@@ -80,9 +81,10 @@ def test_within_run_rho_ranks_inside_each_split_seed():
 
 def test_run_facts_reads_seeds_and_oracle(tmp_path):
     (tmp_path / "config.yaml").write_text("seed: 2\ndata: {}\npseudo:\n  truth: /data/truth.csv\n")
-    assert run_facts(tmp_path) == {"seed": 2, "split_seed": 2, "oracle": True}  # a run from before split_seed
+    facts = run_facts(OmegaConf.load(tmp_path / "config.yaml"))
+    assert facts == {"seed": 2, "split_seed": 2, "oracle": True}  # a run from before split_seed
     (tmp_path / "config.yaml").write_text("seed: 1\ndata:\n  split_seed: 0\npseudo:\n  truth: null\n")
-    assert run_facts(tmp_path) == {"seed": 1, "split_seed": 0, "oracle": False}
+    assert run_facts(OmegaConf.load(tmp_path / "config.yaml")) == {"seed": 1, "split_seed": 0, "oracle": False}
 
 
 def test_within_run_rho_groups_by_split_seed_not_training_seed():
