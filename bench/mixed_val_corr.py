@@ -237,8 +237,7 @@ def main() -> None:
                                                                    prepared.data.classes)
             mixed = sets_cache[set_key]
             probs = predict(model, mixed, args.batch_size, args.device)
-            row[f"val_{name}_auc"] = soundscape_auc(probs, mixed.rows["row_id"].to_numpy(), mixed.solution,
-                                                    prepared.data.classes)
+            row[f"val_{name}_auc"] = mixed.score(probs, np.arange(len(mixed)), prepared.data.classes)
         if wide is not None:
             probs, classes = wide.predict(folder / MODEL_FILE)
             row["val_soundscape_auc"] = wide.score_probs(probs, classes)

@@ -196,6 +196,7 @@ def test_smoke_experiment_shrinks_everything():
     ("data.fold=7", "data.fold"),
     ("data.split_seed=-1", "data.split_seed"),
     ("data.split_seed=one", "data.split_seed"),
+    ("data.mixed_val.subtract_background=maybe", "data.mixed_val.subtract_background"),
     ("data.window_s=0", "data.window_s"),
     ("data.on_missing_file=ignore", "data.on_missing_file"),
     ("round=-1", "round"),

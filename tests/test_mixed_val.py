@@ -161,6 +161,48 @@ def test_background_labels_limit_backgrounds_to_empty_segments(toy, tmp_path):
         build_mixed_validation(table, scapes, audio, CLASSES, n_rows=5, background_labels=path)
 
 
+def test_background_subtraction_scores_what_the_calls_changed(toy):
+    """With subtract_background every background used is also an item alone; a row scores its probabilities
+    minus its background's, so a class already present in a background (scored absent) stops counting."""
+    table, scapes, audio = toy
+    build = functools.partial(build_mixed_validation, table, scapes, audio, CLASSES, n_rows=36, seed=5)
+    plain, subtracting = build(), build(subtract_background=True)
+    n = len(plain)
+    assert not plain.subtracts_background and subtracting.subtracts_background
+    # The scored rows, their calls and the solution are the same; the backgrounds alone follow them.
+    pd.testing.assert_frame_equal(subtracting.rows.iloc[:n][plain.rows.columns], plain.rows)
+    pd.testing.assert_frame_equal(subtracting.solution, plain.solution)
+    assert subtracting.calls[:n] == plain.calls and all(c == [] for c in subtracting.calls[n:])
+    alone = subtracting.rows.iloc[n:]
+    used = set(zip(plain.rows["background"], plain.rows["background_start"]))
+    assert len(alone) == len(used) == len(set(zip(alone["background"], alone["background_start"])))
+    assert not alone["row_id"].isin(subtracting.solution["row_id"]).any()
+    for k in range(n):
+        j = int(subtracting.rows.at[k, "background_row"])
+        assert j >= n and (subtracting.rows.loc[j, ["background", "background_start"]] ==
+                           subtracting.rows.loc[k, ["background", "background_start"]]).all()
+        start = int(subtracting.rows.at[k, "background_start"])
+        expected = audio.load(subtracting.rows.at[k, "background"])[start:start + 5 * SR]
+        np.testing.assert_array_equal(subtracting.render(j), expected)
+    # A model that hears a background bird of class "a" in some segments and every added call: the raw
+    # score counts those segments' "a" as false alarms, the subtracted one does not.
+    truth = subtracting.solution[CLASSES].to_numpy().astype(float)
+    loud_a = {bg: i % 2 == 0 for i, bg in enumerate(sorted(used))}
+    background = np.array([[0.9 if loud_a[(r["background"], r["background_start"])] else 0.05, 0.05, 0.05, 0.05]
+                           for _, r in subtracting.rows.iterrows()])
+    probs = background.copy()
+    probs[:n] = np.minimum(1.0, background[:n] + 0.6 * truth)
+    order = np.random.default_rng(0).permutation(len(subtracting))  # items may come back in any order
+    assert subtracting.score(probs[order], order, CLASSES) == pytest.approx(1.0)
+    assert plain.score(probs[:n], np.arange(n), CLASSES) < 0.99  # class a: 0.85 here
+    with pytest.raises(ValueError, match="no prediction"):
+        subtracting.score(probs[:n], np.arange(n), CLASSES)
+    via_config = mixed_validation_from_config(OmegaConf.create({"enabled": True, "n_rows": 36, "seed": 5,
+                                                                "subtract_background": True}),
+                                              table, scapes, audio, CLASSES)
+    pd.testing.assert_frame_equal(via_config.rows, subtracting.rows)
+
+
 def test_config_switch(toy):
     table, scapes, audio = toy
     assert mixed_validation_from_config(None, table, scapes, audio, CLASSES) is None
@@ -221,7 +263,8 @@ def test_build_datasets_mixes_the_held_out_fold_only(home):
 
 
 def test_fit_scores_val_mixed_auc_every_epoch(tmp_path, toy):
-    """fit logs val_mixed_auc beside the other metrics, in every history entry and metrics.json."""
+    """fit logs val_mixed_auc (backgrounds subtracted) beside the other metrics, in every history entry and
+    metrics.json."""
     import train_script
     from accelerate import Accelerator
 
@@ -234,7 +277,7 @@ def test_fit_scores_val_mixed_auc_every_epoch(tmp_path, toy):
     audio = DirectAudio(train_script.SAMPLE_RATE_HZ)
     mixed = build_mixed_validation(table[table["split"] == "val"], sorted(map(str, data.glob("scape*.wav"))), audio,
                                    train_script.CLASSES, n_rows=12, seed=0, quiet_fraction=1.0, call_s=(0.5, 1.0),
-                                   chunk_s=train_script.WINDOW_S)
+                                   chunk_s=train_script.WINDOW_S, subtract_background=True)
     patched = functools.partial(train.fit, val_mixed=mixed)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_script, "fit", patched)

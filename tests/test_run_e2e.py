@@ -49,6 +49,7 @@ def test_smoke_run_writes_round0_and_skips_bad_audio(home):
     assert broken_clip.name in proc.stdout + proc.stderr  # named in a warning
     metrics = json.loads((round_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["val_soundscape_auc"] <= 1.0 and 0.0 <= metrics["val_clip_auc"] <= 1.0
+    assert 0.0 <= metrics["val_mixed_auc"] <= 1.0  # the smoke data's mixed set, its backgrounds subtracted
     model, ckpt = load_checkpoint(round_dir / "model.pt")
     assert ckpt["classes"] == list(pd.read_csv(root / "sample_submission.csv").columns[1:])
     assert "data" in ckpt["config"] and (round_dir / "config.yaml").read_text().count("experiment_name: smoke") == 1
@@ -126,6 +127,8 @@ def test_two_process_launch_of_the_entry_point(home):
     round_dir = home / "runs" / "smoke" / "round_0"
     metrics = json.loads((round_dir / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and (round_dir / "DONE").is_file()
+    # the mixed set's rows and background-alone items, split over both processes and gathered
+    assert 0.0 <= metrics["val_mixed_auc"] <= 1.0
     model, ckpt = load_checkpoint(round_dir / "model.pt")
     assert ckpt["extra"]["num_processes"] == 2
 

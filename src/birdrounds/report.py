@@ -119,7 +119,8 @@ def render_markdown(rows: list[dict[str, Any]], run_dir: Path) -> str:
          "weights (round 1: the teacher's; round k: round k-1's control), with the same schedule and seed; "
          "gain = student - control: what the pseudo-labels bought, without the extra training. "
          "val_mixed_auc: the held-out clips' calls mixed into quiet train-soundscape segments, scored as 5-s rows "
-         "(`data.mixed_val`; the soundscape-like score where no labeled soundscapes exist). "
+         "by what the calls changed (the probabilities minus those on the segment alone, the default; `data.mixed_val`; "
+         "the soundscape-like score where no labeled soundscapes exist). "
          "External clips: Xeno-canto rows (`data.external`) in the round's training set. "
          "Pseudo columns describe the labels the round's student was trained on."),
         "",

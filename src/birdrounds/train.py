@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,9 @@ from birdrounds.artifacts import METRICS_FILE, MODEL_FILE, json_safe, write_json
 from birdrounds.config import redact_secrets, redacted_argv
 from birdrounds.metrics import ROW_ID_COLUMN, clip_auc, soundscape_auc
 from birdrounds.model import save_checkpoint
+
+if TYPE_CHECKING:
+    from birdrounds.data.mixed_val import MixedValidation
 
 log = get_logger(__name__)
 
@@ -291,7 +294,7 @@ def fit(
     val_clips: Dataset | None = None,
     val_soundscapes: Dataset | None = None,
     val_solution: pd.DataFrame | None = None,
-    val_mixed: Dataset | None = None,
+    val_mixed: MixedValidation | None = None,
     config: Mapping[str, Any] | None = None,
     logger: LoggerSettings | None = None,
     window_s: float | None = None,
@@ -302,7 +305,7 @@ def fit(
     Writes (main process only) out_dir/checkpoints/epoch_NNN/, out_dir/model.pt and out_dir/metrics.json
     (their only writer). `val_soundscapes` (SoundscapeChunks) needs `val_solution` (row_id + class
     columns). `val_mixed` (data.mixed_val.MixedValidation: held-out calls in soundscape backgrounds,
-    with its own `rows` and `solution`) gives `val_mixed_auc`. `batch_transform` maps each training batch
+    scored by its own `score`) gives `val_mixed_auc`. `batch_transform` maps each training batch
     on the device before the forward pass (`data.augment_on: device`). `extra_metrics` follow the metrics in
     the result and in metrics.json (a round's number and arm). The caller owns the Accelerator (one per
     process, reusable for the next fit) and calls `end_training()` at the end.
@@ -348,7 +351,7 @@ def fit(
         metrics = {"epoch": epoch, **_train_one_epoch(run, epoch)}
         metrics.update(_validate(run, classes, clip_loader, soundscape_loader, val_soundscapes, val_solution))
         if mixed_loader is not None:
-            metrics["val_mixed_auc"] = _score_rows(run, classes, mixed_loader, val_mixed, val_mixed.solution)
+            metrics["val_mixed_auc"] = val_mixed.score(*_predict(run, mixed_loader, "index"), classes)
         accelerator.log({f"epoch/{k}": v for k, v in metrics.items()}, step=run.step)
         history.append(metrics)
         _save_epoch_checkpoint(run, out_dir / CHECKPOINTS_DIR, epoch, history)

@@ -21,6 +21,12 @@ Construction (`build_mixed_validation`), a pure function of its inputs and `seed
   positive too, as `clip_auc` counts them (targets >= 0.5). Rows with no call are all-negative.
 - Row ids: `mixed<k>_<end_s>`, 12 rows per pseudo-file k (`row_id`), so the solution has Kaggle's
   `row_id` + one 0/1 column per class.
+- Background subtraction (`subtract_background`, on by default in the configs): the soundscape
+  segments hold birds of their own, unknown, which the solution scores as absent, so a model that
+  hears them is penalized for it. With it, every background segment used is also scored alone (extra
+  items `background<j>`, outside the solution) and a row's score per class is the model's probability
+  on the row minus that on its background alone: what the added calls changed. A bird already in the
+  background raises both and cancels. `MixedValidation.score` computes the AUC either way.
 
 Only the held-out clips are mixed in: the caller passes the held-out fold's table (`prepared.folds ==
 data.fold`, never external fold -1 rows). Background audio comes from train soundscapes, which
@@ -45,6 +51,7 @@ from birdrounds.data.audio import AudioDecodeError
 from birdrounds.data.clips import _as_label_list
 from birdrounds.data.layout import read_table
 from birdrounds.infer import SCORED_CHUNK_S, row_id
+from birdrounds.metrics import soundscape_auc
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +132,33 @@ def _loud_start(wave: np.ndarray, length: int, sr: int, rng: np.random.Generator
 class MixedValidation(Dataset):
     """5-s rows rendered from a plan: background segment + scaled call segments; `rows` and `solution`.
 
-    Items are {"audio": float32 [n], "index": row number}, like SoundscapeChunks, so the training
-    loop scores them the same way (`rows.row_id` against `solution`).
+    Items are {"audio": float32 [n], "index": row number}, like SoundscapeChunks. The first
+    `len(solution)` rows are the scored ones; with background subtraction, rows after them are the
+    background segments alone (`rows.background_row` points a scored row at its own). `score` turns
+    the items' probabilities into the AUC.
     """
 
     def __init__(self, rows: pd.DataFrame, calls: list[list[_Call]], solution: pd.DataFrame, audio: Any,
                  n_samples: int) -> None:
         self.rows, self.calls, self.solution = rows, calls, solution
         self.audio, self.n_samples = audio, n_samples
+
+    @property
+    def subtracts_background(self) -> bool:
+        return "background_row" in self.rows.columns
+
+    def score(self, probs: np.ndarray, index: np.ndarray, classes: Sequence[str]) -> float:
+        """Macro AUC of the scored rows from probabilities [N, C] of items `index` (any order, each item
+        at least once), minus each row's background-alone probabilities when the set subtracts them."""
+        by_item = np.full((len(self.rows), probs.shape[1]), np.nan, dtype=np.float64)
+        by_item[np.asarray(index)] = probs
+        if np.isnan(by_item).any():
+            raise ValueError("mixed validation: some items have no prediction")
+        n = len(self.solution)
+        scores = by_item[:n]
+        if self.subtracts_background:
+            scores = scores - by_item[self.rows["background_row"].to_numpy()[:n]]
+        return soundscape_auc(scores, self.rows["row_id"].to_numpy()[:n], self.solution, classes)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -219,12 +245,15 @@ def build_mixed_validation(
     chunk_s: float = SCORED_CHUNK_S,
     background_labels: str | Path | None = None,
     distance: Sequence[float] = (0.0, 0.0),
+    subtract_background: bool = False,
 ) -> MixedValidation:
     """The mixed validation set (see the module doc); `val_table` must hold the held-out clips only.
 
     `background_labels`: a CSV in Kaggle solution format over train-soundscape 5-s rows (e.g. segments
     a person listened to, or the synthetic data's truth); only rows labeled all-zero serve as backgrounds.
-    `distance`: (low, high) of a uniform draw per call in [0, 1], rendered by `far_away`; (0, 0) = as recorded."""
+    `distance`: (low, high) of a uniform draw per call in [0, 1], rendered by `far_away`; (0, 0) = as recorded.
+    `subtract_background`: also score each background segment used alone, and score rows by the change
+    (module doc); the scored rows themselves are the same either way."""
     if not 0.0 < quiet_fraction <= 1.0:
         raise ValueError(f"quiet_fraction must be in (0, 1], got {quiet_fraction}")
     if len(distance) != 2 or not 0.0 <= distance[0] <= distance[1] <= 1.0:
@@ -290,8 +319,19 @@ def build_mixed_validation(
     rows_table = pd.DataFrame(rows)
     solution = pd.DataFrame(labels, columns=classes)
     solution.insert(0, "row_id", rows_table["row_id"])
+    if subtract_background:  # one extra item per background segment used, after the scored rows
+        segments = rows_table[["background", "background_start"]].drop_duplicates().reset_index(drop=True)
+        alone = segments.assign(row_id=[f"background{j}" for j in range(len(segments))], n_calls=0)
+        lookup = {(b, int(s)): n_rows + j for j, (b, s) in enumerate(zip(segments["background"], segments["background_start"]))}
+        rows_table["background_row"] = [lookup[(b, int(s))] for b, s in
+                                        zip(rows_table["background"], rows_table["background_start"])]
+        alone["background_row"] = np.arange(n_rows, n_rows + len(alone))
+        rows_table = pd.concat([rows_table, alone[rows_table.columns]], ignore_index=True)
+        calls += [[] for _ in range(len(alone))]
     log.info("mixed validation: %d rows from %d held-out clips over %d quiet background segments "
-             "(%d rows without a call)", n_rows, len(clips), len(backgrounds), int((rows_table["n_calls"] == 0).sum()))
+             "(%d rows without a call)%s", n_rows, len(clips), len(backgrounds),
+             int((rows_table["n_calls"].iloc[:n_rows] == 0).sum()),
+             f", each scored against its background alone ({len(rows_table) - n_rows} segments)" if subtract_background else "")
     return MixedValidation(rows_table, calls, solution, audio, n)
 
 
@@ -304,7 +344,7 @@ def mixed_validation_from_config(cfg: Any, val_table: pd.DataFrame, soundscapes:
         log.warning("mixed validation: off (%s)", "no held-out clips" if len(val_table) == 0 else "no train soundscapes")
         return None
     keys = ("n_rows", "seed", "snr_db", "quiet_fraction", "calls_per_row", "call_s", "max_background_files",
-            "background_labels", "distance")
+            "background_labels", "distance", "subtract_background")
     kwargs = {key: cfg[key] for key in keys if cfg.get(key) is not None}
     for key in ("snr_db", "calls_per_row", "call_s", "distance"):
         if key in kwargs:
