@@ -322,9 +322,10 @@ def build_mixed_validation(
     if subtract_background:  # one extra item per background segment used, after the scored rows
         segments = rows_table[["background", "background_start"]].drop_duplicates().reset_index(drop=True)
         alone = segments.assign(row_id=[f"background{j}" for j in range(len(segments))], n_calls=0)
-        lookup = {(b, int(s)): n_rows + j for j, (b, s) in enumerate(zip(segments["background"], segments["background_start"]))}
-        rows_table["background_row"] = [lookup[(b, int(s))] for b, s in
-                                        zip(rows_table["background"], rows_table["background_start"])]
+        keys = list(zip(segments["background"], segments["background_start"].astype(int)))
+        lookup = {key: n_rows + j for j, key in enumerate(keys)}
+        rows_table["background_row"] = [lookup[key] for key in
+                                        zip(rows_table["background"], rows_table["background_start"].astype(int))]
         alone["background_row"] = np.arange(n_rows, n_rows + len(alone))
         rows_table = pd.concat([rows_table, alone[rows_table.columns]], ignore_index=True)
         calls += [[] for _ in range(len(alone))]
