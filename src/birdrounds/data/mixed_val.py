@@ -320,13 +320,10 @@ def build_mixed_validation(
     solution = pd.DataFrame(labels, columns=classes)
     solution.insert(0, "row_id", rows_table["row_id"])
     if subtract_background:  # one extra item per background segment used, after the scored rows
-        segments = rows_table[["background", "background_start"]].drop_duplicates().reset_index(drop=True)
-        alone = segments.assign(row_id=[f"background{j}" for j in range(len(segments))], n_calls=0)
-        keys = list(zip(segments["background"], segments["background_start"].astype(int)))
-        lookup = {key: n_rows + j for j, key in enumerate(keys)}
-        rows_table["background_row"] = [lookup[key] for key in
-                                        zip(rows_table["background"], rows_table["background_start"].astype(int))]
-        alone["background_row"] = np.arange(n_rows, n_rows + len(alone))
+        segment = rows_table.groupby(["background", "background_start"], sort=False).ngroup().to_numpy()
+        rows_table["background_row"] = n_rows + segment  # segments numbered in order of first use
+        alone = rows_table.drop_duplicates("background_row")[["background", "background_start", "background_row"]]
+        alone = alone.assign(row_id=[f"background{j}" for j in range(len(alone))], n_calls=0)
         rows_table = pd.concat([rows_table, alone[rows_table.columns]], ignore_index=True)
         calls += [[] for _ in range(len(alone))]
     log.info("mixed validation: %d rows from %d held-out clips over %d quiet background segments "
