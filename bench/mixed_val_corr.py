@@ -23,7 +23,8 @@ Each run's held-out fold, and so its mixed set, follows its split seed (`data.sp
 the run's seed; fix it so that runs of different seeds share one mixed set), so the script also prints
 the correlations within each split seed (the comparison a user makes inside one run: did this round
 beat its control?), and the same without the oracle students (`pseudo.truth` set), which a real run
-never has. `--from-json` prints every table again from a saved `--json` file, without inference.
+never has. `--from-json A.json [B.json ...]` prints every table again from saved `--json` files, without
+inference; several files are merged (the score columns they share; a model in two of them counted once).
 
 Runs built before `data.mixed_val` existed get the defaults of configs/data/birdclef2025.yaml.
 Inference only, on CPU unless --device says otherwise.
@@ -87,6 +88,22 @@ def metric_columns(row: dict) -> list[str]:
     """The scores of a table row: the reference first, then val_clip_auc, then each mixed-set design."""
     first = ["val_soundscape_auc", "val_clip_auc"]
     return first + [k for k in row if k.startswith("val_") and k.endswith("_auc") and k not in first]
+
+
+def merge_tables(tables: list[list[dict]]) -> list[dict]:
+    """Saved --json tables as one: the score columns all of them have, a model listed twice counted once
+    (the same folder, or a copy of it elsewhere whose checkpoint still hashes the same, as a teacher copied
+    by `bench/rounds_gain.py --teacher-from`)."""
+    common = [c for c in metric_columns(tables[0][0]) if all(c in t[0] for t in tables)]
+    merged, seen = [], set()
+    for row in (r for t in tables for r in t):
+        model_file = Path(row["model"]) / MODEL_FILE
+        key = checkpoint_hash(model_file) if model_file.is_file() else row["model"]
+        if key in seen:
+            continue
+        seen.add(key)
+        merged.append({k: v for k, v in row.items() if not (k.startswith("val_") and k not in common)})
+    return merged
 
 
 def within_run_rho(table: list[dict], column: str, reference: str = "val_soundscape_auc") -> dict:
@@ -169,8 +186,8 @@ def split_half_reliability(scores: list[np.ndarray], row_ids: np.ndarray, soluti
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", type=Path)
-    parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
-                        help="print the correlation tables of a saved --json table (no inference)")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="PATH",
+                        help="print the correlation tables of saved --json tables, merged (no inference)")
     parser.add_argument("--max-models", type=int, default=None)
     parser.add_argument("--variant", action="append", default=[],
                         help="extra mixed-set design, 'name:key=value;key=value' over data.mixed_val")
@@ -187,7 +204,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     if args.from_json is not None:
-        table = json.loads(args.from_json.read_text())
+        table = merge_tables([json.loads(path.read_text()) for path in args.from_json])
         for row in table:
             if "split_seed" not in row or "oracle" not in row:  # tables saved before these fields
                 row.update(run_facts(OmegaConf.load(Path(row["model"]) / ROUND_CONFIG_FILE)))

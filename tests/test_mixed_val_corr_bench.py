@@ -8,7 +8,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from mixed_val_corr import model_folders, parse_variant, run_facts, split_half_reliability, within_run_rho  # noqa: E402
+from mixed_val_corr import merge_tables, model_folders, parse_variant, run_facts, split_half_reliability, within_run_rho  # noqa: E402
 
 
 def finished(folder: Path, weights: bytes, done: bool = True) -> Path:
@@ -91,3 +91,17 @@ def test_within_run_rho_groups_by_split_seed_not_training_seed():
     truth = [0.80, 0.82, 0.84]
     table = [{"seed": seed, "split_seed": 0, "val_soundscape_auc": t, "m": t} for seed, t in enumerate(truth)]
     assert within_run_rho(table, "m")["per_seed"] == {0: (1.0, 3)}
+
+
+def test_merge_tables_counts_a_copied_model_once_and_keeps_shared_columns(tmp_path):
+    teacher = finished(tmp_path / "a" / "round_0", b"teacher")
+    copy = finished(tmp_path / "b" / "round_0", b"teacher")  # --teacher-from copied it: same weights
+    student = finished(tmp_path / "b" / "round_1", b"student")
+    scores = {"val_soundscape_auc": 0.8, "val_clip_auc": 0.9, "val_mixed_auc": 0.85}
+    first = [{"model": str(teacher), **scores, "val_raw_auc": 0.7},
+             {"model": "/gone/round_1", **scores}]  # a folder deleted since: known by its path
+    second = [{"model": str(copy), **scores}, {"model": str(student), **scores},
+              {"model": "/gone/round_1", **scores}]
+    merged = merge_tables([first, second])
+    assert [row["model"] for row in merged] == [str(teacher), "/gone/round_1", str(student)]
+    assert all("val_raw_auc" not in row and row["val_mixed_auc"] == 0.85 for row in merged)
