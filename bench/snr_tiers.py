@@ -1,0 +1,126 @@
+"""Where does a model gain? Validation-soundscape AUC by how loud the calls are (synthetic data only).
+
+The generator records every soundscape call with its signal-to-noise ratio (`truth/soundscape_events.csv`).
+This script gives each positive (row, class) cell of the validation solution the SNR of the loudest
+call of that class that labels the row (the generator's own overlap rule), splits the positive cells
+into tertiles by it (faint, mid, loud), and scores every finished model per tier: for each class, ROC-AUC of its
+positive rows of that tier against all its negative rows, averaged over the classes with at least
+`--min-positives` such rows. "all" is the usual macro soundscape AUC.
+
+    python bench/snr_tiers.py --val-soundscapes 120 --runs /tmp/exp90/runs/seed0_e15 /tmp/exp90/runs/seed0_e15_oracle
+
+The validation soundscapes are those of the runs' data, or its N-soundscape twin (bench/wide_val.py).
+Inference only, on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mixed_val_corr import model_folders  # noqa: E402
+from wide_val import ValidationSoundscapes  # noqa: E402
+
+from birdrounds.artifacts import METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE
+from birdrounds.data.synthetic import MIN_CHUNK_OVERLAP_S
+from birdrounds.infer import SCORED_CHUNK_S as CHUNK_S, row_id
+from birdrounds.metrics import ROW_ID_COLUMN
+
+TIERS = ("faint", "mid", "loud")
+
+
+def positive_snr(events: pd.DataFrame, row_ids: np.ndarray, classes: list[str]) -> np.ndarray:
+    """[rows, classes] SNR (dB) of the loudest call of each class that labels each row; NaN where none does.
+
+    `events`: the generator's `filename, label, start_s, end_s, snr_db` rows; a row id is `<stem>_<end s>`.
+    A call labels a 5-s row when it overlaps it by min(MIN_CHUNK_OVERLAP_S, half the call), as in the solution.
+    """
+    position = {rid: i for i, rid in enumerate(row_ids)}
+    column = {c: j for j, c in enumerate(classes)}
+    snr = np.full((len(row_ids), len(classes)), np.nan)
+    for ev in events.itertuples(index=False):
+        j = column.get(str(ev.label))
+        if j is None:
+            continue
+        stem = Path(ev.filename).stem
+        need_s = min(MIN_CHUNK_OVERLAP_S, 0.5 * (ev.end_s - ev.start_s))
+        for k in range(int(ev.start_s // CHUNK_S), int(np.ceil(ev.end_s / CHUNK_S))):
+            overlap_s = min(ev.end_s, (k + 1) * CHUNK_S) - max(ev.start_s, k * CHUNK_S)
+            i = position.get(row_id(stem, (k + 1) * CHUNK_S))
+            if i is not None and overlap_s >= need_s:
+                snr[i, j] = ev.snr_db if np.isnan(snr[i, j]) else max(snr[i, j], ev.snr_db)
+    return snr
+
+
+def tier_masks(snr: np.ndarray, truth: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Masks of the positive cells in each SNR tertile, and the two cut points (dB)."""
+    values = snr[truth & ~np.isnan(snr)]
+    if not len(values):
+        raise SystemExit("no positive cell has a call SNR: are these the generator's events?")
+    cuts = np.percentile(values, [100 / 3, 200 / 3])
+    known = truth & ~np.isnan(snr)
+    filled = np.nan_to_num(snr, nan=-np.inf)
+    return {"faint": known & (filled < cuts[0]), "mid": known & (filled >= cuts[0]) & (filled < cuts[1]),
+            "loud": known & (filled >= cuts[1])}, cuts
+
+
+def tier_auc(probs: np.ndarray, truth: np.ndarray, positives: np.ndarray, min_positives: int) -> tuple[float, int]:
+    """Mean over classes of ROC-AUC(positives of the tier vs every negative row); (mean, classes used)."""
+    aucs = []
+    for c in range(truth.shape[1]):
+        pos, neg = positives[:, c], ~truth[:, c]
+        if pos.sum() >= min_positives and neg.any():
+            y = np.r_[np.ones(pos.sum()), np.zeros(neg.sum())]
+            aucs.append(roc_auc_score(y, np.r_[probs[pos, c], probs[neg, c]]))
+    return (float(np.mean(aucs)) if aucs else float("nan")), len(aucs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", type=Path, required=True)
+    parser.add_argument("--val-soundscapes", type=int, default=None, metavar="N",
+                        help="score on the N-soundscape twin of the runs' synthetic data (bench/wide_val.py)")
+    parser.add_argument("--min-positives", type=int, default=3, help="positive rows of a tier a class needs")
+    parser.add_argument("--json", type=Path, default=None, help="also write the table here")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    folders = model_folders(args.runs)
+    if not folders:
+        raise SystemExit("no completed round folders under --runs")
+    wide = ValidationSoundscapes.build(OmegaConf.load(folders[0] / ROUND_CONFIG_FILE).data, args.val_soundscapes)
+    events = pd.read_csv(wide.root / "truth" / "soundscape_events.csv")
+    events = events[events["split"] == "val"]
+    solution = wide.solution.set_index(ROW_ID_COLUMN).loc[wide.row_ids]
+    classes = list(solution.columns)
+    truth = solution.to_numpy().astype(bool)
+    masks, cuts = tier_masks(positive_snr(events, wide.row_ids, classes), truth)
+    print(f"{wide.n_files} validation soundscapes ({wide.root}); {int(truth.sum())} positive cells; "
+          f"tiers by call SNR: faint < {cuts[0]:.1f} dB <= mid < {cuts[1]:.1f} dB <= loud\n", flush=True)
+    print("| model | arm | all | faint | mid | loud |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    table = []
+    for folder in folders:
+        probs, model_classes = wide.predict(folder / MODEL_FILE)
+        ordered = pd.DataFrame(probs, columns=model_classes)[classes].to_numpy()
+        row = {"model": str(folder), "arm": json.loads((folder / METRICS_FILE).read_text()).get("arm"),
+               "all": wide.score_probs(probs, model_classes)}
+        for tier in TIERS:
+            row[tier], row[f"{tier}_classes"] = tier_auc(ordered, truth, masks[tier], args.min_positives)
+        table.append(row)
+        name = "/".join(folder.parts[-3:] if folder.name == "control" else folder.parts[-2:])
+        print(f"| {name} | {row['arm']} | " + " | ".join(f"{row[k]:.3f}" for k in ("all", *TIERS)) + " |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"cuts_db": cuts.tolist(), "models": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
