@@ -25,6 +25,8 @@ the correlations within each split seed (the comparison a user makes inside one 
 beat its control?), and the same without the oracle students (`pseudo.truth` set), which a real run
 never has. `--from-json A.json [B.json ...]` prints every table again from saved `--json` files, without
 inference; several files are merged (the score columns they share; a model in two of them counted once).
+`--reference-json A.json ...` takes the reference scores from saved tables instead of predicting the
+soundscapes again (new `--variant` designs over models already scored: only the mixed sets are predicted).
 
 Runs built before `data.mixed_val` existed get the defaults of configs/data/birdclef2025.yaml.
 Inference only, on CPU unless --device says otherwise.
@@ -104,6 +106,16 @@ def merge_tables(tables: list[list[dict]]) -> list[dict]:
         seen.add(key)
         merged.append({k: v for k, v in row.items() if not (k.startswith("val_") and k not in common)})
     return merged
+
+
+def reference_scores(tables: list[list[dict]]) -> dict[str, float]:
+    """val_soundscape_auc of the models of saved --json tables, by checkpoint hash (the folders must exist)."""
+    scores = {}
+    for row in (r for t in tables for r in t):
+        model_file = Path(row["model"]) / MODEL_FILE
+        if model_file.is_file():
+            scores[checkpoint_hash(model_file)] = float(row["val_soundscape_auc"])
+    return scores
 
 
 def within_run_rho(table: list[dict], column: str, reference: str = "val_soundscape_auc") -> dict:
@@ -198,6 +210,9 @@ def main() -> None:
     parser.add_argument("--val-soundscapes", type=int, default=None, metavar="N",
                         help="the reference val_soundscape_auc on the same synthetic data with N labeled validation "
                              "soundscapes (bench/wide_val.py) instead of the 10 each model validated on")
+    parser.add_argument("--reference-json", type=Path, nargs="+", default=None, metavar="PATH",
+                        help="take each model's val_soundscape_auc from saved --json tables (matched by checkpoint) "
+                             "instead of predicting the soundscapes again, e.g. to score new --variant designs")
     parser.add_argument("--splits", type=int, default=30, help="random half splits for the reliability ceiling")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -212,6 +227,9 @@ def main() -> None:
         return
     if not args.runs:
         raise SystemExit("--runs (or --from-json) is required")
+    if args.reference_json and args.val_soundscapes:
+        raise SystemExit("--reference-json and --val-soundscapes both set the reference: give one")
+    reference = reference_scores([json.loads(p.read_text()) for p in args.reference_json]) if args.reference_json else None
     folders = model_folders(args.runs)[: args.max_models]
     if not folders:
         raise SystemExit("no completed round folders under --runs")
@@ -255,7 +273,12 @@ def main() -> None:
             mixed = sets_cache[set_key]
             probs = predict(model, mixed, args.batch_size, args.device)
             row[f"val_{name}_auc"] = mixed.score(probs, np.arange(len(mixed)), prepared.data.classes)
-        if wide is not None:
+        if reference is not None:
+            digest = checkpoint_hash(folder / MODEL_FILE)
+            if digest not in reference:
+                raise SystemExit(f"{folder}: not in --reference-json (its checkpoint is in none of those tables)")
+            row["val_soundscape_auc"] = reference[digest]
+        elif wide is not None:
             probs, classes = wide.predict(folder / MODEL_FILE)
             row["val_soundscape_auc"] = wide.score_probs(probs, classes)
             scape_scores.append(probs)

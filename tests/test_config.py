@@ -197,6 +197,7 @@ def test_smoke_experiment_shrinks_everything():
     ("data.split_seed=-1", "data.split_seed"),
     ("data.split_seed=one", "data.split_seed"),
     ("data.mixed_val.subtract_background=maybe", "data.mixed_val.subtract_background"),
+    ("data.mixed_val.distance_from_snr=maybe", "data.mixed_val.distance_from_snr"),
     ("data.window_s=0", "data.window_s"),
     ("data.on_missing_file=ignore", "data.on_missing_file"),
     ("round=-1", "round"),

@@ -137,6 +137,35 @@ def test_distance_option_renders_every_call_from_afar(toy):
             build(distance=bad)
 
 
+def test_distance_from_snr_puts_faint_calls_far_and_keeps_everything_else(toy):
+    table, scapes, audio = toy
+    build = functools.partial(build_mixed_validation, table, scapes, audio, CLASSES, n_rows=24, seed=5,
+                              snr_db=(-6.0, 10.0), distance=(0.2, 1.0), calls_per_row=(0.0, 1.0))
+    drawn, coupled = build(), build(distance_from_snr=True)
+    pd.testing.assert_frame_equal(coupled.rows, drawn.rows)
+    pd.testing.assert_frame_equal(coupled.solution, drawn.solution)
+    level, distance = [], []
+    for k, (calls, twins) in enumerate(zip(coupled.calls, drawn.calls)):
+        (call,), (twin,) = calls, twins
+        assert (call.path, call.clip_start, call.length, call.offset, call.gain, call.seed) == \
+               (twin.path, twin.clip_start, twin.length, twin.offset, twin.gain, twin.seed)
+        background = audio.load(coupled.rows.at[k, "background"])
+        start = coupled.rows.at[k, "background_start"]
+        bg_rms = np.sqrt(np.mean(background[start:start + 5 * SR].astype(np.float64) ** 2))
+        piece = audio.load(call.path)[call.clip_start:call.clip_start + call.length]
+        level.append(20 * np.log10(call.gain * _active_level(piece, SR) / bg_rms))  # the drawn SNR
+        distance.append(call.distance)
+    level, distance = np.array(level), np.array(distance)
+    # The drawn SNR maps linearly onto the distance range: 10 dB -> 0.2, -6 dB -> 1.0.
+    np.testing.assert_allclose(distance, 0.2 + 0.8 * (10.0 - level) / 16.0, atol=1e-3)
+    assert not np.allclose([c.distance for (c,) in drawn.calls], distance)  # the uniform draws differ
+    via_config = mixed_validation_from_config(OmegaConf.create({"enabled": True, "n_rows": 24, "seed": 5,
+                                                                "snr_db": [-6.0, 10.0], "distance": [0.2, 1.0],
+                                                                "calls_per_row": [0.0, 1.0], "distance_from_snr": True}),
+                                              table, scapes, audio, CLASSES)
+    assert [c.distance for (c,) in via_config.calls] == distance.tolist()
+
+
 def test_background_labels_limit_backgrounds_to_empty_segments(toy, tmp_path):
     """Only segments a labels CSV marks all-zero serve as backgrounds; the quiet ranking applies among them."""
     table, scapes, audio = toy

@@ -8,7 +8,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from mixed_val_corr import merge_tables, model_folders, parse_variant, run_facts, split_half_reliability, within_run_rho  # noqa: E402
+from mixed_val_corr import merge_tables, model_folders, reference_scores, parse_variant, run_facts, split_half_reliability, within_run_rho  # noqa: E402
 
 
 def finished(folder: Path, weights: bytes, done: bool = True) -> Path:
@@ -105,3 +105,15 @@ def test_merge_tables_counts_a_copied_model_once_and_keeps_shared_columns(tmp_pa
     merged = merge_tables([first, second])
     assert [row["model"] for row in merged] == [str(teacher), "/gone/round_1", str(student)]
     assert all("val_raw_auc" not in row and row["val_mixed_auc"] == 0.85 for row in merged)
+
+
+def test_reference_scores_find_a_model_by_its_weights_wherever_it_was_copied(tmp_path):
+    from birdrounds.model import checkpoint_hash
+
+    teacher = finished(tmp_path / "a" / "round_0", b"teacher")
+    copy = finished(tmp_path / "b" / "round_0", b"teacher")
+    other = finished(tmp_path / "b" / "round_1", b"student")
+    scores = reference_scores([[{"model": str(teacher), "val_soundscape_auc": 0.81},
+                                {"model": "/gone/round_1", "val_soundscape_auc": 0.5}]])
+    assert scores == {checkpoint_hash(copy / "model.pt"): 0.81}
+    assert checkpoint_hash(other / "model.pt") not in scores

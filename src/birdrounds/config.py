@@ -73,8 +73,9 @@ def validate(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "data.split_seed") is not None:
         require(cfg, "data.split_seed", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                 "must be an integer >= 0 or null (null: the run's seed)")
-    if OmegaConf.select(cfg, "data.mixed_val.subtract_background") is not None:
-        require(cfg, "data.mixed_val.subtract_background", lambda v: isinstance(v, bool), "must be true or false")
+    for key in ("data.mixed_val.subtract_background", "data.mixed_val.distance_from_snr"):
+        if OmegaConf.select(cfg, key) is not None:
+            require(cfg, key, lambda v: isinstance(v, bool), "must be true or false")
     if OmegaConf.select(cfg, "data.augment_on") is not None:
         require(cfg, "data.augment_on", lambda v: v in AUGMENT_ON, f"must be one of {AUGMENT_ON}")
     require(cfg, "data.on_missing_file", lambda v: v in ("warn", "error"), "must be 'warn' or 'error'")

@@ -246,6 +246,7 @@ def build_mixed_validation(
     background_labels: str | Path | None = None,
     distance: Sequence[float] = (0.0, 0.0),
     subtract_background: bool = False,
+    distance_from_snr: bool = False,
 ) -> MixedValidation:
     """The mixed validation set (see the module doc); `val_table` must hold the held-out clips only.
 
@@ -253,7 +254,10 @@ def build_mixed_validation(
     a person listened to, or the synthetic data's truth); only rows labeled all-zero serve as backgrounds.
     `distance`: (low, high) of a uniform draw per call in [0, 1], rendered by `far_away`; (0, 0) = as recorded.
     `subtract_background`: also score each background segment used alone, and score rows by the change
-    (module doc); the scored rows themselves are the same either way."""
+    (module doc); the scored rows themselves are the same either way.
+    `distance_from_snr`: a call's distance follows its drawn SNR instead of its own uniform draw, the
+    loudest (snr_db high) at distance low and the faintest at distance high, as a call fades with
+    distance; the rows, calls and levels are otherwise the same."""
     if not 0.0 < quiet_fraction <= 1.0:
         raise ValueError(f"quiet_fraction must be in (0, 1], got {quiet_fraction}")
     if len(distance) != 2 or not 0.0 <= distance[0] <= distance[1] <= 1.0:
@@ -307,6 +311,9 @@ def build_mixed_validation(
             far = {}
             if distance[1] > 0:  # drawn only then, so sets without distance keep their rows
                 far = {"distance": float(rng.uniform(*distance)), "seed": int(rng.integers(2**31))}
+                if distance_from_snr:  # the same draws either way; only the distance follows the level
+                    fade = (snr_db[1] - snr) / (snr_db[1] - snr_db[0]) if snr_db[1] > snr_db[0] else 0.5
+                    far["distance"] = float(distance[0] + (distance[1] - distance[0]) * fade)
             row_calls.append(_Call(str(clip["path"]), start, length, offset, bg_rms * 10 ** (snr / 20) / level, **far))
             labels[k, index[clip["primary_label"]]] = 1
             for label in _as_label_list(clip.get("secondary_labels")):
@@ -342,7 +349,7 @@ def mixed_validation_from_config(cfg: Any, val_table: pd.DataFrame, soundscapes:
         log.warning("mixed validation: off (%s)", "no held-out clips" if len(val_table) == 0 else "no train soundscapes")
         return None
     keys = ("n_rows", "seed", "snr_db", "quiet_fraction", "calls_per_row", "call_s", "max_background_files",
-            "background_labels", "distance", "subtract_background")
+            "background_labels", "distance", "subtract_background", "distance_from_snr")
     kwargs = {key: cfg[key] for key in keys if cfg.get(key) is not None}
     for key in ("snr_db", "calls_per_row", "call_s", "distance"):
         if key in kwargs:
