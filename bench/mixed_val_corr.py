@@ -92,6 +92,12 @@ def metric_columns(row: dict) -> list[str]:
     return first + [k for k in row if k.startswith("val_") and k.endswith("_auc") and k not in first]
 
 
+def saved_model_hash(row: dict) -> str | None:
+    """Checkpoint hash of a saved --json row's model, or None where its folder is gone."""
+    model_file = Path(row["model"]) / MODEL_FILE
+    return checkpoint_hash(model_file) if model_file.is_file() else None
+
+
 def merge_tables(tables: list[list[dict]]) -> list[dict]:
     """Saved --json tables as one: the score columns all of them have, a model listed twice counted once
     (the same folder, or a copy of it elsewhere whose checkpoint still hashes the same, as a teacher copied
@@ -99,8 +105,7 @@ def merge_tables(tables: list[list[dict]]) -> list[dict]:
     common = [c for c in metric_columns(tables[0][0]) if all(c in t[0] for t in tables)]
     merged, seen = [], set()
     for row in (r for t in tables for r in t):
-        model_file = Path(row["model"]) / MODEL_FILE
-        key = checkpoint_hash(model_file) if model_file.is_file() else row["model"]
+        key = saved_model_hash(row) or row["model"]
         if key in seen:
             continue
         seen.add(key)
@@ -112,9 +117,9 @@ def reference_scores(tables: list[list[dict]]) -> dict[str, float]:
     """val_soundscape_auc of the models of saved --json tables, by checkpoint hash (the folders must exist)."""
     scores = {}
     for row in (r for t in tables for r in t):
-        model_file = Path(row["model"]) / MODEL_FILE
-        if model_file.is_file():
-            scores[checkpoint_hash(model_file)] = float(row["val_soundscape_auc"])
+        digest = saved_model_hash(row)
+        if digest is not None:
+            scores[digest] = float(row["val_soundscape_auc"])
     return scores
 
 

@@ -31,7 +31,7 @@ from mixed_val_corr import model_folders  # noqa: E402
 from wide_val import ValidationSoundscapes  # noqa: E402
 
 from birdrounds.artifacts import METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE
-from birdrounds.data.synthetic import MIN_CHUNK_OVERLAP_S
+from birdrounds.data.synthetic import labeled_chunks
 from birdrounds.infer import SCORED_CHUNK_S as CHUNK_S, row_id
 from birdrounds.metrics import ROW_ID_COLUMN
 
@@ -42,7 +42,7 @@ def positive_snr(events: pd.DataFrame, row_ids: np.ndarray, classes: list[str]) 
     """[rows, classes] SNR (dB) of the loudest call of each class that labels each row; NaN where none does.
 
     `events`: the generator's `filename, label, start_s, end_s, snr_db` rows; a row id is `<stem>_<end s>`.
-    A call labels a 5-s row when it overlaps it by min(MIN_CHUNK_OVERLAP_S, half the call), as in the solution.
+    A call labels the 5-s rows the generator's solution gives it (`synthetic.labeled_chunks`).
     """
     position = {rid: i for i, rid in enumerate(row_ids)}
     column = {c: j for j, c in enumerate(classes)}
@@ -52,22 +52,20 @@ def positive_snr(events: pd.DataFrame, row_ids: np.ndarray, classes: list[str]) 
         if j is None:
             continue
         stem = Path(ev.filename).stem
-        need_s = min(MIN_CHUNK_OVERLAP_S, 0.5 * (ev.end_s - ev.start_s))
-        for k in range(int(ev.start_s // CHUNK_S), int(np.ceil(ev.end_s / CHUNK_S))):
-            overlap_s = min(ev.end_s, (k + 1) * CHUNK_S) - max(ev.start_s, k * CHUNK_S)
+        # every chunk that starts by the call's end; rows past the file's end are not in `row_ids`
+        for k in labeled_chunks(ev.start_s, ev.end_s, int(ev.end_s // CHUNK_S) + 1):
             i = position.get(row_id(stem, (k + 1) * CHUNK_S))
-            if i is not None and overlap_s >= need_s:
+            if i is not None:
                 snr[i, j] = ev.snr_db if np.isnan(snr[i, j]) else max(snr[i, j], ev.snr_db)
     return snr
 
 
 def tier_masks(snr: np.ndarray, truth: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Masks of the positive cells in each SNR tertile, and the two cut points (dB)."""
-    values = snr[truth & ~np.isnan(snr)]
-    if not len(values):
-        raise SystemExit("no positive cell has a call SNR: are these the generator's events?")
-    cuts = np.percentile(values, [100 / 3, 200 / 3])
     known = truth & ~np.isnan(snr)
+    if not known.any():
+        raise SystemExit("no positive cell has a call SNR: are these the generator's events?")
+    cuts = np.percentile(snr[known], [100 / 3, 200 / 3])
     filled = np.nan_to_num(snr, nan=-np.inf)
     return {"faint": known & (filled < cuts[0]), "mid": known & (filled >= cuts[0]) & (filled < cuts[1]),
             "loud": known & (filled >= cuts[1])}, cuts

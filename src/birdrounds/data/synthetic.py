@@ -457,6 +457,13 @@ class SoundscapeJob:
         return mix / np.abs(mix).max() * rng.uniform(0.3, 0.8), events
 
 
+def labeled_chunks(start_s: float, end_s: float, n_chunks: int) -> list[int]:
+    """The 5-s chunks (of the first `n_chunks`) that a call from `start_s` to `end_s` labels: those it
+    overlaps by min(MIN_CHUNK_OVERLAP_S, half the call)."""
+    need_s = min(MIN_CHUNK_OVERLAP_S, 0.5 * (end_s - start_s))
+    return [k for k in range(n_chunks) if min(end_s, (k + 1) * CHUNK_S) - max(start_s, k * CHUNK_S) >= need_s]
+
+
 def chunk_labels(events: Iterable[Event], duration_s: float, classes: list[str]) -> np.ndarray:
     """0/1 matrix [n_chunks, n_classes]: a class is present where enough of one of its calls overlaps the chunk."""
     n_chunks = int(round(duration_s / CHUNK_S))
@@ -465,11 +472,7 @@ def chunk_labels(events: Iterable[Event], duration_s: float, classes: list[str])
     for ev in events:
         if ev.label not in column:  # an unlisted species: heard, never labeled
             continue
-        need_s = min(MIN_CHUNK_OVERLAP_S, 0.5 * (ev.end_s - ev.start_s))
-        for k in range(n_chunks):
-            overlap_s = min(ev.end_s, (k + 1) * CHUNK_S) - max(ev.start_s, k * CHUNK_S)
-            if overlap_s >= need_s:
-                labels[k, column[ev.label]] = 1
+        labels[labeled_chunks(ev.start_s, ev.end_s, n_chunks), column[ev.label]] = 1
     return labels
 
 
