@@ -160,6 +160,30 @@ def test_gradient_accumulation_matches_one_big_batch(data, tmp_path):
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=5e-5) for k in weights[0])
 
 
+def test_channels_last_changes_the_layout_not_the_training(data, tmp_path):
+    """NHWC weights (`train.channels_last`, the default) train the same model up to float rounding, and the
+    saved checkpoint is in the usual contiguous layout either way."""
+    runs, accelerator = {}, Accelerator()
+    for channels_last in (False, True):
+        settings = train_script.settings(epochs=1, steps=2, ema_decay=None)
+        settings.channels_last = channels_last
+        out = tmp_path / f"cl{int(channels_last)}"
+        runs[channels_last] = train_script.train(data, out, accelerator, settings, mixup_prob=0.0, drop_rate=0.0)
+    assert runs[True]["train_loss"] == pytest.approx(runs[False]["train_loss"], rel=1e-5)
+    weights = {cl: _state_dict(tmp_path / f"cl{int(cl)}" / "model.pt") for cl in (False, True)}
+    assert all(t.is_contiguous() for t in weights[True].values())
+    # The epoch checkpoints hold the weights as trained: NHWC with the setting on, NCHW without.
+    raw = {cl: torch.load(tmp_path / f"cl{int(cl)}" / "checkpoints" / "epoch_000" / "pytorch_model.bin",
+                          weights_only=True) for cl in (False, True)}
+    convs = [k for k, t in raw[True].items() if t.dim() == 4 and t.shape[1] > 1 and t.shape[2] > 1]
+    assert convs and all(raw[True][k].is_contiguous(memory_format=torch.channels_last) for k in convs)
+    assert all(not raw[True][k].is_contiguous() and raw[False][k].is_contiguous() for k in convs)
+    # As in the accumulation test: rounding moves a near-zero-gradient weight ~1e-5 under Adam, a wrong
+    # model ~lr = 5e-4.
+    assert all(torch.allclose(weights[False][k], weights[True][k], atol=5e-5) for k in weights[False])
+    assert TrainSettings().channels_last
+
+
 # ----------------------------------------------------------------------------- a real fit
 
 

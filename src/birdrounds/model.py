@@ -288,7 +288,7 @@ def save_checkpoint(
     ckpt = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "model_kwargs": _to_plain(model.init_kwargs),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},  # any layout in, NCHW out
         "classes": list(classes),
         "audio": {"sample_rate_hz": model.sample_rate_hz, "window_s": extra.get("window_s")},
         "config": redact_secrets(_to_plain(config)),  # no xc.api_key & co. in a shareable file

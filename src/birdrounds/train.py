@@ -107,6 +107,7 @@ class TrainSettings:
     `batch_size` is per process: one optimizer update sees
     batch_size x num_processes x grad_accum_steps samples. `mixed_precision` is read by whoever builds
     the Accelerator ("no" on CPU, "bf16"/"fp16" on GPU); fit itself takes it from the Accelerator.
+    `channels_last` trains with NHWC weights (checkpoints are written in the usual layout).
     """
 
     optimizer: Callable[..., torch.optim.Optimizer] = functools.partial(torch.optim.AdamW, lr=5e-4, weight_decay=1e-4)
@@ -122,6 +123,7 @@ class TrainSettings:
     seed: int = 0
     ema_decay: float | None = None
     mixed_precision: str | None = None
+    channels_last: bool = True
     keep_checkpoints: int = 2
     log_every_steps: int = 10
 
@@ -326,6 +328,9 @@ def fit(
     # Build: loaders, optimizer, EMA (a clean copy made before prepare), then let Accelerate wrap them.
     train_loader, epoch_sampler = _train_loader(train_set, sampler, collate_fn, settings, accelerator)
     model = model.to(accelerator.device)
+    if settings.channels_last:
+        # NHWC convolutions: on 2 CPU cores the demo model's training step is ~20% faster (README, Measured).
+        model = model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=settings.ema_decay) if settings.ema_decay else None
     optimizer = settings.optimizer(model.parameters())
     model, optimizer, train_loader, clip_loader, soundscape_loader = accelerator.prepare(
