@@ -222,7 +222,10 @@ def test_control_trains_on_the_labeled_clips_only(home, monkeypatch):
 @pytest.mark.slow
 def test_oracle_trains_on_the_truth_csv_and_refuses_one_that_does_not_match(tmp_path):
     truth = tmp_path / "data" / "synthetic_smoke" / "truth" / "train_soundscape_labels.csv"
-    proc = run_rounds(tmp_path, "logger=none", "round=1", f"pseudo.truth={truth}")
+    # Through a file-level transform too: the round hands it each chunk's file (it would refuse otherwise),
+    # and on 0/1 labels it changes nothing (a class present in a file has file max 1, an absent one is 0).
+    file_scale = "pseudo.transform.transforms=[{_target_:birdrounds.pseudo.FileScale,alpha:1.0}]"
+    proc = run_rounds(tmp_path, "logger=none", "round=1", f"pseudo.truth={truth}", file_scale)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "smoke"
     table, provenance = read_pseudo_labels(run_dir / "round_1" / "pseudo_labels.parquet")
@@ -230,6 +233,7 @@ def test_oracle_trains_on_the_truth_csv_and_refuses_one_that_does_not_match(tmp_
     rows, probs = split_table(table, provenance["classes"])
     np.testing.assert_array_equal(probs, expected.loc[rows["row_id"], provenance["classes"]].to_numpy(np.float32))
     assert len(table) == len(expected) and provenance["truth"] == str(truth) and "teacher" not in provenance
+    assert provenance["transform"] == "file_scale(alpha=1)"
 
     # Another run folder holding the same teacher, with a truth table that lacks a class: one line, exit 2.
     bad = tmp_path / "bad_truth.csv"

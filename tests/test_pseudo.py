@@ -14,6 +14,7 @@ from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.pseudo import (
     Compose,
     DropLowest,
+    FileScale,
     MinMax,
     Power,
     Threshold,
@@ -115,6 +116,24 @@ def test_drop_lowest_and_composition_order():
     np.testing.assert_allclose(out, [[0, 0], [0.81, 0.25], [0, 0], [0.16, 0.16], [0, 0]], atol=1e-6)
     assert chain.describe() == "drop_lowest(0.4) -> power(k=2) -> threshold(t=0.1, keep>=None)"
     assert Compose().describe() == "identity"
+
+
+def test_file_scale_multiplies_by_the_class_max_of_its_file():
+    p = np.array([[0.2, 0.1], [0.8, 0.1], [0.5, 0.4]], dtype=np.float32)
+    files = np.array(["a.ogg", "a.ogg", "b.ogg"])
+    chain = Compose([Power([1.0]), FileScale(1.0)])
+    out, keep = chain(p, files=files)
+    # File a: class 0 max 0.8, class 1 max 0.1; file b alone: each value times itself.
+    np.testing.assert_allclose(out, [[0.16, 0.01], [0.64, 0.01], [0.25, 0.16]], atol=1e-6)
+    assert keep.all() and chain.describe() == "power(k=1) -> file_scale(alpha=1)"
+    half, _ = Compose([FileScale(0.5)])(p, files=files)
+    np.testing.assert_allclose(half[0], [0.2 * (0.5 + 0.5 * 0.8), 0.1 * (0.5 + 0.5 * 0.1)], atol=1e-6)
+    with pytest.raises(ValueError, match="files="):
+        Compose([FileScale()])(p)
+    with pytest.raises(ValueError, match="contiguous"):
+        Compose([FileScale()])(p, files=np.array(["a.ogg", "b.ogg", "a.ogg"]))
+    with pytest.raises(ValueError, match="alpha"):
+        FileScale(1.5)
 
 
 @pytest.mark.parametrize("name", ["none", "first_2025", "second_2025", "fourth_2025"])

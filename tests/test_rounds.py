@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 from birdrounds.config import ConfigError, compose
 from birdrounds.model import save_checkpoint
@@ -38,6 +39,13 @@ def test_config_hash_ignores_where_and_how_not_what():
                                                         "export.int8=true", "logger=none",
                                                         "experiment_name=renamed"]), 1)
     assert config_hash(base, 0) == config_hash(compose(["experiment=smoke", "pseudo=second_2025"]), 0)
+    # The weights' memory layout: on, off, or a run recorded before the key existed reuse the same rounds.
+    nchw = compose(["experiment=smoke", "train.channels_last=false"])
+    before_key = compose(["experiment=smoke"])
+    with open_dict(before_key):
+        del before_key.train["channels_last"]
+    for round_idx in (0, 1):
+        assert config_hash(base, round_idx) == config_hash(nchw, round_idx) == config_hash(before_key, round_idx)
     assert config_hash(base, 1) != config_hash(compose(["experiment=smoke", "pseudo=second_2025"]), 1)
     assert config_hash(base, 1) != config_hash(compose(["experiment=smoke", "pseudo.student_drop_path_rate=0.1"]), 1)
     # Students without external rows: the same teacher, other students; external weights change the teacher.

@@ -3,7 +3,8 @@
 Transforms act on a probability matrix [n_chunks, n_classes] plus a boolean keep-mask [n_chunks]
 (chunks a transform drops are marked False; the matrix keeps its shape so rows stay aligned with the
 chunk table). Every transform is called as `t(probs, keep, round_idx) -> (probs, keep)`, where
-`round_idx` is the student round the labels are made for (1 = first pseudo-labeling round).
+`round_idx` is the student round the labels are made for (1 = first pseudo-labeling round); one with
+`uses_files = True` also gets `files=` (each chunk's soundscape file, rows of a file contiguous).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from birdrounds.artifacts import atomic_open
 from birdrounds.config import ConfigError
 from birdrounds.data.soundscapes import SoundscapeChunks
-from birdrounds.infer import SCORED_CHUNK_S, overlap_to_chunks
+from birdrounds.infer import SCORED_CHUNK_S, overlap_to_chunks, scale_by_file_max
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +127,49 @@ class DropLowest:
         return f"drop_lowest({self.fraction:g})"
 
 
+class FileScale:
+    """p * (1 - alpha + alpha * m), m = the class's max over the chunks of the same soundscape file.
+
+    The file-level scaling of `birdrounds predict` (`infer.scale_by_file_max`), applied to the teacher's
+    labels: a class the teacher hears nowhere in a file is damped in all its chunks, one it hears clearly
+    somewhere keeps its chunk probabilities. alpha = 1 multiplies by the file max.
+    """
+
+    uses_files = True
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.alpha = float(alpha)
+
+    def __call__(self, probs: np.ndarray, keep: np.ndarray, round_idx: int = 1,
+                 files: Sequence[str] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if files is None or len(files) != len(probs):
+            raise ValueError("FileScale needs each chunk's file (files=, one per row)")
+        return scale_by_file_max(probs, pd.factorize(np.asarray(files))[0], self.alpha), keep
+
+    def describe(self, round_idx: int = 1) -> str:
+        return f"file_scale(alpha={self.alpha:g})"
+
+
 class Compose:
-    """Apply transforms in order; returns (probs float32, keep mask)."""
+    """Apply transforms in order; returns (probs float32, keep mask).
+
+    `files` (each row's soundscape file) goes to the transforms that use it (`FileScale`).
+    """
 
     def __init__(self, transforms: Sequence[Any] = ()) -> None:
         self.transforms = list(transforms)
 
-    def __call__(self, probs: np.ndarray, round_idx: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, probs: np.ndarray, round_idx: int = 1,
+                 files: Sequence[str] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         probs = np.asarray(probs, dtype=np.float32)
         keep = np.ones(len(probs), dtype=bool)
         for transform in self.transforms:
-            probs, keep = transform(probs, keep, round_idx)
+            if getattr(transform, "uses_files", False):
+                probs, keep = transform(probs, keep, round_idx, files=files)
+            else:
+                probs, keep = transform(probs, keep, round_idx)
         return probs.astype(np.float32), keep
 
     def describe(self, round_idx: int = 1) -> str:

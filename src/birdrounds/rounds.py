@@ -286,9 +286,9 @@ def pseudo_label(cfg: DictConfig, prepared: PreparedData, teachers: list[Path], 
         shares = [np.load(partial / f"share_{r}of{world}.npy") for r in range(world)]
         outputs = np.concatenate([s for s in shares if s.size]) if any(s.size for s in shares) else shares[0]
         probs = windows_to_chunks(outputs, chunks, SCORED_CHUNK_S)
-        transform = instantiate(cfg.pseudo.transform)
-        probs, keep = transform(probs, round_idx=round_idx)
         rows = chunk_rows(chunks, SCORED_CHUNK_S)
+        transform = instantiate(cfg.pseudo.transform)
+        probs, keep = transform(probs, round_idx=round_idx, files=rows["file"].to_numpy())
         provenance = {"round": round_idx, "teacher": str(teachers[0]), "teacher_hash": checkpoint_hash(teachers[0]),
                       "teachers": [{"path": str(p), "hash": checkpoint_hash(p)} for p in teachers],
                       "transform": transform.describe(round_idx), "window_s": cfg.pseudo.window_s,
@@ -322,7 +322,7 @@ def write_truth_labels(cfg: DictConfig, chunks: SoundscapeChunks, classes: list[
     skipped = {Path(p).stem for p, _ in chunks.skipped}
     probs = read_truth(truth_path, rows["row_id"].tolist(), classes, skipped_stems=skipped)
     transform = instantiate(cfg.pseudo.transform)
-    probs, keep = transform(probs, round_idx=round_idx)
+    probs, keep = transform(probs, round_idx=round_idx, files=rows["file"].to_numpy())
     provenance = {"round": round_idx, "truth": str(truth_path), "truth_hash": checkpoint_hash(truth_path),
                   "transform": transform.describe(round_idx), "window_s": SCORED_CHUNK_S,
                   "stride_s": SCORED_CHUNK_S, "kept_chunks": int(keep.sum()), "processes": 1}
@@ -445,9 +445,10 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
 
 # Keys (dotted paths) that do not change what a round computes: where things live, how it is tracked, how
 # far to go. `control` only adds the control arm beside each round; `data.mixed_val` only adds an
-# evaluation (val_mixed_auc); neither changes a round's own result.
+# evaluation (val_mixed_auc); neither changes a round's own result. `train.channels_last` is the weights'
+# memory layout: the same model up to float rounding (tests/test_train.py).
 NON_RESULT_KEYS = ("round", "recompute_from", "control", "logger", "paths", "xc", "export", "predict", "run_dir",
-                   "experiment_name", "data.mixed_val")
+                   "experiment_name", "data.mixed_val", "train.channels_last")
 # And those the teacher (round 0) never reads: the pseudo-labeling settings, whether students keep external rows.
 TEACHER_IGNORED_KEYS = ("pseudo", "data.external.in_students", "data.external.filter_min_prob")
 # Keys added after rounds were recorded, left out of the hash while they hold the value that does what the
