@@ -86,7 +86,7 @@ def build_pseudo(cfg) -> None:
     transform = instantiate(cfg.pseudo.transform)
     probs = np.array([[0.2, 0.9, 0.0], [0.05, 0.01, 0.6], [0.7, 0.3, 0.1]], np.float32)
     for round_idx in range(1, 6):  # past the last round a preset lists (its last value is reused)
-        out, keep = transform(probs, round_idx=round_idx)
+        out, keep = transform(probs, round_idx=round_idx, files=["f0.ogg", "f0.ogg", "f1.ogg"])
         assert out.shape == probs.shape and keep.shape == (3,) and keep.any()
         assert np.isfinite(out).all() and transform.describe(round_idx)
     # The student's training set, as rounds.student_parts builds it, from in-memory silent audio.

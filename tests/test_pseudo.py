@@ -140,11 +140,14 @@ def test_file_scale_multiplies_by_the_class_max_of_its_file():
 def test_presets_instantiate(name):
     cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
     chain = instantiate(cfg.transform)
-    out, keep = chain(np.array([[0.2, 0.9], [0.05, 0.01]], dtype=np.float32), round_idx=2)
+    probs = np.array([[0.2, 0.9], [0.05, 0.01]], dtype=np.float32)
+    out, keep = chain(probs, round_idx=2, files=["a.ogg", "a.ogg"])
     assert out.shape == (2, 2) and keep.shape == (2,)
     assert cfg.mixing.strategy in ("mixup_max", "replace", "concat")
     if name == "first_2025":
-        np.testing.assert_allclose(out[0], np.power([0.2, 0.9], 1.54), rtol=1e-5)
+        # Power 1.54 at round 2, then each class times its max over the file (row 0 holds both maxima).
+        powered = np.power(probs.astype(np.float64), 1.54)
+        np.testing.assert_allclose(out, powered * powered[0], rtol=1e-5)
 
 
 # ---------------------------------------------------------------- teacher inference
