@@ -26,11 +26,18 @@ demo: $(STAMP)
 	$(VENV)/bin/birdrounds export $(ARGS)
 	$(VENV)/bin/birdrounds predict $(ARGS)
 
+# --durations=20: CI's log names the 20 slowest tests (and fixtures), so a slow one is seen when it lands.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests $(ARGS)
+	$(VENV)/bin/python -m pytest tests --durations=20 $(ARGS)
 
 test-quick: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -m "not slow" $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs data
+
+# docs/results.md from the benchmark records in results/*.json (bench/render_results.py; Python's
+# standard library only, so no install is needed).
+.PHONY: results
+results:
+	$(PY) bench/render_results.py

@@ -11,7 +11,10 @@ Paths, all on the same files and the same model (default: the BirdCLEF `sed_effn
   + INT8 (--int8)              the fast path with the statically quantized backbone
   + OpenVINO (--openvino)      the fast path with predict.engine=openvino / openvino_bf16 (pip install openvino)
 
-    python bench/inference.py [--files 24] [--threads 2] [--repeats 3] [--int8] [--openvino] [--auc-run RUN_DIR]
+    python bench/inference.py [--files 24] [--threads 2] [--repeats 3] [--int8] [--openvino] [--auc-run RUN_DIR] [--record]
+
+Goal: the default fast path reaches >= 90% of the per-chunk CPU ceiling, i.e. the sum of its stages' costs
+(decode, frontend, model, each timed on one thread) spread over --threads cores; exit status 0 when met.
 
 Every path runs --repeats times, the paths taking turns (so a slow spell of the shared host hits them
 all); each row reports the median rate, and the range. --threads is the cores given to every path:
@@ -47,6 +50,10 @@ from birdrounds.data.audio import write_audio
 from birdrounds.export import export_onnx, frontend_kwargs, quantize_int8
 from birdrounds.model import load_checkpoint, save_checkpoint
 from birdrounds.submit import inference_settings
+from records import write_record
+
+# The goal in force: the default fast path reaches this share of the per-chunk CPU ceiling (see main).
+CEILING_SHARE_GOAL = 0.9
 
 
 def make_soundscapes(folder: Path, n_files: int, duration_s: float, sr: int, seed: int = 0) -> list[Path]:
@@ -198,6 +205,9 @@ def main() -> int:
     parser.add_argument("--skip-waveform", action="store_true", help="skip the (slow) full ONNX graph path")
     parser.add_argument("--auc-run", type=Path, help="trained run folder for the INT8 / OpenVINO AUC change")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--record", action="store_true",
+                        help="also write the result as a JSON record into results/ ($BIRDROUNDS_RESULTS_DIR if set; "
+                             "bench/records.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -264,10 +274,13 @@ def main() -> int:
         print(f"| {row['path']} | {row['chunks_per_s']:.1f} ({row['min_chunks_per_s']:.0f}-{row['max_chunks_per_s']:.0f}) "
               f"| {row['chunks_per_s'] / eager:.2f}x | {row['max_abs_diff_vs_torch']:.1e} |")
     fast = next(r for r in results if r["path"].startswith("fast path (infer.py"))
-    ok = fast["chunks_per_s"] >= 120 and fast["chunks_per_s"] >= 4 * eager
-    print(f"\ndefault fast path: {fast['chunks_per_s']:.1f} chunks/s, {fast['chunks_per_s'] / eager:.2f}x torch eager "
-          f"(goal >= 120 and >= 4x): {'MET' if ok else 'NOT MET'}")
+    # The goal: the pipeline keeps the cores busy. The ceiling is the per-chunk work of its stages (decode,
+    # frontend, model; each timed on one thread) spread over every core with no waiting.
     ceiling = args.threads * 1e3 / sum(stages.values())
+    ok = fast["chunks_per_s"] >= CEILING_SHARE_GOAL * ceiling
+    print(f"\ndefault fast path: {fast['chunks_per_s']:.1f} chunks/s, {fast['chunks_per_s'] / eager:.2f}x torch eager, "
+          f"{fast['chunks_per_s'] / ceiling:.0%} of the per-chunk CPU ceiling "
+          f"(goal >= {CEILING_SHARE_GOAL:.0%} of the ceiling): {'MET' if ok else 'NOT MET'}")
     print("stages of the fast path, one thread, ms per chunk: "
           + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
           + f"; {args.threads} cores busy all the time would give {ceiling:.0f} chunks/s")
@@ -276,6 +289,15 @@ def main() -> int:
         report["auc"] = auc_change(cfg, args.auc_run, args.threads, args.openvino)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+    if args.record:
+        rows = [{**row, "x_torch_eager": row["chunks_per_s"] / eager} for row in results]
+        record = {"files": len(files), "chunks": n_chunks, "threads": args.threads, "model": args.model,
+                  "baseline": baseline["path"], "rows": rows, "stages_ms_per_chunk": stages,
+                  "ceiling_chunks_per_s": ceiling, "fast_path_share_of_ceiling": fast["chunks_per_s"] / ceiling,
+                  "goal": f">= {CEILING_SHARE_GOAL:.0%} of the per-chunk CPU ceiling", "goal_met": ok,
+                  "auc": report.get("auc")}
+        title = f"Inference speed, {args.model}, {len(files)} soundscapes of {args.duration_s:g} s, {args.threads} threads"
+        print(f"record: {write_record('inference', 'inference', record, title=title)}", file=sys.stderr)
     return 0 if ok else 1
 
 

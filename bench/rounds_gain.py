@@ -21,8 +21,10 @@ control, the share of the oracle's headroom (oracle - control) it captures, the 
     python bench/rounds_gain.py --home /tmp/rounds_gain --tag lr1e3 --teacher-from '' pseudo.student_train.lr=1e-3
     # a lever that changes only what students see: train students and oracles, reuse the untagged controls
     python bench/rounds_gain.py --home /tmp/rounds_gain --tag mw03 --teacher-from '' --controls-from '' pseudo.mixing.mix_weight=0.3
-    # every arm scored on 40 validation soundscapes instead of the 10 it validated on (bench/wide_val.py):
+    # every arm scored on the 30 soundscapes of a 40-soundscape twin that no round chose its epoch on (bench/wide_val.py):
     python bench/rounds_gain.py --home /tmp/rounds_gain --report-only --val-soundscapes 40
+    # also keep the result as a record in results/ (bench/records.py; `make results` renders docs/results.md):
+    python bench/rounds_gain.py --home /tmp/rounds_gain --report-only --val-soundscapes 120 --record
 
 Exit status 0 when every goal is met, 1 when not. Rounds already complete in a run folder are reused.
 """
@@ -41,6 +43,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from birdrounds.artifacts import DONE_FILE, MANIFEST_FILE, METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE
+from records import write_record
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "val_soundscape_auc"
@@ -72,11 +75,13 @@ def arm(folder: Path) -> dict:
 
 
 def rescore(results: list[dict], n_soundscapes: int) -> int:
-    """Replace every arm's val_soundscape_auc by its score on the wider validation set (bench/wide_val.py)."""
+    """Replace every arm's val_soundscape_auc by its score on the wider validation set (bench/wide_val.py),
+    without the data's own validation soundscapes: each round kept the epoch that scored best on those, so
+    a score on them is optimistic."""
     from wide_val import ValidationSoundscapes
 
     teacher_dir = results[0]["teacher"]["folder"]
-    wide = ValidationSoundscapes.build(OmegaConf.load(teacher_dir / ROUND_CONFIG_FILE).data, n_soundscapes)
+    wide = ValidationSoundscapes.build(OmegaConf.load(teacher_dir / ROUND_CONFIG_FILE).data, n_soundscapes, unseen=True)
     arms = [r["teacher"] for r in results] + [a for r in results for rk in r["rounds"] for a in rk.values()]
     for item in arms:
         item[KEY] = wide.score(item["folder"] / MODEL_FILE)
@@ -139,6 +144,12 @@ def fmt(values: np.ndarray, signed: bool = False) -> str:
     return f"{values.mean():+.3f} ± {std:.3f}" if signed else f"{values.mean():.3f} ± {std:.3f}"
 
 
+def summary(values: np.ndarray) -> dict:
+    """Mean, sample std and the per-seed values of a column, for the benchmark's record."""
+    std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": float(values.mean()), "std": std, "per_seed": [float(v) for v in values]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", type=Path, required=True, help="work folder (data, cache and run folders)")
@@ -157,9 +168,13 @@ def main() -> int:
                              "pseudo.mixing.mix_weight); use with --teacher-from TAG")
     parser.add_argument("--val-soundscapes", type=int, default=None, metavar="N",
                         help="score every arm after training on the same synthetic data with N labeled validation "
-                             "soundscapes (the demo has 10; see bench/wide_val.py) instead of its metrics.json")
+                             "soundscapes, less the data's own (the demo has 10, on which each round chose its "
+                             "epoch; see bench/wide_val.py), instead of its metrics.json")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: report the finished run folders as they are")
+    parser.add_argument("--record", action="store_true",
+                        help="also write the result as a JSON record into results/ ($BIRDROUNDS_RESULTS_DIR if set; "
+                             "bench/records.py)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     if args.controls_from is not None and args.teacher_from != args.controls_from:
@@ -173,9 +188,11 @@ def main() -> int:
     results = [run_seed(home, seed, args.rounds, truth, args.overrides, args.tag, args.teacher_from,
                         train=not args.report_only, controls_from=args.controls_from)
                for seed in args.seeds]
+    n_files = None
     if args.val_soundscapes:
         n_files = rescore(results, args.val_soundscapes)
-        print(f"\n{KEY} below: every model scored on {n_files} validation soundscapes (bench/wide_val.py)")
+        print(f"\n{KEY} below: every model scored on {n_files} validation soundscapes that no round chose its "
+              f"epoch on (the {args.val_soundscapes}-soundscape twin minus the data's own; bench/wide_val.py)")
 
     teacher = np.array([r["teacher"][KEY] for r in results])
     teacher_clip = np.array([r["teacher"]["val_clip_auc"] for r in results])
@@ -224,6 +241,18 @@ def main() -> int:
     print("\n### Goals\n")
     for text, met in goals:
         print(f"- {'MET' if met else 'NOT MET'}: {text}")
+    if args.record:
+        rounds = [{"round": k, **{name: summary(np.array([r["rounds"][k - 1][name][KEY] for r in results]))
+                                  for name in ("control", "student", "oracle")},
+                   "gain": summary(g), "headroom": summary(h)}
+                  for k, (g, h) in enumerate(zip(gains, headrooms), start=1)]
+        record = {"metric": KEY, "scored_on_val_soundscapes": n_files, "seeds": args.seeds, "tag": args.tag,
+                  "teacher": summary(teacher), "teacher_clip_auc_added_by_control": summary(clip_gain),
+                  "rounds": rounds, "goals": [{"goal": text, "met": bool(met)} for text, met in goals]}
+        path = write_record("rounds_gain", f"rounds-gain-{args.tag}" if args.tag else "rounds-gain", record,
+                            overrides=args.overrides, title=f"bench/rounds_gain.py{f' --tag {args.tag}' if args.tag else ''}, "
+                            f"{len(args.seeds)} seeds, {args.rounds} round(s)")
+        print(f"record: {path}", file=sys.stderr)
     return 0 if all(met for _, met in goals) else 1
 
 

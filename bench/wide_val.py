@@ -59,8 +59,12 @@ class ValidationSoundscapes:
         return len(set(self.chunks.rows["file"]))
 
     @classmethod
-    def build(cls, data_cfg: DictConfig, n_soundscapes: int | None = None) -> "ValidationSoundscapes":
-        """The data's validation soundscapes, or (generated once, next to it) its twin with `n_soundscapes`."""
+    def build(cls, data_cfg: DictConfig, n_soundscapes: int | None = None, unseen: bool = False) -> "ValidationSoundscapes":
+        """The data's validation soundscapes, or (generated once, next to it) its twin with `n_soundscapes`.
+
+        `unseen=True` leaves out the data's own validation soundscapes, on which each round chose its kept
+        epoch (`train.select_by`): a score used to choose is optimistic, the rest of the twin is not.
+        """
         if data_cfg.get("synth") is None:
             raise SystemExit("the benchmark needs the synthetic data (data.synth): it has labeled validation "
                              "soundscapes and a generator")
@@ -72,8 +76,16 @@ class ValidationSoundscapes:
             check_same_training_data(base, root)
         audio = AudioCache(data_cfg.cache_dir, data_cfg.sample_rate_hz, dtype=data_cfg.cache_dtype)
         files = sorted((root / "val_soundscapes").glob("*.ogg"))
+        solution = pd.read_csv(root / "val_solution.csv")
+        if unseen:
+            seen = {p.stem for p in (base / "val_soundscapes").glob("*.ogg")}
+            files = [f for f in files if f.stem not in seen]
+            solution = solution[~solution[ROW_ID_COLUMN].str.rsplit("_", n=1).str[0].isin(seen)].reset_index(drop=True)
+            if not files:
+                raise SystemExit(f"{root}: no validation soundscape beyond the {len(seen)} used for selection; "
+                                 "ask for more (--val-soundscapes)")
         chunks = SoundscapeChunks(files, audio, window_s=SCORED_CHUNK_S, stride_s=SCORED_CHUNK_S)
-        return cls(root=root, chunks=chunks, solution=pd.read_csv(root / "val_solution.csv"))
+        return cls(root=root, chunks=chunks, solution=solution)
 
     def predict(self, model_path: Path) -> tuple[np.ndarray, list[str]]:
         """Chunk probabilities of a checkpoint and its class list."""

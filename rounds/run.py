@@ -32,4 +32,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from birdrounds.cli import exit_on_bad_overrides
+
+    exit_on_bad_overrides("rounds/run.py", sys.argv[1:])  # a bad key: one line and exit 2, as `birdrounds`
     main()

@@ -3,6 +3,8 @@
 import copy
 import functools
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,3 +41,179 @@ def config_model(num_classes: int, option: str = "tiny", **overrides: Any):
     from hydra.utils import instantiate
 
     return instantiate(model_config(option))(num_classes=num_classes, **overrides)
+
+
+# ----------------------------------------------------------------------------- tiny exported ONNX graphs
+# A torch.onnx export takes seconds even for model=tiny: every graph below is exported once per session and
+# shared (READ-ONLY) by tests/test_export.py and tests/test_infer.py.
+
+REAL_AUDIO = Path(__file__).parent / "fixtures" / "real_audio" / "birds_10s.wav"  # 10.13 s, 32 kHz mono
+EXPORT_CLASSES = ["amerob", "blujay", "cangoo", "houspa", "norcar"]
+EXPORT_WINDOW_S = 5.0
+
+
+def tiny_checkpoint(path: Path, head: str = "sed", seed: int = 0, classes: list[str] = EXPORT_CLASSES,
+                    **overrides: Any) -> Path:
+    """A random-init `model=tiny` BirdModel (with `overrides`) saved as a checkpoint with a 5 s window."""
+    import torch
+
+    from birdrounds.model import save_checkpoint
+
+    torch.manual_seed(seed)
+    model = config_model(len(classes), head=head, **overrides)
+    save_checkpoint(path, model, classes, extra={"window_s": EXPORT_WINDOW_S})
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_chunks():
+    """11 overlapping 5 s windows [11, 160000] (0.5 s hop) of a real 10 s bird recording."""
+    import numpy as np
+
+    from birdrounds.data.audio import load_audio
+
+    sample_rate_hz = 32000
+    audio = load_audio(REAL_AUDIO, sample_rate_hz)
+    window, hop = int(EXPORT_WINDOW_S * sample_rate_hz), sample_rate_hz // 2
+    return np.stack([audio[s:s + window] for s in range(0, len(audio) - window + 1, hop)])
+
+
+@pytest.fixture(scope="session")
+def exported_graphs(tmp_path_factory, real_chunks):
+    """exported_graphs(kind, head) -> (checkpoint, model.onnx, report): `tiny_checkpoint(head=head)` (seed 0)
+    through `birdrounds.export.export_onnx` (verified on `real_chunks`), each pair exported once per session."""
+    from birdrounds.export import export_onnx
+
+    root = tmp_path_factory.mktemp("exported")
+    cache: dict[tuple[str, str], tuple[Path, Path, dict]] = {}
+
+    def get(kind: str, head: str) -> tuple[Path, Path, dict]:
+        if (kind, head) not in cache:
+            ckpt = root / f"{head}.pt"
+            if not ckpt.exists():
+                tiny_checkpoint(ckpt, head)
+            onnx_path = root / f"{head}_{kind}.onnx"
+            cache[kind, head] = ckpt, onnx_path, export_onnx([ckpt], onnx_path, kind, verify_audio=real_chunks)
+        return cache[kind, head]
+
+    return get
+
+# ----------------------------------------------------------------------------- one shared smoke run
+#
+# Training is most of what the end-to-end tests cost, so they share one real run, made once per session
+# the way README's first command makes it: `make demo` (synth, the Xeno-canto archive import, a teacher and
+# two student rounds with their controls, export, predict) on the smoke experiment, logged to offline wandb
+# with a secret given on the command line. One focal clip and one train soundscape are broken before it,
+# so the run also shows what happens to unreadable audio. Tests that only read its results use it as it
+# is (READ-ONLY); tests that change a run copy its folders into their tmp_path first (`copy_rounds`) and run
+# there with `run_dir=...`, reading the shared data.
+
+REPO = Path(__file__).resolve().parents[1]
+HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: test-only delays so a run can be killed mid-step
+SECRET = "sk-TEST-SECRET-1234"
+DEMO_ROUNDS = 2
+
+
+def entry_env(home: Path, **extra: str) -> dict[str, str]:
+    """Environment of a `rounds/run.py` / `birdrounds` subprocess: data and runs under `home`, offline wandb."""
+    return {**os.environ, "BIRDROUNDS_HOME": str(home), "WANDB_MODE": "offline", "WANDB_SILENT": "true", **extra}
+
+
+def run_entry(home: Path, *overrides: str, cwd: Path | None = None, **env_extra: str):
+    """`python rounds/run.py experiment=smoke <overrides>` as a user runs it."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(REPO / "rounds" / "run.py"), "experiment=smoke", *overrides],
+                          capture_output=True, text=True, env=entry_env(home, **env_extra), cwd=cwd or home,
+                          timeout=600)
+
+
+def copy_rounds(run_dir: Path, dest: Path, *names: str) -> Path:
+    """Copy the round folders `names` (e.g. "round_0", "round_1") of a finished run into `dest`, without
+    their wandb logs; a name ending in "/" leaves out the folder's control/ (the student only)."""
+    import shutil
+
+    for name in names:
+        student_only = name.endswith("/")
+        name = name.rstrip("/")
+        ignore = shutil.ignore_patterns("wandb", *(("control",) if student_only else ()))
+        shutil.copytree(run_dir / name, dest / name, ignore=ignore)
+    return dest
+
+
+@dataclass(frozen=True)
+class SmokeRun:
+    """The session's shared smoke run (see above). Do not write under `home`."""
+
+    home: Path
+    root: Path  # the synthetic smoke data
+    run_dir: Path
+    train_rows: int  # focal clips in train.csv
+    broken_clip: Path
+    broken_soundscape: Path
+    demo: Any  # CompletedProcess of `make demo`
+    again: Any  # CompletedProcess of `rounds/run.py round=2 control=true` afterwards: every round reused
+    round0_mtime_ns: int  # round_0/model.pt before `again`
+
+    def output(self, proc) -> str:
+        return proc.stdout + proc.stderr
+
+
+def copy_smoke_data(source_home: Path, home: Path) -> Path:
+    """Copy the synthetic smoke data (data/synthetic_smoke) of `source_home` into `home`; `birdrounds synth`
+    then finds it there and generates nothing. Returns the copy's root."""
+    import shutil
+
+    return Path(shutil.copytree(source_home / "data" / "synthetic_smoke", home / "data" / "synthetic_smoke"))
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory) -> Path:
+    """A home whose data/ holds the smoke experiment's data and its decoded-audio cache, made once: READ-ONLY.
+    Copy it (`copy_smoke_data`), or give it as BIRDROUNDS_HOME to runs that read it, with a `run_dir` elsewhere."""
+    from birdrounds import cli
+    from birdrounds.config import compose
+    from birdrounds.data.prepare import prepare_data
+
+    home = tmp_path_factory.mktemp("smoke_data")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BIRDROUNDS_HOME", str(home))
+        assert cli.main(["synth", "experiment=smoke"]) == 0
+        prepare_data(compose(["experiment=smoke"]).data, progress=False)  # fills data/cache
+    return home
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, smoke_data) -> SmokeRun:
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    home = tmp_path_factory.mktemp("smoke_home")
+    wandb_dirs = {name: str(home / "wandb_home" / name.lower())
+                  for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_DIR")}
+    root = copy_smoke_data(smoke_data, home)
+    train = pd.read_csv(root / "train.csv")
+    broken_clip = root / "train_audio" / train.loc[0, "filename"]
+    broken_clip.write_bytes(b"not audio at all")
+    broken_soundscape = sorted((root / "train_soundscapes").glob("*.ogg"))[0]
+    broken_soundscape.write_bytes(b"")
+
+    env = entry_env(home, **wandb_dirs)
+    env.pop("XC_API_KEY", None)
+    # This interpreter's environment stands in for .venv; a fresh stamp keeps make from reinstalling it.
+    stamp = home / "installed"
+    stamp.touch()
+    demo = subprocess.run(["make", "-C", str(REPO), "demo", f"VENV={Path(sys.executable).parent.parent}",
+                           f"STAMP={stamp}", f"ROUNDS={DEMO_ROUNDS}",
+                           f"ARGS=experiment=smoke logger=wandb xc.api_key={SECRET}"],
+                          capture_output=True, text=True, env=env, cwd=home, timeout=1200)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    run_dir = home / "runs" / "smoke"
+    stamp_ns = (run_dir / "round_0" / "model.pt").stat().st_mtime_ns
+    again = run_entry(home, "logger=none", f"round={DEMO_ROUNDS}", "control=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    return SmokeRun(home=home, root=root, run_dir=run_dir, train_rows=len(train), broken_clip=broken_clip,
+                    broken_soundscape=broken_soundscape, demo=demo, again=again, round0_mtime_ns=stamp_ns)

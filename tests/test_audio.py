@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -329,3 +330,46 @@ def test_cache_build_stops_on_a_full_disk_keeping_what_it_wrote(tmp_path, monkey
     monkeypatch.setattr(audio_mod, "_save_npy_atomic", real_save)
     summary = AudioCache(tmp_path / "cache", SR_HZ).build(paths, num_workers=1, progress=False)
     assert (summary.n_cached_before, summary.n_decoded, summary.skipped) == (2, 1, [])
+
+
+# --- one decoder for training and serving -----------------------------------------------------
+
+
+@functools.cache
+def _standalone_infer():
+    """src/birdrounds/infer.py loaded as the export package runs it: a lone file, not the package's module."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("standalone_infer", Path(audio.__file__).parents[1] / "infer.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("rate_hz", [44_100, 48_000])
+@pytest.mark.parametrize("suffix", ["mp3", "ogg", "flac"])
+def test_training_and_serving_decode_the_same_samples(tmp_path, rate_hz, suffix):
+    """A stereo 44.1/48 kHz recording (as Xeno-canto serves them) reaches training (the cache's decoder) and the
+    standalone infer.py as the same 32 kHz mono samples."""
+    rng = np.random.default_rng(rate_hz)
+    left = sine(1500.0, 2.0, rate_hz) + 0.05 * rng.standard_normal(2 * rate_hz).astype(np.float32)
+    path = write(tmp_path / f"xc.{suffix}", np.stack([left, 0.3 * sine(3000.0, 2.0, rate_hz)], axis=1), rate_hz)
+    served = _standalone_infer().read_audio(path, SR_HZ)
+    trained = load_audio(path, SR_HZ)
+    cached = AudioCache(tmp_path / "cache32", SR_HZ, dtype="float32").load(path)
+    assert abs(len(served) - 2 * SR_HZ) <= SR_HZ // 100  # MP3 and Vorbis pad a few frames
+    assert np.abs(trained - served).max() <= 1e-5 and np.abs(np.asarray(cached) - served).max() <= 1e-5
+    # The default float16 cache rounds to its 11-bit mantissa, nothing more.
+    half = AudioCache(tmp_path / "cache16", SR_HZ).load(path)
+    assert np.abs(np.asarray(half, np.float32) - served).max() <= 1e-3
+
+
+def test_training_refuses_a_cut_file_that_serving_pads(tmp_path):
+    """One truncation rule: the cut FLAC that training skips is the one predict keeps up to the cut."""
+    path = truncate(write(tmp_path / "cut.flac", sine(440.0, 3.0, SR_HZ)))
+    decoded = _standalone_infer().decode_audio(path, SR_HZ)
+    assert decoded.truncated is not None and 0 < len(decoded.wave) < 3 * SR_HZ
+    with pytest.raises(AudioDecodeError, match="truncated file .*cut.flac"):
+        load_audio(path, SR_HZ)

@@ -25,7 +25,9 @@ from birdrounds.train import LoggerSettings, TrainSettings
 # configs/accelerate/ holds `accelerate launch --config_file` files, not a Hydra group.
 NOT_HYDRA = {"accelerate"}
 GROUPS = sorted(p.name for p in config_dir().iterdir() if p.is_dir() and p.name not in NOT_HYDRA)
-GROUP_OPTIONS = {group: sorted(p.stem for p in (config_dir() / group).glob("*.yaml")) for group in GROUPS}
+# `_`-prefixed files (configs/pseudo/_base.yaml) are what a group's options share, not options.
+GROUP_OPTIONS = {group: sorted(p.stem for p in (config_dir() / group).glob("*.yaml") if not p.stem.startswith("_"))
+                 for group in GROUPS}
 CASES = [(group, option) for group in GROUPS for option in GROUP_OPTIONS[group]]
 CLASSES = ["a", "b", "c"]
 
@@ -259,3 +261,114 @@ def test_error_line_gives_the_reason_of_a_failed_instantiate():
         instantiate(cfg.train)
     assert error_line(info.value) == "train: train.epochs must be >= 1, got -1"
     assert error_line(ConfigError("data.fold: bad\nmore")) == "data.fold: bad"
+
+
+# ---------------------------------------------------------------- pseudo presets over configs/pseudo/_base.yaml
+
+# The `pseudo` section of each preset as composed before the presets shared _base.yaml (recorded then).
+PRESETS_BEFORE_BASE = {
+    "first_2025": {
+        "window_s": 20.0, "stride_s": 5.0,
+        "transform": {"_target_": "birdrounds.pseudo.Compose", "transforms": [
+            {"_target_": "birdrounds.pseudo.Power", "exponents": [1.0, 1.54, 1.82, 1.67]},
+            {"_target_": "birdrounds.pseudo.FileScale", "alpha": 1.0}]},
+        "mixing": {"_target_": "birdrounds.mixing.make_mixed_dataset", "_partial_": True, "strategy": "mixup_max",
+                   "mix_weight": 0.5, "file_weighted": True},
+        "extra_teachers": [], "student_drop_path_rate": None, "student_init": "teacher", "background_p": None,
+        "student_train": {"epochs": 15, "lr": None, "warmup_epochs": 0.5}, "truth": None,
+    },
+    "second_2025": {
+        "window_s": 5.0, "stride_s": 5.0,
+        "transform": {"_target_": "birdrounds.pseudo.Compose", "transforms": [
+            {"_target_": "birdrounds.pseudo.Threshold", "threshold": 0.1, "keep_threshold": 0.5}]},
+        "mixing": {"_target_": "birdrounds.mixing.make_mixed_dataset", "_partial_": True, "strategy": "replace",
+                   "replace_prob": 0.4, "class_threshold": 0.5, "file_weighted": False},
+        "extra_teachers": [], "student_drop_path_rate": None, "student_init": "teacher", "background_p": None,
+        "student_train": {"epochs": 5, "lr": None, "warmup_epochs": 0.5}, "truth": None,
+    },
+    "fourth_2025": {
+        "window_s": 5.0, "stride_s": 5.0,
+        "transform": {"_target_": "birdrounds.pseudo.Compose", "transforms": [
+            {"_target_": "birdrounds.pseudo.MinMax"}, {"_target_": "birdrounds.pseudo.DropLowest", "fraction": 0.2}]},
+        "mixing": {"_target_": "birdrounds.mixing.make_mixed_dataset", "_partial_": True, "strategy": "concat",
+                   "ratio": 1.0, "file_weighted": False},
+        "extra_teachers": [], "student_drop_path_rate": None, "student_init": "teacher", "background_p": None,
+        "student_train": {"epochs": 5, "lr": None, "warmup_epochs": 0.5}, "truth": None,
+    },
+    "none": {
+        "window_s": 5.0, "stride_s": 5.0,
+        "transform": {"_target_": "birdrounds.pseudo.Compose", "transforms": []},
+        "mixing": {"_target_": "birdrounds.mixing.make_mixed_dataset", "_partial_": True, "strategy": "concat",
+                   "ratio": 1.0, "file_weighted": False},
+        "extra_teachers": [], "student_drop_path_rate": None, "student_init": "teacher", "background_p": None,
+        "student_train": {"epochs": 5, "lr": None, "warmup_epochs": 0.5}, "truth": None,
+    },
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS_BEFORE_BASE))
+def test_pseudo_presets_compose_as_before_they_shared_a_base(preset):
+    composed_pseudo = OmegaConf.to_container(compose([f"pseudo={preset}"]).pseudo, resolve=True)
+    assert composed_pseudo == PRESETS_BEFORE_BASE[preset]
+    assert (config_dir() / "pseudo" / "_base.yaml").is_file()  # the presets do share it
+
+
+def test_the_shared_base_is_not_an_option():
+    with pytest.raises(ConfigError, match=r"^pseudo=_base: no such option; choose from first_2025, fourth_2025, "
+                                          r"none, second_2025$"):
+        compose(["pseudo=_base"])
+
+
+# ---------------------------------------------------------------- unknown keys, unknown options, added keys
+
+@pytest.mark.parametrize("override, message", [
+    ("foo=1", "foo=1: no such key"),
+    ("pseudo.windows_s=10", "pseudo.windows_s=10: no such key; did you mean pseudo.window_s?"),
+    ("pseudo=frist_2025", "pseudo=frist_2025: no such option; choose from first_2025, fourth_2025, none, second_2025"),
+    ("+foo=1", "+foo=1: no such key, and no component would read an added one"),
+    ("++foo=1", "++foo=1: no such key, and no component would read an added one"),
+    ("+pseudo.student_train.foo=1", "+pseudo.student_train.foo=1: no such key, and no component would read"),
+    ("+data.synth.nope=1", "+data.synth.nope=1: birdrounds.data.synthetic.SynthSpec takes no argument 'nope'"),
+    ("+train.optimizer.nope=1", "+train.optimizer.nope=1: torch.optim.AdamW takes no argument 'nope'"),
+    ("+accelerate=cpu_2proc", "+accelerate=cpu_2proc: adds config group 'accelerate', which no component reads"),
+    ("data.root", "data.root: not an override"),
+])
+def test_a_bad_override_is_one_config_error_naming_it(override, message):
+    with pytest.raises(ConfigError) as info:
+        compose(["experiment=smoke", override])
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_keys_added_where_a_component_takes_them_are_kept():
+    # The additions the tests, the README and bench/rounds_gain.py use: arguments of a `_target_` the YAML
+    # leaves at their default, and entries of a dict argument.
+    cfg = compose(["+data.augment.noise_snr_db=[1.0,2.0]", "+data.synth.soundscape_dialect=0.1",
+                   "+xc.synonyms.Regulus=Corthylio", "+train.optimizer.betas=[0.9,0.99]", "++seed=3"])
+    assert list(cfg.data.augment.noise_snr_db) == [1.0, 2.0] and cfg.data.synth.soundscape_dialect == 0.1
+    assert cfg.xc.synonyms.Regulus == "Corthylio" and cfg.seed == 3
+    assert instantiate(cfg.data.synth).soundscape_dialect == 0.1
+
+
+def test_a_bad_override_error_redacts_a_secret():
+    with pytest.raises(ConfigError) as info:
+        compose(["xc.apikey=hunter2"])
+    assert "hunter2" not in str(info.value) and str(info.value).endswith("did you mean xc.api_key?")
+
+
+ENTRY_POINTS = {"rounds/run.py": ["rounds/run.py"], "birdrounds": ["-m", "birdrounds.cli", "synth"]}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("override, message", [
+    ("foo=1", "foo=1: no such key"),
+    ("pseudo=frist_2025", "pseudo=frist_2025: no such option; choose from first_2025, fourth_2025, none, second_2025"),
+    ("+foo=1", "+foo=1: no such key, and no component would read an added one"),
+])
+def test_both_entry_points_answer_a_bad_key_in_one_line_with_exit_2(entry, override, message, tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, *ENTRY_POINTS[entry], override], capture_output=True, text=True, cwd=repo,
+                          env={**__import__("os").environ, "BIRDROUNDS_HOME": str(tmp_path)}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before any data or run folder

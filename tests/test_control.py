@@ -1,7 +1,6 @@
 """The equal-compute control arm, the oracle's truth labels and the students' fine-tuning schedule."""
 
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -133,27 +132,26 @@ def test_report_shows_control_and_gain_for_every_round(tmp_path):
 from birdrounds.model import load_checkpoint, weights_hash  # noqa: E402
 from birdrounds.pseudo import read_pseudo_labels, split_table  # noqa: E402
 from birdrounds.train import COMPLETE_MARKER  # noqa: E402
+from conftest import DEMO_ROUNDS, copy_rounds  # noqa: E402
 from test_run_e2e import _weights, kill_when, run_rounds, start_rounds  # noqa: E402
 
 CONTROL_OVERRIDES = ("logger=none", "round=1", "control=true")
 
 
 @pytest.mark.slow
-def test_control_starts_from_the_students_weights_sees_no_pseudo_data_and_resumes(tmp_path):
+def test_control_starts_from_the_students_weights_sees_no_pseudo_data_and_resumes(smoke_run, tmp_path):
     """round=1 control=true: the control is killed after its first epoch and resumed; it ends bitwise
-    where an uninterrupted control ends, started from the student's initial weights (the teacher's),
-    trained on the labeled clips alone, and the report shows it beside the student. Round 2's control
-    then continues round 1's control."""
-    home, reference = tmp_path / "killed", tmp_path / "straight"
-    home.mkdir(), reference.mkdir()
-    straight = run_rounds(reference, *CONTROL_OVERRIDES)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
-    run_dir = home / "runs" / "smoke"
+    where an uninterrupted control ends (the shared smoke run's), started from the student's initial
+    weights (the teacher's), trained on the labeled clips alone, and the report shows it beside the
+    student. Round 2's control then continues round 1's control."""
+    home, reference = smoke_run.home, smoke_run.run_dir
+    # The shared run's teacher and round-1 student (not its control), copied: only the control trains here.
+    run_dir = copy_rounds(reference, tmp_path / "run", "round_0", "round_1/")
+    overrides = (*CONTROL_OVERRIDES, f"run_dir={run_dir}")
     marker = run_dir / "round_1" / "control" / "checkpoints" / "epoch_000" / COMPLETE_MARKER
-    kill_when(start_rounds(home, {"BIRDROUNDS_TEST_COLLATE_DELAY_S": "0.5"}, *CONTROL_OVERRIDES), marker.exists)
+    kill_when(start_rounds(home, {"BIRDROUNDS_TEST_COLLATE_DELAY_S": "0.5"}, *overrides, cwd=tmp_path), marker.exists)
     assert (run_dir / "round_1" / "DONE").is_file() and not (run_dir / "round_1" / "control" / "DONE").exists()
-    done = run_rounds(home, *CONTROL_OVERRIDES)
+    done = run_rounds(home, *overrides, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     log_text = done.stdout + done.stderr
     assert "round 1 already complete" in log_text and "resumed from" in log_text
@@ -161,7 +159,7 @@ def test_control_starts_from_the_students_weights_sees_no_pseudo_data_and_resume
     control_dir = run_dir / "round_1" / "control"
     for name in ("model.pt", "metrics.json", "manifest.json", "config.yaml", "DONE"):
         assert (control_dir / name).is_file(), name
-    theirs = _weights(reference / "runs" / "smoke" / "round_1" / "control" / "model.pt")
+    theirs = _weights(reference / "round_1" / "control" / "model.pt")
     ours = _weights(control_dir / "model.pt")
     assert all(torch.equal(value, ours[name]) for name, value in theirs.items())
 
@@ -181,17 +179,17 @@ def test_control_starts_from_the_students_weights_sees_no_pseudo_data_and_resume
     row = next(line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("| 1 |"))
     assert f"{control['val_soundscape_auc']:.3f}" in row
 
-    # Round 2: a finished control is reused like a round; round 2's control continues round 1's control
-    # (the run on labeled data alone), while the student continues the round-1 student.
-    again = run_rounds(home, "logger=none", "round=2", "control=true")
-    assert again.returncode == 0, again.stderr[-3000:]
+    # Round 2 (the shared run, brought to round 2 by `make demo`, then run again): a finished control is
+    # reused like a round; round 2's control continues round 1's control (the run on labeled data alone),
+    # while the student continues the round-1 student.
+    again = smoke_run.again
     assert "round 1 control already complete" in again.stdout + again.stderr
-    student2 = json.loads((run_dir / "round_2" / "metrics.json").read_text())
-    control2 = json.loads((run_dir / "round_2" / "control" / "metrics.json").read_text())
-    assert student2["init_weights_hash"] == weights_hash(load_checkpoint(run_dir / "round_1" / "model.pt")[0])
-    assert control2["init_weights_hash"] == weights_hash(load_checkpoint(control_dir / "model.pt")[0])
+    student2 = json.loads((reference / "round_2" / "metrics.json").read_text())
+    control2 = json.loads((reference / "round_2" / "control" / "metrics.json").read_text())
+    assert student2["init_weights_hash"] == weights_hash(load_checkpoint(reference / "round_1" / "model.pt")[0])
+    assert control2["init_weights_hash"] == weights_hash(load_checkpoint(reference / "round_1" / "control" / "model.pt")[0])
     assert control2["init_weights_hash"] != student2["init_weights_hash"]
-    assert len(json.loads((run_dir / "metrics.json").read_text())["rounds"]) == 3
+    assert len(json.loads((reference / "metrics.json").read_text())["rounds"]) == DEMO_ROUNDS + 1 == 3
 
 
 def test_control_trains_on_the_labeled_clips_only(home, monkeypatch):
@@ -220,14 +218,17 @@ def test_control_trains_on_the_labeled_clips_only(home, monkeypatch):
 
 
 @pytest.mark.slow
-def test_oracle_trains_on_the_truth_csv_and_refuses_one_that_does_not_match(tmp_path):
-    truth = tmp_path / "data" / "synthetic_smoke" / "truth" / "train_soundscape_labels.csv"
+def test_oracle_trains_on_the_truth_csv_and_refuses_one_that_does_not_match(smoke_data, tmp_path):
+    # The shared smoke data (unbroken: the truth table has a row for every chunk), a run folder of its own.
+    home = smoke_data
+    truth = home / "data" / "synthetic_smoke" / "truth" / "train_soundscape_labels.csv"
+    run_dir = tmp_path / "run"
     # Through a file-level transform too: the round hands it each chunk's file (it would refuse otherwise),
     # and on 0/1 labels it changes nothing (a class present in a file has file max 1, an absent one is 0).
     file_scale = "pseudo.transform.transforms=[{_target_:birdrounds.pseudo.FileScale,alpha:1.0}]"
-    proc = run_rounds(tmp_path, "logger=none", "round=1", f"pseudo.truth={truth}", file_scale)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "smoke"
+    proc = run_rounds(home, "logger=none", "round=1", f"pseudo.truth={truth}", file_scale, f"run_dir={run_dir}",
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table, provenance = read_pseudo_labels(run_dir / "round_1" / "pseudo_labels.parquet")
     expected = pd.read_csv(truth).set_index("row_id")
     rows, probs = split_table(table, provenance["classes"])
@@ -238,9 +239,8 @@ def test_oracle_trains_on_the_truth_csv_and_refuses_one_that_does_not_match(tmp_
     # Another run folder holding the same teacher, with a truth table that lacks a class: one line, exit 2.
     bad = tmp_path / "bad_truth.csv"
     expected.drop(columns=expected.columns[0]).reset_index().to_csv(bad, index=False)
-    other = tmp_path / "runs" / "other"
-    shutil.copytree(run_dir / "round_0", other / "round_0")
-    refused = run_rounds(tmp_path, "logger=none", "round=1", f"pseudo.truth={bad}", f"run_dir={other}")
+    other = copy_rounds(run_dir, tmp_path / "other", "round_0")
+    refused = run_rounds(home, "logger=none", "round=1", f"pseudo.truth={bad}", f"run_dir={other}", cwd=tmp_path)
     assert refused.returncode == 2
     output = refused.stdout + refused.stderr
     assert "pseudo.truth:" in output and "classes do not match" in output

@@ -245,15 +245,5 @@ def test_students_get_background_windows_outermost_and_the_transform_on_the_devi
     assert seen["set"].dataset.labeled.augment is None  # nothing augmented in the workers
 
 
-@pytest.mark.slow
-def test_teacher_trains_with_augmentation_on_the_device(home):
-    from test_run_e2e import run_rounds
-
-    proc = run_rounds(home, "logger=none", "data.augment_on=device")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    metrics = (home / "runs" / "smoke" / "round_0" / "metrics.json")
-    assert metrics.is_file()
-    import json
-
-    history = json.loads(metrics.read_text())["history"]
-    assert len(history) >= 1 and all(np.isfinite(h["train_loss"]) for h in history)
+# A teacher trained through rounds/run.py with data.augment_on=device: tests/test_gpu_check.py (the CPU path of
+# bench/gpu_check.sh trains one, `w1_device`, and checks its losses are finite).

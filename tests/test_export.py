@@ -12,7 +12,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from birdrounds.data.audio import load_audio
 from birdrounds.export import (
     EnsembleExport,
     ExportError,
@@ -29,50 +28,28 @@ from birdrounds.model import (
     load_checkpoint,
     save_checkpoint,
 )
-from conftest import config_model
+from conftest import EXPORT_CLASSES, EXPORT_WINDOW_S, REAL_AUDIO, config_model, tiny_checkpoint
 
-REAL_AUDIO = Path(__file__).parent / "fixtures" / "real_audio" / "birds_10s.wav"
 SAMPLE_RATE_HZ = 32000
-WINDOW_S = 5.0
-CLASSES = ["amerob", "blujay", "cangoo", "houspa", "norcar"]
+WINDOW_S = EXPORT_WINDOW_S
+CLASSES = EXPORT_CLASSES
 METADATA_KEYS = {
     "birdrounds.format_version", "birdrounds.classes", "birdrounds.sample_rate_hz", "birdrounds.window_s",
     "birdrounds.input", "birdrounds.frontend", "birdrounds.members",
 }
 
 
-def tiny_checkpoint(path: Path, head: str = "sed", seed: int = 0, classes: list[str] = CLASSES, **overrides) -> Path:
-    """A random-init `model=tiny` BirdModel (with `overrides`) saved as a checkpoint with a 5 s window."""
-    torch.manual_seed(seed)
-    model = config_model(len(classes), head=head, **overrides)
-    save_checkpoint(path, model, classes, extra={"window_s": WINDOW_S})
-    return path
+@pytest.fixture(scope="module")
+def chunks(real_chunks) -> np.ndarray:
+    """11 overlapping 5 s windows [11, 160000] (0.5 s hop) of a real 10 s bird recording (conftest.real_chunks)."""
+    return real_chunks
 
 
 @pytest.fixture(scope="module")
-def chunks() -> np.ndarray:
-    """11 overlapping 5 s windows [11, 160000] (0.5 s hop) of a real 10 s bird recording."""
-    audio = load_audio(REAL_AUDIO, SAMPLE_RATE_HZ)
-    window, hop = int(WINDOW_S * SAMPLE_RATE_HZ), SAMPLE_RATE_HZ // 2
-    return np.stack([audio[s:s + window] for s in range(0, len(audio) - window + 1, hop)])
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, chunks):
-    """exported(kind, head) -> (checkpoint, model.onnx, report), each pair exported once per module."""
-    root = tmp_path_factory.mktemp("exported")
-    cache: dict[tuple[str, str], tuple[Path, Path, dict]] = {}
-
-    def get(kind: str, head: str) -> tuple[Path, Path, dict]:
-        if (kind, head) not in cache:
-            ckpt = root / f"{head}.pt"
-            if not ckpt.exists():
-                tiny_checkpoint(ckpt, head)
-            onnx_path = root / f"{head}_{kind}.onnx"
-            cache[kind, head] = ckpt, onnx_path, export_onnx([ckpt], onnx_path, kind, verify_audio=chunks)
-        return cache[kind, head]
-
-    return get
+def exported(exported_graphs):
+    """exported(kind, head) -> (checkpoint, model.onnx, report), each pair exported once per session
+    (conftest.exported_graphs)."""
+    return exported_graphs
 
 
 def reference_probs(checkpoints: list[Path], audio: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """Standalone inference (`birdrounds.infer`): numpy frontend parity, chunking, ensembles, post-processing, CSV, CLI.
 
 Most tests use tiny hand-built ONNX graphs (milliseconds to build and run) whose outputs are easy
-to compute in numpy; the `slow` ones export a real (tiny) `BirdModel` with torch.onnx.
+to compute in numpy; the `slow` ones read a real (tiny) `BirdModel` exported by `birdrounds.export`.
 """
 
 from __future__ import annotations
@@ -24,13 +24,11 @@ import soundfile as sf
 import torch
 import torchaudio
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
 
 from birdrounds import infer
-from birdrounds.model import BirdModel, MelFrontend
-from conftest import config_model, model_config
+from birdrounds.model import MelFrontend
+from conftest import REAL_AUDIO, model_config
 
-REAL_AUDIO = Path(__file__).parent / "fixtures" / "real_audio" / "birds_10s.wav"  # 10.13 s, 32 kHz mono
 INFER_PY = Path(infer.__file__)
 SR = 8000  # tiny graphs: 5-s windows of 40,000 samples
 CLASSES = ["aaa", "bbb", "ccc"]
@@ -731,53 +729,19 @@ def test_standalone_script_matches_the_python_api(tmp_path, weights):
     np.testing.assert_allclose(values, want.probs, rtol=0, atol=1e-6)
 
 
-# ---------------------------------------------------------------- a real exported BirdModel (torch.onnx)
-
-
-class _SpecProbs(nn.Module):
-    def __init__(self, model: BirdModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, spec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model.forward_spec(spec)
-        return torch.sigmoid(out["logits"]), torch.sigmoid(out["framewise_logits"])
-
-
-class _WaveProbs(_SpecProbs):
-    def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(waveform)
-        return torch.sigmoid(out["logits"]), torch.sigmoid(out["framewise_logits"])
-
-
-def export_bird_model(model: BirdModel, path: Path, kind: str, window_s: float = 5.0) -> Path:
-    """Export like the contract says: probs + framewise_probs, dynamic batch, birdrounds metadata."""
-    kw = model.init_kwargs
-    n_samples = round(window_s * kw["sample_rate_hz"])
-    if kind == "spectrogram":
-        wrapper, name = _SpecProbs(model).eval(), "spec"
-        example = torch.randn(2, 1, kw["n_mels"], n_samples // kw["hop_length"] + 1)
-    else:
-        wrapper, name = _WaveProbs(model).eval(), "waveform"
-        example = 0.1 * torch.randn(2, n_samples)
-    program = torch.onnx.export(wrapper, (example,), dynamo=True, opset_version=18, input_names=[name],
-                                output_names=["probs", "framewise_probs"],
-                                dynamic_shapes=({0: torch.export.Dim("batch")},))
-    proto = program.model_proto
-    frontend = {k: kw[k] for k in infer.FRONTEND_KEYS}
-    classes = [f"sp{i}" for i in range(kw["num_classes"])]
-    helper.set_model_props(proto, metadata(classes, kw["sample_rate_hz"], window_s, kind, frontend, ["m0"]))
-    onnx.save(proto, str(path))
-    return path
+# ---------------------------------------------------------------- a real exported BirdModel (birdrounds.export)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    torch.manual_seed(0)
-    model = config_model(5).eval()  # model=tiny
-    folder = tmp_path_factory.mktemp("onnx")
-    paths = {kind: export_bird_model(model, folder / f"{kind}.onnx", kind) for kind in ("spectrogram", "waveform")}
-    return model, paths
+def exported(exported_graphs):
+    """A `model=tiny` BirdModel and its spectrogram and waveform graphs, exported once per session by
+    `birdrounds.export.export_onnx` (conftest.exported_graphs, shared with tests/test_export.py)."""
+    from birdrounds.model import load_checkpoint
+
+    graphs = {kind: exported_graphs(kind, "sed") for kind in ("spectrogram", "waveform")}
+    (checkpoint,) = {ckpt for ckpt, _, _ in graphs.values()}
+    model, _ = load_checkpoint(checkpoint)
+    return model.eval(), {kind: path for kind, (_, path, _) in graphs.items()}
 
 
 @pytest.mark.slow

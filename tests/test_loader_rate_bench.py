@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_loader_rate_measures_both_augmentation_placements(tmp_path):
-    env = {**os.environ, "BIRDROUNDS_HOME": str(tmp_path)}
+def test_loader_rate_measures_both_augmentation_placements(smoke_data, tmp_path):
+    env = {**os.environ, "BIRDROUNDS_HOME": str(smoke_data)}  # the shared smoke data and cache, only read
     results = {}
     for where in ("workers", "device"):
         out = tmp_path / f"{where}.json"

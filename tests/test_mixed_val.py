@@ -13,11 +13,17 @@ import pytest
 from omegaconf import OmegaConf
 
 from birdrounds.config import compose
-from birdrounds.data.mixed_val import _active_level, build_mixed_validation, far_away, mixed_validation_from_config
+from birdrounds.data import mixed_val
+from birdrounds.data.mixed_val import _active_level, far_away, mixed_validation_from_config
 from birdrounds.rounds import config_hash
 
 SR = 8000
 CLASSES = ["a", "b", "c", "d"]
+
+# The tests build the raw set (calls as recorded, raw probabilities) unless they ask for distance or subtraction;
+# the configured default (data.mixed_val, and build_mixed_validation's own defaults) turns both on.
+build_mixed_validation = functools.partial(mixed_val.build_mixed_validation, distance=(0.0, 0.0),
+                                           subtract_background=False)
 
 
 class DictAudio:

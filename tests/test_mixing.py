@@ -1,16 +1,14 @@
 """Mixing labeled clips with pseudo-labeled chunks: contract, exact values, reproducibility."""
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from birdrounds.config import compose
 from birdrounds.data.audio import AudioDecodeError, DirectAudio
 from birdrounds.data.clips import ClipDataset
 from birdrounds.mixing import (
@@ -23,7 +21,6 @@ from birdrounds.mixing import (
 
 SR = 10
 CLASSES = ["a", "b", "c"]
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pseudo"
 
 
 class MemoryAudio:
@@ -143,7 +140,7 @@ def test_concat_lengths_items_and_weights(audio):
 
 @pytest.mark.parametrize("name", ["none", "first_2025", "second_2025", "fourth_2025"])
 def test_presets_build_and_collate(audio, name):
-    cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
+    cfg = compose([f"pseudo={name}"]).pseudo  # the preset over configs/pseudo/_base.yaml
     data = instantiate(cfg.mixing)(labeled=_labeled(audio), pseudo=_pseudo(audio), seed=0)
     data.set_epoch(1)
     batch = next(iter(DataLoader(data, batch_size=4)))

@@ -1,15 +1,13 @@
 """Pseudo-label transforms, teacher inference (ensemble, long windows, resume), table and weights."""
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
+from birdrounds.config import compose
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.pseudo import (
     Compose,
@@ -30,8 +28,6 @@ from birdrounds.pseudo import (
     windows_to_chunks,
     write_pseudo_labels,
 )
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pseudo"
 
 
 class MemoryAudio:
@@ -138,7 +134,7 @@ def test_file_scale_multiplies_by_the_class_max_of_its_file():
 
 @pytest.mark.parametrize("name", ["none", "first_2025", "second_2025", "fourth_2025"])
 def test_presets_instantiate(name):
-    cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
+    cfg = compose([f"pseudo={name}"]).pseudo  # the preset over configs/pseudo/_base.yaml
     chain = instantiate(cfg.transform)
     probs = np.array([[0.2, 0.9], [0.05, 0.01]], dtype=np.float32)
     out, keep = chain(probs, round_idx=2, files=["a.ogg", "a.ogg"])

@@ -127,3 +127,68 @@ def test_student_parts_swaps_the_training_set_in_a_copy(tmp_path, strategy):
     else:
         assert isinstance(student.train_set, MixupMaxDataset) and len(student.train_set) == 3
         assert student.sampler is parts.sampler
+
+
+def _finished_round(round_dir, cfg, round_idx):
+    """A finished round's manifest as `write_round_record` writes it: the hash and the redacted config."""
+    import json
+
+    from birdrounds.config import redact_secrets
+
+    round_dir.mkdir(parents=True)
+    (round_dir / "manifest.json").write_text(json.dumps({"config_hash": config_hash(cfg, round_idx),
+                                                         "config": redact_secrets(cfg)}))
+    return round_dir
+
+
+def test_a_changed_round_is_refused_naming_the_keys_that_changed(tmp_path):
+    from birdrounds.rounds import check_unchanged
+
+    round_dir = _finished_round(tmp_path / "round_1", compose(["experiment=smoke"]), 1)
+    with pytest.raises(ConfigError) as info:
+        check_unchanged(round_dir, 1, compose(["experiment=smoke", "pseudo.stride_s=10", "logger=none"]))
+    message = str(info.value)
+    # The key, old -> new; `logger` is not a result key, so not named; the way out is.
+    assert "(pseudo.stride_s: 5.0 -> 10)" in message and "logger" not in message
+    assert message.startswith("recompute_from: round 1") and "pass recompute_from=1" in message
+    many = ["seed=3", "data.fold=1", "train.epochs=7", "pseudo=none", "pseudo.student_init=scratch"]
+    with pytest.raises(ConfigError, match=r"seed: 0 -> 3; data\.fold: 0 -> 1; .*; and \d+ more\)"):
+        check_unchanged(round_dir, 1, compose(["experiment=smoke", *many]))
+    # The teacher does not read `pseudo`: its round stays reusable.
+    teacher_dir = _finished_round(tmp_path / "round_0", compose(["experiment=smoke"]), 0)
+    check_unchanged(teacher_dir, 0, compose(["experiment=smoke", "pseudo=none"]))
+
+
+def test_a_key_set_to_the_value_in_effect_is_no_change(tmp_path):
+    from birdrounds.rounds import check_unchanged
+
+    base = compose(["experiment=smoke"])
+    same = [f"seed={base.seed}", f"pseudo.window_s={base.pseudo.window_s}", f"data.fold={base.data.fold}",
+            "pseudo.truth=null", f"train.epochs={base.train.epochs}"]
+    assert same == ["seed=0", "pseudo.window_s=20.0", "data.fold=0", "pseudo.truth=null", "train.epochs=2"]
+    for round_idx in (0, 1):
+        assert config_hash(compose(["experiment=smoke", *same]), round_idx) == config_hash(base, round_idx)
+    # An int for a float is another hash (the hash keeps JSON's 20 vs 20.0), but the same value: reused.
+    as_int = compose(["experiment=smoke", "pseudo.window_s=20"])
+    assert config_hash(as_int, 1) != config_hash(base, 1)
+    check_unchanged(_finished_round(tmp_path / "round_1", base, 1), 1, as_int)
+
+
+def test_settings_that_do_nothing_warn_and_recompute_from_logs_where_rounds_went(tmp_path, caplog):
+    from birdrounds.rounds import prepare_run_dir
+
+    for k in (0, 1, 2):
+        (tmp_path / f"round_{k}").mkdir()
+    with caplog.at_level("INFO", logger="birdrounds.rounds"):
+        prepare_run_dir(compose(["experiment=smoke", "round=0", "control=true", "recompute_from=1"]), tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(w.startswith("control=true does nothing with round=0") for w in warnings)
+    assert any(w.startswith("recompute_from=1 does nothing: this run stops at round=0") for w in warnings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round_0", "round_1", "round_2"]  # nothing set aside
+    caplog.clear()
+    with caplog.at_level("INFO", logger="birdrounds.rounds"):
+        prepare_run_dir(compose(["experiment=smoke", "round=1", "recompute_from=1"]), tmp_path)
+    kept = sorted(p.name for p in tmp_path.iterdir() if ".replaced-" in p.name)
+    assert [name.split(".")[0] for name in kept] == ["round_1", "round_2"] and (tmp_path / "round_0").is_dir()
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert all(str(tmp_path / name) in logged for name in kept)

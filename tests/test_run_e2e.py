@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,36 +18,29 @@ from birdrounds import cli
 from birdrounds.model import checkpoint_hash, load_checkpoint
 from birdrounds.pseudo import read_pseudo_labels
 from birdrounds.train import COMPLETE_MARKER
+from conftest import HOOKS, REPO, copy_smoke_data, run_entry
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def run_rounds(home: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "BIRDROUNDS_HOME": str(home), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    return subprocess.run([sys.executable, str(REPO / "rounds" / "run.py"), "experiment=smoke", *overrides],
-                          capture_output=True, text=True, env=env, cwd=home, timeout=600)
+def run_rounds(home: Path, *overrides: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python rounds/run.py experiment=smoke <overrides>` with data and runs under `home` (conftest.run_entry)."""
+    return run_entry(home, *overrides, cwd=cwd)
 
 
 @pytest.mark.slow
-def test_smoke_run_writes_round0_and_skips_bad_audio(home):
-    # Generate the data first so one focal clip and one soundscape can be broken before the run.
-    assert cli.main(["synth", "experiment=smoke"]) == 0
-    root = home / "data" / "synthetic_smoke"
+def test_smoke_run_writes_round0_and_skips_bad_audio(smoke_run, tmp_path):
+    # The shared run's data had one focal clip and one soundscape broken before the run (conftest.smoke_run).
+    home, root, broken_clip, broken_soundscape = smoke_run.home, smoke_run.root, smoke_run.broken_clip, smoke_run.broken_soundscape
     train = pd.read_csv(root / "train.csv")
-    broken_clip = root / "train_audio" / train.loc[0, "filename"]
-    broken_clip.write_bytes(b"not audio at all")
-    broken_soundscape = sorted((root / "train_soundscapes").glob("*.ogg"))[0]
-    broken_soundscape.write_bytes(b"")
-
-    proc = run_rounds(home, "logger=none")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    round_dir = home / "runs" / "smoke" / "round_0"
+    round_dir = smoke_run.run_dir / "round_0"
     for name in ("model.pt", "metrics.json", "manifest.json", "config.yaml", "DONE"):
         assert (round_dir / name).is_file(), name
     manifest = json.loads((round_dir / "manifest.json").read_text())
     assert set(manifest["data"]["unreadable_audio"]) == {str(broken_clip.resolve()), str(broken_soundscape.resolve())}
-    assert manifest["data"]["train_clips"] == len(train) - 1
-    assert broken_clip.name in proc.stdout + proc.stderr  # named in a warning
+    # Every focal clip but the broken one, plus the rows `make demo` imported from the Xeno-canto archive.
+    imported = len(pd.read_csv(home / "external_data" / "xeno_canto" / "train.csv"))
+    assert manifest["data"]["external_clips"] == imported > 0
+    assert manifest["data"]["train_clips"] == len(train) - 1 + imported
+    assert broken_clip.name in smoke_run.output(smoke_run.demo)  # named in a warning
     metrics = json.loads((round_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["val_soundscape_auc"] <= 1.0 and 0.0 <= metrics["val_clip_auc"] <= 1.0
     assert 0.0 <= metrics["val_mixed_auc"] <= 1.0  # the smoke data's mixed set, its backgrounds subtracted
@@ -54,11 +48,9 @@ def test_smoke_run_writes_round0_and_skips_bad_audio(home):
     assert ckpt["classes"] == list(pd.read_csv(root / "sample_submission.csv").columns[1:])
     assert "data" in ckpt["config"] and (round_dir / "config.yaml").read_text().count("experiment_name: smoke") == 1
 
-    # A second call finds round 0 complete, does not train it again, and adds two student rounds.
-    stamp = (round_dir / "model.pt").stat().st_mtime_ns
-    again = run_rounds(home, "logger=none", "round=2")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert (round_dir / "model.pt").stat().st_mtime_ns == stamp
+    # A second call finds round 0 complete and does not train it again; the demo added two student rounds.
+    again = smoke_run.again
+    assert (round_dir / "model.pt").stat().st_mtime_ns == smoke_run.round0_mtime_ns
     assert "round 0 already complete" in again.stdout + again.stderr
     for k in (1, 2):
         student_dir = round_dir.parent / f"round_{k}"
@@ -75,13 +67,21 @@ def test_smoke_run_writes_round0_and_skips_bad_audio(home):
         assert set(manifest["inputs"]["tables"]) >= {"train.csv", "sample_submission.csv"}
         assert (student_dir / "DONE").is_file() and load_checkpoint(student_dir / "model.pt")[1]["classes"] == ckpt["classes"]
 
-    # A changed student setting: round 0 is still reused, round 1 is refused in one line naming the way out.
-    changed = run_rounds(home, "logger=none", "round=2", "pseudo.stride_s=10")
+    # A changed student setting (on a copy of the run): round 0 is still reused, round 1 is refused in one
+    # line naming the way out.
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run.run_dir, run_dir, ignore=shutil.ignore_patterns("wandb"))
+    round_dir = run_dir / "round_0"
+    stamp = (round_dir / "model.pt").stat().st_mtime_ns
+    changed = run_rounds(home, "logger=none", "round=2", "pseudo.stride_s=10", f"run_dir={run_dir}", cwd=tmp_path)
     assert changed.returncode == 2
     assert "recompute_from: round 1" in changed.stdout + changed.stderr and "Traceback" not in changed.stderr
-    redo = run_rounds(home, "logger=none", "round=2", "pseudo.stride_s=10", "recompute_from=1")
+    # recompute_from=1 sets aside rounds 1 and 2 (and their controls); redoing round 1 is enough to check it.
+    redo = run_rounds(home, "logger=none", "round=1", "pseudo.stride_s=10", "recompute_from=1", f"run_dir={run_dir}",
+                      cwd=tmp_path)
     assert redo.returncode == 0, redo.stderr[-3000:]
     assert (round_dir / "model.pt").stat().st_mtime_ns == stamp
+    assert "round 0 already complete" in redo.stdout + redo.stderr
     assert len(list(round_dir.parent.glob("round_1.replaced-*"))) == 1
     assert len(list(round_dir.parent.glob("round_2.replaced-*"))) == 1
     provenance = read_pseudo_labels(round_dir.parent / "round_1" / "pseudo_labels.parquet")[1]
@@ -89,13 +89,10 @@ def test_smoke_run_writes_round0_and_skips_bad_audio(home):
 
 
 @pytest.mark.slow
-def test_smoke_experiment_on_a_real_layout_folder(home):
+def test_smoke_experiment_on_a_real_layout_folder(smoke_data, home):
     """`experiment=smoke data=birdclef2025 data.root=...`: the quick check on real data synthesizes nothing."""
-    import shutil
-
-    assert cli.main(["synth", "experiment=smoke"]) == 0
     real = home / "birdclef-2025"
-    shutil.copytree(home / "data" / "synthetic_smoke", real, ignore=shutil.ignore_patterns("truth", "xc_archive"))
+    shutil.copytree(smoke_data / "data" / "synthetic_smoke", real, ignore=shutil.ignore_patterns("truth", "xc_archive"))
     (real / "DONE.json").unlink()  # not a generated folder any more
     before = sorted(p.relative_to(real) for p in real.rglob("*"))
     proc = run_rounds(home, "data=birdclef2025", f"data.root={real}", "logger=none")
@@ -113,24 +110,6 @@ def test_bad_config_stops_before_work_with_one_line(home):
     assert proc.returncode == 2
     assert "data.fold: must be in [0, data.n_folds=3)" in proc.stdout + proc.stderr
     assert not (home / "data").exists()
-
-
-@pytest.mark.slow
-def test_two_process_launch_of_the_entry_point(home):
-    """`accelerate launch` with the shipped CPU config runs rounds/run.py as 2 DDP processes over gloo."""
-    env = {**os.environ, "BIRDROUNDS_HOME": str(home), "ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline"}
-    launcher = Path(sys.executable).parent / "accelerate"
-    proc = subprocess.run([str(launcher), "launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
-                           str(REPO / "rounds/run.py"), "experiment=smoke", "logger=none"],
-                          capture_output=True, text=True, env=env, cwd=home, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    round_dir = home / "runs" / "smoke" / "round_0"
-    metrics = json.loads((round_dir / "metrics.json").read_text())
-    assert metrics["num_processes"] == 2 and (round_dir / "DONE").is_file()
-    # the mixed set's rows and background-alone items, split over both processes and gathered
-    assert 0.0 <= metrics["val_mixed_auc"] <= 1.0
-    model, ckpt = load_checkpoint(round_dir / "model.pt")
-    assert ckpt["extra"]["num_processes"] == 2
 
 
 def add_external_rows(home: Path, n: int = 3) -> Path:
@@ -201,8 +180,9 @@ def test_external_rows_loss_and_sample_weights_and_student_switch(home):
 
 
 @pytest.mark.slow
-def test_reuse_refuses_a_round_whose_inputs_changed(home):
+def test_reuse_refuses_a_round_whose_inputs_changed(smoke_data, home):
     """Xeno-canto rows added after round 0: the teacher is not silently reused; recompute_from redoes it."""
+    copy_smoke_data(smoke_data, home)  # a home of its own (it adds external rows); nothing to synthesize
     assert run_rounds(home, "logger=none").returncode == 0
     add_external_rows(home)
     proc = run_rounds(home, "logger=none")
@@ -217,15 +197,17 @@ def test_reuse_refuses_a_round_whose_inputs_changed(home):
     assert run_rounds(home, "logger=none").returncode == 0  # now unchanged: reused
 
 
-HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: test-only delays so a run can be killed mid-step
-# Short pseudo windows with a 1-s stride and small batches: ~24 teacher batches to kill in between.
-RESUME_OVERRIDES = ("logger=none", "round=1", "pseudo.window_s=5", "pseudo.stride_s=1", "train.batch_size=2")
+# Short pseudo windows with a 1-s stride and small batches: ~24 teacher batches to kill in between. Without
+# the mixed validation set (an evaluation only, tested on the shared smoke run): with batches of 2 it would
+# be most of each of this test's four trainings.
+RESUME_OVERRIDES = ("logger=none", "round=1", "pseudo.window_s=5", "pseudo.stride_s=1", "train.batch_size=2",
+                    "data.mixed_val.enabled=false")
 
 
-def start_rounds(home: Path, env_extra: dict, *overrides: str) -> subprocess.Popen:
+def start_rounds(home: Path, env_extra: dict, *overrides: str, cwd: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "BIRDROUNDS_HOME": str(home), "WANDB_MODE": "offline", "PYTHONPATH": str(HOOKS), **env_extra}
     return subprocess.Popen([sys.executable, str(REPO / "rounds" / "run.py"), "experiment=smoke", *overrides],
-                            env=env, cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, cwd=cwd or home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def kill_when(process: subprocess.Popen, ready, timeout_s: float = 300) -> None:
@@ -256,38 +238,38 @@ def _weights(path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_round_killed_in_pseudo_labeling_and_in_training_resumes_to_the_same_result(tmp_path):
+def test_round_killed_in_pseudo_labeling_and_in_training_resumes_to_the_same_result(smoke_data, tmp_path):
     """SIGKILL during the teacher's inference, then during the student's second epoch; the rerun
     recomputes neither finished batches nor the pseudo-label table and ends bitwise where an
-    uninterrupted run ends."""
-    home, reference = tmp_path / "killed", tmp_path / "straight"
-    home.mkdir(), reference.mkdir()
-    straight = run_rounds(reference, *RESUME_OVERRIDES)
+    uninterrupted run ends. Both runs train their own teacher, on the shared smoke data (own run folders)."""
+    home, killed_dir, straight_dir = smoke_data, tmp_path / "killed", tmp_path / "straight"
+    overrides = (*RESUME_OVERRIDES, f"run_dir={killed_dir}")
+    straight = run_rounds(home, *RESUME_OVERRIDES, f"run_dir={straight_dir}", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    round_dir = home / "runs" / "smoke" / "round_1"
+    round_dir = killed_dir / "round_1"
     calls = tmp_path / "teacher_batches.log"
     delays = {"BIRDROUNDS_TEST_PSEUDO_DELAY_S": "0.25", "BIRDROUNDS_TEST_PSEUDO_LOG": str(calls)}
     # 1. Killed once the first part of the teacher's outputs (10 batches) is on disk.
     parts_dir = round_dir / "pseudo_partial" / "rank_0of1"
-    kill_when(start_rounds(home, delays, *RESUME_OVERRIDES), lambda: any(parts_dir.glob("part_*.npy")))
+    kill_when(start_rounds(home, delays, *overrides, cwd=tmp_path), lambda: any(parts_dir.glob("part_*.npy")))
     assert not (round_dir / "pseudo_labels.parquet").exists()
     saved = sum(len(np.load(p)) for p in parts_dir.glob("part_*.npy"))
     calls_before = len(calls.read_text().split())
-    total = len(train_soundscape_chunks(reference, window_s=5.0, stride_s=1.0))
+    total = len(train_soundscape_chunks(home, window_s=5.0, stride_s=1.0))
     assert 0 < saved < total and sum(map(int, calls.read_text().split())) >= saved
 
     # 2. Rerun: only the windows not saved are labeled; killed again once the student's epoch 0 is saved.
     marker = round_dir / "checkpoints" / "epoch_000" / COMPLETE_MARKER
     delays["BIRDROUNDS_TEST_COLLATE_DELAY_S"] = "0.5"
-    kill_when(start_rounds(home, delays, *RESUME_OVERRIDES), marker.exists)
+    kill_when(start_rounds(home, delays, *overrides, cwd=tmp_path), marker.exists)
     batches_after = [int(n) for n in calls.read_text().split()[calls_before:]]
     assert sum(batches_after) == total - saved
     table_stamp = (round_dir / "pseudo_labels.parquet").stat().st_mtime_ns
     assert not (round_dir / "model.pt").exists()
 
     # 3. Rerun without delays: training resumes after epoch 0, the table is not rewritten.
-    done = run_rounds(home, *RESUME_OVERRIDES)
+    done = run_rounds(home, *overrides, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     log_text = done.stdout + done.stderr
     assert "round 0 already complete" in log_text and "resumed from" in log_text and "epoch_000" in log_text
@@ -295,34 +277,44 @@ def test_round_killed_in_pseudo_labeling_and_in_training_resumes_to_the_same_res
     assert (round_dir / "pseudo_labels.parquet").stat().st_mtime_ns == table_stamp
     assert len(calls.read_text().split()) == calls_before + len(batches_after)
 
-    ref_dir = reference / "runs" / "smoke"
+    ref_dir = straight_dir
     for k in (0, 1):
-        ours, theirs = _weights(home / "runs" / "smoke" / f"round_{k}" / "model.pt"), _weights(ref_dir / f"round_{k}" / "model.pt")
+        ours, theirs = _weights(killed_dir / f"round_{k}" / "model.pt"), _weights(ref_dir / f"round_{k}" / "model.pt")
         for name, value in theirs.items():
             assert torch.equal(value, ours[name]), (k, name)
     killed_table, ref_table = (read_pseudo_labels(d / "pseudo_labels.parquet")[0] for d in (round_dir, ref_dir / "round_1"))
-    # The same chunks and probabilities ("file" holds each home's absolute path).
-    pd.testing.assert_frame_equal(killed_table.drop(columns="file"), ref_table.drop(columns="file"))
-    assert (home / "runs" / "smoke" / "report.md").is_file() and (home / "runs" / "smoke" / "report.png").is_file()
+    # The same chunks, files and probabilities (both runs read the same data folder).
+    pd.testing.assert_frame_equal(killed_table, ref_table)
+    assert (killed_dir / "report.md").is_file() and (killed_dir / "report.png").is_file()
 
 
 @pytest.mark.slow
-def test_two_process_round_splits_pseudo_labeling(home):
-    """round=1 under a 2-process launch: each process labels half the windows; the joined table equals
+def test_two_process_launch_trains_the_teacher_and_splits_pseudo_labeling(smoke_data, tmp_path):
+    """`accelerate launch` with the shipped CPU config runs rounds/run.py as 2 DDP processes over gloo, round=1:
+    the teacher trains on both processes; each process labels half the windows; the joined table equals
     the teacher's single-process labels through the round's de-noising, and the student trains on both processes."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from birdrounds.pseudo import chunk_rows, predict_chunks
 
+    home, run_dir = smoke_data, tmp_path / "run"  # the shared smoke data, a run folder of its own
     env = {**os.environ, "BIRDROUNDS_HOME": str(home), "ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline"}
     launcher = Path(sys.executable).parent / "accelerate"
     proc = subprocess.run([str(launcher), "launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
                            str(REPO / "rounds/run.py"), "experiment=smoke", "logger=none", "round=1",
-                           "pseudo.window_s=5", "pseudo.stride_s=2.5"],
-                          capture_output=True, text=True, env=env, cwd=home, timeout=600)
+                           "pseudo.window_s=5", "pseudo.stride_s=2.5", f"run_dir={run_dir}"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = home / "runs" / "smoke"
+    # Round 0 (was test_two_process_launch_of_the_entry_point): trained by both processes.
+    round_dir = run_dir / "round_0"
+    metrics = json.loads((round_dir / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and (round_dir / "DONE").is_file()
+    # the mixed set's rows and background-alone items, split over both processes and gathered
+    assert 0.0 <= metrics["val_mixed_auc"] <= 1.0
+    model, ckpt = load_checkpoint(round_dir / "model.pt")
+    assert ckpt["extra"]["num_processes"] == 2
+
     shares = [np.load(run_dir / "round_1" / "pseudo_partial" / f"share_{r}of2.npy") for r in (0, 1)]
     assert len(shares[0]) > 0 and abs(len(shares[0]) - len(shares[1])) <= 1
     table, provenance = read_pseudo_labels(run_dir / "round_1" / "pseudo_labels.parquet")

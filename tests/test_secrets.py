@@ -1,8 +1,6 @@
 """Secrets given as overrides (xc.api_key=...) reach no record: config.yaml, manifest.json, model.pt, wandb."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,10 +10,7 @@ from omegaconf import OmegaConf
 
 from birdrounds.config import REDACTED, compose, is_secret_name, redact_argv, redact_secrets, redacted_argv
 from birdrounds.model import load_checkpoint, save_checkpoint
-from conftest import config_model
-
-REPO = Path(__file__).resolve().parents[1]
-SECRET = "sk-TEST-SECRET-1234"
+from conftest import SECRET, config_model
 
 
 def test_secret_names():
@@ -65,18 +60,16 @@ def files_holding(folder: Path, needle: bytes) -> list[str]:
 
 
 @pytest.mark.slow
-def test_smoke_run_records_hold_no_secret(tmp_path):
-    """A real `rounds/run.py` run logged to offline wandb: the key is in no file the run or Hydra wrote."""
-    env = {**os.environ, "BIRDROUNDS_HOME": str(tmp_path), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           **{name: str(tmp_path / "wandb_home" / name.lower())
-              for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_DIR")}}
-    env.pop("XC_API_KEY", None)
-    proc = subprocess.run([sys.executable, str(REPO / "rounds" / "run.py"), "experiment=smoke", "logger=wandb",
-                           f"xc.api_key={SECRET}"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    round_dir = tmp_path / "runs" / "smoke" / "round_0"
+def test_smoke_run_records_hold_no_secret(smoke_run):
+    """A real run logged to offline wandb with the key on the command line: the shared smoke run is `make demo`
+    with `ARGS=... logger=wandb xc.api_key=<key>` (conftest.smoke_run), so the key went to xc-download, every
+    round and control of rounds/run.py, export and predict. It is in no file any of them or Hydra wrote."""
+    home = smoke_run.home
+    assert SECRET in " ".join(smoke_run.demo.args)  # it really was on the command line
+    round_dir = smoke_run.run_dir / "round_0"
     (wandb_log,) = (round_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    assert files_holding(tmp_path, SECRET.encode()) == []  # run folder, wandb run, Hydra's output, data, cwd
+    # run folder, wandb runs (and wandb's own folders under home), Hydra's output, data, imports, export, cwd
+    assert files_holding(home, SECRET.encode()) == []
     # The records are there and say the key was redacted, rather than the key being dropped silently.
     assert REDACTED.encode() in wandb_log.read_bytes()  # config and command line as wandb recorded them
     assert b"experiment=smoke" in wandb_log.read_bytes()  # the command line is still recorded
@@ -84,4 +77,4 @@ def test_smoke_run_records_hold_no_secret(tmp_path):
     assert json.loads((round_dir / "manifest.json").read_text())["config"]["xc"]["api_key"] == REDACTED
     ckpt = torch.load(round_dir / "model.pt", map_location="cpu", weights_only=True)
     assert ckpt["config"]["xc"]["api_key"] == REDACTED and SECRET not in json.dumps(ckpt["config"])
-    assert not list(tmp_path.rglob(".hydra"))  # configs/config.yaml: hydra.output_subdir null
+    assert not list(home.rglob(".hydra"))  # configs/config.yaml: hydra.output_subdir null

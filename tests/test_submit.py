@@ -23,7 +23,6 @@ from birdrounds.model import save_checkpoint
 from birdrounds.submit import run_predict
 from conftest import config_model
 
-REPO = Path(__file__).resolve().parents[1]
 SR = 32000
 CLASSES = ["amerob", "blujay", "cangoo"]
 # `predict` settings other than the config's defaults, so that the package could not match by chance.
@@ -78,22 +77,20 @@ def one_line_error(capsys) -> str:
     return lines[0]
 
 
-def birdrounds(home: Path, *args: str) -> subprocess.CompletedProcess:
+def birdrounds(home: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "BIRDROUNDS_HOME": str(home), "WANDB_MODE": "offline"}
     return subprocess.run([sys.executable, "-m", "birdrounds.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=home, timeout=600)
+                          env=env, cwd=cwd or home, timeout=600)
 
 
 @pytest.mark.slow
-def test_export_predict_and_the_standalone_package(home):
-    env = {**os.environ, "BIRDROUNDS_HOME": str(home), "WANDB_MODE": "offline"}
-    run = subprocess.run([sys.executable, str(REPO / "rounds" / "run.py"), "experiment=smoke", "logger=none"],
-                         capture_output=True, text=True, env=env, cwd=home, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    run_dir, root = home / "runs" / "smoke", home / "data" / "synthetic_smoke"
-
-    exported = birdrounds(home, "export", "experiment=smoke")
-    assert exported.returncode == 0, exported.stderr[-3000:]
+def test_export_predict_and_the_standalone_package(smoke_run, tmp_path):
+    # `birdrounds export` ran in the shared smoke run's `make demo`; predict runs on a copy of its run folder
+    # (it writes predict.json and report.md there).
+    home, root = smoke_run.home, smoke_run.root
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run.run_dir, run_dir, ignore=shutil.ignore_patterns("wandb", "checkpoints"))
+    assert "birdrounds export" in smoke_run.demo.stdout
     package = run_dir / "export"
     assert {"model.onnx", "model_waveform.onnx", "classes.json", "infer.py", "README.md", "export.json"} <= \
         {p.name for p in package.iterdir()}
@@ -102,13 +99,13 @@ def test_export_predict_and_the_standalone_package(home):
     assert report["waveform"]["max_abs_diff"] <= 1e-4
 
     # The validation soundscapes (the default input) plus one unreadable file, in a folder of their own.
-    inputs = home / "inputs"
+    inputs = tmp_path / "inputs"
     shutil.copytree(root / "val_soundscapes", inputs)
     (inputs / "broken.ogg").write_bytes(b"\x00" * 100)
     shutil.copy(Path(__file__).parent / "fixtures" / "real_audio" / "birds_10s.wav", inputs)  # real birds, 10.13 s
-    out = home / "submission.csv"
-    predicted = birdrounds(home, "predict", "experiment=smoke", f"predict.input_dir={inputs}", f"predict.output={out}",
-                           f"predict.solution={root / 'val_solution.csv'}")
+    out = tmp_path / "submission.csv"
+    predicted = birdrounds(home, "predict", "experiment=smoke", f"run_dir={run_dir}", f"predict.input_dir={inputs}",
+                           f"predict.output={out}", f"predict.solution={root / 'val_solution.csv'}", cwd=tmp_path)
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     assert "broken.ogg" in predicted.stderr
     submission = pd.read_csv(out)
@@ -126,14 +123,15 @@ def test_export_predict_and_the_standalone_package(home):
     assert 0 <= record["auc_raw"] <= 1 and 0 <= record["auc_postprocessed"] <= 1
     assert "AUC, raw" in (run_dir / "report.md").read_text()
 
-    # Raw ONNX predictions score what the PyTorch model scored during training.
-    metrics = json.loads((run_dir / "round_0" / "metrics.json").read_text())
+    # Raw ONNX predictions score what the PyTorch model scored during training (the exported round's).
+    exported = exported_round(run_dir, package)
+    metrics = json.loads((run_dir / exported / "metrics.json").read_text())
     assert record["auc_raw"] == pytest.approx(metrics["val_soundscape_auc"], abs=1e-4)
 
     # The package alone (numpy, soundfile, onnxruntime), from a plain folder: the same numbers.
-    alone = home / "kaggle"
+    alone = tmp_path / "kaggle"
     shutil.copytree(package, alone)
-    standalone_out = home / "standalone.csv"
+    standalone_out = tmp_path / "standalone.csv"
     # No post-processing flags: the predict config's smoothing was recorded in model.onnx at export.
     proc = subprocess.run([sys.executable, "-I", "infer.py", "--model", "model.onnx", "--input-dir", str(inputs),
                            "--output", str(standalone_out), "--sample-submission", str(root / "sample_submission.csv")],
@@ -142,6 +140,17 @@ def test_export_predict_and_the_standalone_package(home):
     standalone = pd.read_csv(standalone_out)
     assert list(standalone["row_id"]) == list(submission["row_id"])
     np.testing.assert_allclose(standalone.iloc[:, 1:].to_numpy(), submission.iloc[:, 1:].to_numpy(), atol=1e-6)
+
+
+def exported_round(run_dir: Path, package: Path) -> str:
+    """The round folder (e.g. "round_2") whose model.pt the package's model.onnx was exported from."""
+    from birdrounds.model import checkpoint_hash
+
+    meta = {p.key: p.value for p in onnx.load(str(package / "model.onnx")).metadata_props}
+    hashes = {member["hash"] for member in json.loads(meta["birdrounds.members"])}
+    (name,) = [d.name for d in sorted(run_dir.glob("round_*"))
+               if (d / "model.pt").is_file() and checkpoint_hash(d / "model.pt") in hashes]
+    return name
 
 
 def test_predict_without_an_export_is_one_line(home, capsys):

@@ -196,13 +196,18 @@ def test_fit_writes_loadable_model_metrics_and_checkpoints(wandb_run):
         assert model(torch.zeros(2, 8000))["logits"].shape == (2, 3)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result))
-    assert metrics["epoch"] == 2 and metrics["step"] == 6 and len(metrics["history"]) == 3
+    assert metrics["step"] == 6 and len(metrics["history"]) == 3
+    # The kept epoch is the best by val_soundscape_auc (labeled soundscapes exist), the earliest of equals.
+    scores = [h["val_soundscape_auc"] for h in metrics["history"]]
+    assert metrics["selected_by"] == "val_soundscape_auc" and metrics["epoch"] == metrics["selected_epoch"]
+    assert metrics["selected_epoch"] == scores.index(max(scores))
     assert math.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
     assert 0.0 <= metrics["val_clip_auc"] <= 1.0 and 0.0 <= metrics["val_soundscape_auc"] <= 1.0
-    # Only the last two complete checkpoints are kept, each with its marker and state.
+    # Only the last two complete checkpoints are kept, each with its marker and state, beside the
+    # selection's arrays (and the best epoch's weights when it was not the last epoch at the time).
     kept = complete_checkpoints(out / "checkpoints")
     assert [p.name for p in kept] == ["epoch_001", "epoch_002"]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_001", "epoch_002"]
+    assert {p.name for p in (out / "checkpoints").iterdir()} - {"best.pt"} == {"epoch_001", "epoch_002", "best.npz"}
     assert json.loads((kept[-1] / STATE_FILE).read_text())["step"] == 6
     # The saved model holds the EMA weights, not the raw ones of the last checkpoint.
     raw = torch.load(kept[-1] / "pytorch_model.bin", weights_only=True)
@@ -265,9 +270,9 @@ def test_wandb_offline_run_holds_config_metrics_and_model_artifact(wandb_run):
             config.update({_key(item): json.loads(item.value_json) for item in record.config.update})
         elif kind == "artifact":
             artifacts.append(record.artifact)
-    last = history[result["step"]]
-    assert last["epoch/val_clip_auc"] == pytest.approx(result["val_clip_auc"])
-    assert last["epoch/train_loss"] == pytest.approx(result["train_loss"])
+    last = history[result["step"]]  # the last epoch's metrics, whichever epoch the fit kept
+    assert last["epoch/val_clip_auc"] == pytest.approx(result["history"][-1]["val_clip_auc"])
+    assert last["epoch/train_loss"] == pytest.approx(result["history"][-1]["train_loss"])
     assert all("train/loss" in history[step] and "train/lr" in history[step] for step in range(1, 7))
     assert config["train"] == {"mixup_prob": 0.5, "drop_rate": 0.1}
     assert [a.type for a in artifacts] == ["model"]

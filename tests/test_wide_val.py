@@ -42,6 +42,14 @@ def test_twin_keeps_the_training_data_and_adds_validation_soundscapes(data_cfg):
     own_solution = own.solution.set_index("row_id")
     assert wide.solution.set_index("row_id").loc[own_solution.index].equals(own_solution)
 
+    # Without the soundscapes each round chose its epoch on: the twin's other files and their rows only.
+    unseen = ValidationSoundscapes.build(data_cfg, n_soundscapes=5, unseen=True)
+    own_files = {Path(f).name for f in own.chunks.rows["file"]}
+    assert unseen.n_files == 3 and not own_files & {Path(f).name for f in unseen.chunks.rows["file"]}
+    assert len(unseen.solution) == len(unseen.chunks) == 3 * rows_per_file
+    assert not set(unseen.solution["row_id"]) & set(own.solution["row_id"])
+    assert set(unseen.solution["row_id"]) | set(own.solution["row_id"]) == set(wide.solution["row_id"])
+
     # A twin whose training audio differs is refused, naming the file.
     victim = sorted((wide.root / "train_audio").rglob("*.ogg"))[0]
     audio, rate = sf.read(victim)

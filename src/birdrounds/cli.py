@@ -87,6 +87,23 @@ def config_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, LayoutError, HydraException, OmegaConfBaseException)
 
 
+def exit_on_bad_overrides(prog: str, argv: Sequence[str]) -> None:
+    """Compose the overrides of a @hydra.main command line (`rounds/run.py`) first and, where one names an
+    unknown key or option or adds a key nothing reads, exit 2 with one line on stderr instead of Hydra's
+    multi-line report (exit 1). Hydra's own requests (--help, --multirun, another config folder) pass."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.multirun or args.config_path \
+            or args.config_dir:
+        return
+    try:
+        compose(args.overrides, config_name=args.config_name or "config")
+    except config_errors() as err:
+        print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `birdrounds <command> [key=value ...]`, compose the config and run the command."""
     parser = argparse.ArgumentParser(prog="birdrounds", description=__doc__)

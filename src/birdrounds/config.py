@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,179 @@ def config_dir() -> Path:
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """Compose the config tree with command-line style overrides, outside of @hydra.main."""
+    """Compose the config tree with command-line style overrides, outside of @hydra.main.
+
+    An unknown key, an unknown group option or an added key (`+key=...`) that no component takes raises
+    ConfigError in one line that names the override (see `check_additions`).
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import ConfigCompositionException
 
+    overrides = list(overrides)
+    parsed = parse_overrides(overrides)
+    groups = config_groups(config_name)
+    check_group_options(parsed, groups)
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        def without(dropped: Collection[Any]) -> DictConfig:
+            return hydra_compose(config_name=config_name, overrides=[o.input_line for o in parsed if o not in dropped])
+
+        try:
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+        except ConfigCompositionException as err:
+            # Where a key is unknown, the config of the same group options shows its likely spelling.
+            keys = [o for o in parsed if o.key_or_group not in groups]
+            raise ConfigError(composition_error(err, parsed, lambda: without(keys))) from None
+        forced = [o for o in parsed if o.is_force_add()]
+        before = plain_tree(without(forced)) if forced else {}
+        # `++key=...` sets a key that exists and adds one that does not: only the latter is an addition.
+        check_additions(cfg, [o for o in parsed if o.is_add() or (o in forced and not has_key(before, o.key_or_group))])
+    return cfg
+
+
+# ---------------------------------------------------------------- overrides: unknown keys and options, additions
+
+# Keys that `hydra.utils.instantiate` reads itself, so any component's node may take them.
+INSTANTIATE_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_", "_args_"})
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[Any]:
+    """Hydra's parse of each override; ConfigError naming the first one that does not parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for line in overrides:
+        try:
+            parsed += parser.parse_overrides([line])
+        except OverrideParseException as err:
+            reasons = [r for r in str(err).splitlines() if r and not r.startswith(("Error parsing", "See https"))]
+            reason = reasons[0] if reasons else "key=value expected"
+            raise ConfigError(f"{redact_argv([line])[0]}: not an override ({reason})") from None
+    return parsed
+
+
+def shown(override: Any) -> str:
+    """An override as typed, its value redacted where the key names a secret (errors reach logs)."""
+    return redact_argv([override.input_line])[0]
+
+
+def config_groups(config_name: str = "config") -> set[str]:
+    """The config groups the root config's defaults list selects from (data, model, pseudo, ...)."""
+    defaults = OmegaConf.load(config_dir() / f"{config_name}.yaml").get("defaults") or []
+    return {str(key).split("@")[0] for entry in defaults if isinstance(entry, Mapping) for key in entry}
+
+
+def group_options(group: str) -> list[str]:
+    """The selectable options of config group `group`; `_`-prefixed files (e.g. pseudo/_base.yaml) are
+    what the options share, not options."""
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def check_group_options(parsed: Sequence[Any], groups: Collection[str]) -> None:
+    """ConfigError for a group override whose option does not exist, listing the ones that do."""
+    for override in parsed:
+        value = None if override.is_delete() or override.is_sweep_override() else override.value()
+        if override.key_or_group in groups and value is not None:
+            options = group_options(override.key_or_group)
+            if str(value) not in options:
+                raise ConfigError(f"{shown(override)}: no such option; choose from {', '.join(options)}")
+
+
+def composition_error(err: BaseException, parsed: Sequence[Any], known: Callable[[], DictConfig]) -> str:
+    """One line for Hydra's composition error; an unknown key is named with its override and the closest
+    existing key (from `known()`, the config without the key overrides)."""
+    match = re.match(r"Could not override '([^']+)'", str(err))
+    if match is None:
+        return (str(err).splitlines() or [type(err).__name__])[0]
+    key = match.group(1)
+    line = next((shown(o) for o in parsed if o.key_or_group == key), key)
+    try:
+        close = difflib.get_close_matches(key, dotted_keys(plain_tree(known())), n=1, cutoff=0.75)
+    except Exception:  # the suggestion is a courtesy; the error stands without it
+        close = []
+    return f"{line}: no such key" + (f"; did you mean {close[0]}?" if close else "")
+
+
+def plain_tree(cfg: DictConfig) -> dict[str, Any]:
+    """`cfg` as plain dicts and lists, interpolations and ??? left as written."""
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def dotted_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every key of a plain config tree, as dotted paths (lists are leaves)."""
+    keys = []
+    for name, value in tree.items():
+        keys.append(prefix + str(name))
+        if isinstance(value, Mapping):
+            keys += dotted_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def has_key(tree: Mapping[str, Any], dotted: str) -> bool:
+    """Whether the plain config tree has `dotted` (e.g. "data.augment.gain_p")."""
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def check_additions(cfg: DictConfig, additions: Sequence[Any]) -> None:
+    """ConfigError for an added key (`+key=...`) that nothing would read.
+
+    Code reads the keys the YAML files hold; what else gets read is a component's arguments: below a
+    node with `_target_`, the argument's name must be one its target takes (or it takes **kwargs);
+    deeper keys are the contents of that argument. Anything else (a top-level key, a key in a plain
+    section such as `pseudo.student_train`, a whole new config group) would be stored in the round's
+    config, change its hash and be read by no one.
+    """
+    tree = plain_tree(cfg)
+    for override in additions:
+        key = override.key_or_group
+        if key.startswith("hydra."):
+            continue
+        if (config_dir() / key.replace(".", "/")).is_dir():
+            raise ConfigError(f"{shown(override)}: adds config group {key!r}, which no component reads")
+        problem = addition_problem(tree, key.split("."))
+        if problem:
+            raise ConfigError(f"{shown(override)}: {problem}")
+
+
+def addition_problem(tree: Mapping[str, Any], parts: Sequence[str]) -> str | None:
+    """Why added key `parts` would be read by no component, or None when a component takes it."""
+    nodes: list[Any] = [tree]
+    for part in parts[:-1]:
+        nodes.append(nodes[-1].get(part) if isinstance(nodes[-1], Mapping) else None)
+    # The nearest component at or above the key's parent; the key below it is the argument it receives.
+    for depth in range(len(parts) - 1, -1, -1):
+        node = nodes[depth]
+        if isinstance(node, Mapping) and "_target_" in node:
+            return argument_problem(str(node["_target_"]), parts[depth])
+    return "no such key, and no component would read an added one (only a node with _target_ takes new keys: its arguments)"
+
+
+def argument_problem(target: str, name: str) -> str | None:
+    """None when `target` (a `_target_` path) takes keyword argument `name`, else why not.
+
+    A target that cannot be looked up here is let through: instantiate reports it where it is built.
+    """
+    import inspect
+
+    from hydra.utils import get_object
+
+    if name in INSTANTIATE_KEYS:
+        return None
+    try:
+        params = inspect.signature(get_object(target)).parameters.values()
+    except Exception:  # an interpolated or unimportable target, or one without a signature
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD or (p.name == name and p.kind in named) for p in params):
+        return None
+    return f"{target} takes no argument {name!r}, so nothing would read it"
 
 
 def require(cfg: DictConfig, key: str, check, message: str) -> None:
@@ -92,6 +260,14 @@ def validate(cfg: DictConfig) -> None:
     for key in ("train.epochs", "train.batch_size"):
         if OmegaConf.select(cfg, key) is not None:
             require(cfg, key, lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1")
+    require(cfg, "data.sampler.samples_per_epoch",
+            lambda v: v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+            "must be auto, null (one per train.csv row) or an integer >= 1")
+    if OmegaConf.select(cfg, "train.select_by") is not None:
+        from birdrounds.checks import SELECTION_ORDER
+
+        require(cfg, "train.select_by", lambda v: v in ("auto", "last", *SELECTION_ORDER),
+                f"must be one of auto, last, {', '.join(SELECTION_ORDER)}")
     backbone = OmegaConf.select(cfg, "model.backbone")
     if backbone is not None:
         import timm
@@ -100,7 +276,7 @@ def validate(cfg: DictConfig) -> None:
         require(cfg, "model.pretrained_path", lambda v: v is None or Path(v).is_file(), "weights file not found")
     if cfg.round > 0:
         require(cfg, "pseudo.student_init", lambda v: v in ("teacher", "scratch"), "must be 'teacher' or 'scratch'")
-        from birdrounds.infer import SCORED_CHUNK_S  # imported here: it loads numpy and onnxruntime
+        from birdrounds.infer import SCORED_CHUNK_S  # imported here: it loads numpy and soundfile
 
         require(cfg, "pseudo.window_s", lambda v: isinstance(v, (int, float)) and v >= SCORED_CHUNK_S,
                 f"must be at least the {SCORED_CHUNK_S:g}-s scored chunk")

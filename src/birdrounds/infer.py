@@ -60,7 +60,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 if __name__ == "__main__":
     # As a script: one BLAS thread for the frontend's mel projection, set before numpy loads. A
@@ -70,8 +70,10 @@ if __name__ == "__main__":
         os.environ.setdefault(_var, "1")
 
 import numpy as np
-import onnxruntime as ort
 import soundfile as sf
+
+if TYPE_CHECKING:  # onnxruntime is imported where a session is made: most importers want only the constants
+    import onnxruntime as ort
 
 try:  # scipy's FFT is faster than numpy's and can use several threads; optional
     import scipy.fft as _scipy_fft
@@ -418,6 +420,8 @@ def usable_cores() -> int:
 def session_options(intra_op_threads: int | None = None, inter_op_threads: int = 1,
                     allow_spinning: bool = False) -> ort.SessionOptions:
     """CPU session options with explicit thread counts (None: one per core)."""
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(intra_op_threads or usable_cores())
     opts.inter_op_num_threads = int(inter_op_threads)
@@ -434,6 +438,8 @@ class OnnxModel:
     """One exported birdrounds graph on onnxruntime's CPU provider, with its parsed metadata."""
 
     def __init__(self, path: str | os.PathLike, options: ort.SessionOptions | None = None) -> None:
+        import onnxruntime as ort
+
         self.path = str(path)
         if not Path(self.path).is_file():
             raise FileNotFoundError(f"model not found: {self.path}")

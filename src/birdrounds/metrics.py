@@ -22,7 +22,7 @@ POSITIVE_TARGET = 0.5
 
 def clip_auc(probs: np.ndarray, targets: np.ndarray) -> float:
     """Macro ROC-AUC of clip predictions against targets >= POSITIVE_TARGET (NaN if nothing to score)."""
-    return _scored_auc((targets >= POSITIVE_TARGET).astype(np.int64), probs)
+    return scored_auc((targets >= POSITIVE_TARGET).astype(np.int64), probs)
 
 
 def soundscape_auc(probs: np.ndarray, row_ids: np.ndarray, solution: pd.DataFrame, classes: Sequence[str]) -> float:
@@ -31,6 +31,12 @@ def soundscape_auc(probs: np.ndarray, row_ids: np.ndarray, solution: pd.DataFram
     A row id predicted twice keeps its first prediction; a solution row without one is a ValueError.
     Classes the solution lacks count as absent everywhere (and so are skipped).
     """
+    return scored_auc(*soundscape_arrays(probs, row_ids, solution, classes))
+
+
+def soundscape_arrays(probs: np.ndarray, row_ids: np.ndarray, solution: pd.DataFrame,
+                      classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(truth [R, C], scores [R, C]) in the solution's row order: what `soundscape_auc` scores."""
     submission = pd.DataFrame(probs, columns=list(classes))
     submission.insert(0, ROW_ID_COLUMN, row_ids)
     submission = submission.drop_duplicates(ROW_ID_COLUMN).set_index(ROW_ID_COLUMN)
@@ -38,10 +44,43 @@ def soundscape_auc(probs: np.ndarray, row_ids: np.ndarray, solution: pd.DataFram
     if missing:
         raise ValueError(f"{len(missing)} solution rows have no prediction, e.g. {missing[:3]}")
     truth = solution.reindex(columns=list(classes), fill_value=0).to_numpy()
-    return _scored_auc(truth, submission.loc[solution[ROW_ID_COLUMN], list(classes)].to_numpy())
+    return truth, submission.loc[solution[ROW_ID_COLUMN], list(classes)].to_numpy()
 
 
-def _scored_auc(truth: np.ndarray, probs: np.ndarray) -> float:
+def bootstrap_auc_interval(truth: np.ndarray, scores: np.ndarray, n_resamples: int = 200, level: float = 0.95,
+                           seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the macro ROC-AUC over rows resampled with replacement (NaN, NaN if unscorable).
+
+    Each resample scores the classes with both a positive and a negative row in it, as `macro_roc_auc`
+    does; ties count one half. Rank-based, all classes at once, so 200 resamples of a few thousand rows
+    take well under a second.
+    """
+    from scipy.stats import rankdata
+
+    truth = np.asarray(truth) >= POSITIVE_TARGET
+    scores = np.asarray(scores, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_resamples):
+        rows = rng.integers(0, len(truth), len(truth))
+        y, s = truth[rows], scores[rows]
+        n_pos = y.sum(axis=0)
+        n_neg = len(y) - n_pos
+        keep = (n_pos > 0) & (n_neg > 0)
+        if not keep.any():
+            continue
+        ranks = rankdata(s[:, keep], axis=0)  # average ranks: ties count one half
+        pos_rank_sum = (ranks * y[:, keep]).sum(axis=0)
+        auc = (pos_rank_sum - n_pos[keep] * (n_pos[keep] + 1) / 2) / (n_pos[keep] * n_neg[keep])
+        values.append(float(auc.mean()))
+    if not values:
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def scored_auc(truth: np.ndarray, probs: np.ndarray) -> float:
     """macro_roc_auc, or NaN with a warning when no class has both a positive and a negative row."""
     truth = truth.astype(bool)
     if not (truth.any(axis=0) & ~truth.all(axis=0)).any():

@@ -30,6 +30,7 @@ from birdrounds.artifacts import (
     atomic_open,
     write_json_atomic,
 )
+from birdrounds.checks import round_checks, selection_score
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ def round_rows(run_dir: Path) -> list[dict[str, Any]]:
         pseudo = metrics.get("pseudo") or {}
         control = _control(folder)
         row = {"round": idx, "seconds": manifest.get("seconds"), "external_clips": metrics.get("external_clips"),
+               "checks": round_checks(metrics), "selection": selection_score(metrics),
+               "control_checks": round_checks(control[0]) if control else None,
                "pseudo_chunks": pseudo.get("chunks"),
                "coverage_above_0.5": pseudo.get("coverage_above_0.5"), "mean_max_prob": pseudo.get("mean_max_prob"),
                "control_seconds": control[1].get("seconds") if control else None}
@@ -91,7 +94,8 @@ def run_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             if key != "val_mixed_auc" or any(r[key] is not None or r[f"control_{key}"] is not None for r in rows)]
     for r in rows:
         entry = {"round": r["round"], "arm": "teacher" if r["round"] == 0 else "student", "seconds": r["seconds"],
-                 "external_clips": r["external_clips"], **{key: r[key] for key in keys}}
+                 "external_clips": r["external_clips"], **{key: r[key] for key in keys},
+                 "checks": r["checks"].as_record()}
         if r["round"] > 0:
             entry["control"] = ({key: r[f"control_{key}"] for key in keys} | {"seconds": r["control_seconds"]}
                                 if r["control_seconds"] is not None else None)
@@ -108,9 +112,46 @@ def _fmt(value: Any, digits: int = 3, signed: bool = False) -> str:
     return str(value)
 
 
+def best_round(rows: list[dict[str, Any]]) -> tuple[int, str, float] | None:
+    """(round, metric, score) of the round whose kept model scores highest by the metric every round was
+    kept by; None when rounds were kept by different metrics or have no selection score."""
+    scored = [(r["round"], *r["selection"]) for r in rows]
+    metrics = {key for _, key, _ in scored}
+    if not scored or len(metrics) != 1 or None in metrics or any(v is None for _, _, v in scored):
+        return None
+    return max(scored, key=lambda item: (item[2], -item[0]))
+
+
+def check_lines(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """(report.md's first lines, its Checks section): which rounds are not usable and why, and the notes."""
+    unusable = [r["round"] for r in rows if not r["checks"].usable]
+    head = []
+    if rows and rows[-1]["round"] in unusable:
+        head.append(f"**Round {rows[-1]['round']} is not usable** ({rows[-1]['checks'].problems[0]}); "
+                    "see Checks below. `birdrounds export` refuses it unless `export.force=true`.")
+    elif unusable:
+        head.append(f"**Not usable: round {', '.join(map(str, unusable))}**; see Checks below.")
+    best = best_round(rows)
+    if best is not None and rows and best[0] != rows[-1]["round"]:
+        head.append(f"**Round {best[0]} scores best** ({best[1]} {best[2]:.3f}), not the last round "
+                    f"{rows[-1]['round']}: `birdrounds export` takes round {best[0]} unless `export.round` says otherwise.")
+    section = []
+    for r in rows:
+        for arm, checks in (("", r["checks"]), (" control", r["control_checks"])):
+            if checks is None:
+                continue
+            section += [f"- round {r['round']}{arm}: not usable: {p}" for p in checks.problems]
+            section += [f"- round {r['round']}{arm}: {n}" for n in checks.notes]
+    if section:
+        section = ["## Checks", "", *section, ""]
+    return head + ([""] if head else []), section
+
+
 def render_markdown(rows: list[dict[str, Any]], run_dir: Path) -> str:
     """The report.md text for `rows` (see `round_rows`)."""
+    head, checks = check_lines(rows)
     lines = [
+        *head,
         f"# Rounds report: {run_dir.name}",
         "",
         ("Round 0 is the teacher trained on labeled clips; round k >= 1 is a student trained on labeled data "
@@ -138,6 +179,7 @@ def render_markdown(rows: list[dict[str, Any]], run_dir: Path) -> str:
         cells += [_fmt(r["pseudo_chunks"]), _fmt(r["coverage_above_0.5"], 2), _fmt(r["mean_max_prob"], 3), seconds]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"![AUC by round and pseudo-label confidence]({REPORT_PLOT_FILE})", ""]
+    lines += checks
     lines += _predict_section(run_dir)
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ arm of a benchmark: the headroom any pseudo-labeling could reach).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -39,18 +40,23 @@ from birdrounds.artifacts import (
     DONE_FILE,
     EXTERNAL_SCORES_FILE,
     MANIFEST_FILE,
+    METRICS_FILE,
     MODEL_FILE,
     PSEUDO_FILE,
     ROUND_CONFIG_FILE,
     atomic_open,
     write_json_atomic,
 )
+from birdrounds.checks import SELECTION_ORDER, lineage_steps, round_checks
 from birdrounds.config import ConfigError, redact_secrets, validate
 from birdrounds.data.augment import AugmentSettings
 from birdrounds.data.clips import (
+    AUTO_EPOCH_BOUNDS,
     ClipDataset,
     MixUp,
     MixUpCollate,
+    epoch_clips,
+    labeled_seconds,
     make_sampler,
 )
 from birdrounds.data.device_augment import BackgroundWindows, BatchAugment
@@ -114,6 +120,8 @@ class RoundParts:
     pseudo_stats: dict[str, Any] | None = None
     n_external: int = 0  # external (Xeno-canto) rows in train_table
     batch_transform: BatchAugment | None = None  # `data.augment_on: device`: augmentation + MixUp per batch
+    clips_per_epoch: int = 0  # labeled clips drawn per epoch (`data.sampler.samples_per_epoch`)
+    labeled_s: float = 0.0  # seconds of labeled training audio
 
 
 def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, round_idx: int = 0,
@@ -154,8 +162,12 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, roun
     if data.val_solution is not None and data.val_soundscapes:
         val_soundscapes = SoundscapeChunks(data.val_soundscapes, audio, window_s=SCORED_CHUNK_S, stride_s=SCORED_CHUNK_S)
     val_mixed = mixed_validation_from_config(data_cfg.get("mixed_val"), val_table, data.soundscapes, audio, data.classes)
-    sampler = make_sampler(train_table, temperature=data_cfg.sampler.temperature,
-                           num_samples=data_cfg.sampler.samples_per_epoch,
+    labeled_s = labeled_seconds(train_table["path"], audio)
+    n_clips = epoch_clips(data_cfg.sampler.samples_per_epoch, len(train_table), labeled_s, data_cfg.window_s,
+                          data_cfg.sampler.get("auto_bounds") or AUTO_EPOCH_BOUNDS)
+    log.info("data.sampler.samples_per_epoch=%s: %d clips per epoch (%d training rows, %.0f s of labeled audio)",
+             data_cfg.sampler.samples_per_epoch, n_clips, len(train_table), labeled_s)
+    sampler = make_sampler(train_table, temperature=data_cfg.sampler.temperature, num_samples=n_clips,
                            rating_weight=data_cfg.clips.rating_weight, seed=seed, row_weights=draw_weights)
     mixup = instantiate(data_cfg.mixup) if data_cfg.mixup else None
     return RoundParts(
@@ -166,7 +178,7 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, roun
         class_counts=train_table["primary_label"].value_counts().reindex(data.classes, fill_value=0).tolist(),
         val_clips=val_set if len(val_set) else None, val_soundscapes=val_soundscapes,
         val_solution=data.val_solution if val_soundscapes is not None else None, val_mixed=val_mixed,
-        n_external=int(row_external.sum()),
+        n_external=int(row_external.sum()), clips_per_epoch=n_clips, labeled_s=labeled_s,
     )
 
 
@@ -371,6 +383,15 @@ def initial_model(cfg: DictConfig, num_classes: int, round_idx: int, start: Path
     return model
 
 
+def start_record(model_path: Path, fine_tuned: bool) -> dict[str, Any]:
+    """What a round starts from, for its checks (birdrounds.checks): the model it continues or replaces,
+    that model's validation scores, and the optimizer steps its weights already had (0 from scratch)."""
+    metrics_path = model_path.parent / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return {"model": str(model_path), "scores": {k: metrics.get(k) for k in SELECTION_ORDER if k in metrics},
+            "steps_since_init": lineage_steps(metrics) if fine_tuned else 0}
+
+
 def control_start(run_dir: Path, round_idx: int) -> Path:
     """Where round k's control starts: the teacher for k = 1, round k-1's control after that.
 
@@ -426,7 +447,10 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
     model = initial_model(cfg, len(prepared.data.classes), round_idx, teachers[0] if teachers else None)
     arm = "control" if control else ("teacher" if round_idx == 0 else "student")
     round_info = {"round": round_idx, "arm": arm, "init_weights_hash": weights_hash(model),
-                  "external_clips": parts.n_external,
+                  "external_clips": parts.n_external, "clips_per_epoch": parts.clips_per_epoch,
+                  "labeled_audio_s": round(parts.labeled_s, 1),
+                  **({"start": start_record(teachers[0], fine_tuned=round_idx > 0 and (
+                      control or cfg.pseudo.student_init == "teacher"))} if teachers else {}),
                   **({"external_filtered": len(dropped)} if dropped is not None else {}),
                   **({"pseudo": parts.pseudo_stats} if parts.pseudo_stats is not None else {})}
     loss_fn = instantiate(cfg.loss)(class_counts=parts.class_counts)
@@ -466,24 +490,101 @@ def _drop_key(plain: dict[str, Any], dotted: str) -> None:
         node.pop(last, None)
 
 
-def config_hash(cfg: DictConfig, round_idx: int) -> str:
-    """Hash of the resolved config minus the keys that do not change this round's result."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
+def _select(plain: dict[str, Any], dotted: str, default: Any) -> Any:
+    """The value at `dotted` in a nested plain config, or `default` where it is not there."""
+    node: Any = plain
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def result_config(plain: dict[str, Any], round_idx: int) -> dict[str, Any]:
+    """A copy of a resolved plain config with only what decides round `round_idx`'s result (see the keys above)."""
+    plain = copy.deepcopy(plain)
     for key in (*NON_RESULT_KEYS, *(TEACHER_IGNORED_KEYS if round_idx == 0 else ())):
         _drop_key(plain, key)
     for key, neutral in NEUTRAL_WHEN.items():
-        if OmegaConf.select(cfg, key, default=neutral) == neutral:
+        if _select(plain, key, neutral) == neutral:
             _drop_key(plain, key)
+    return plain
+
+
+def config_hash(cfg: DictConfig, round_idx: int) -> str:
+    """Hash of the resolved config minus the keys that do not change this round's result."""
+    plain = result_config(OmegaConf.to_container(cfg, resolve=True), round_idx)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def check_unchanged(round_dir: Path, round_idx: int, current_hash: str) -> None:
-    """Refuse to reuse a completed round whose config differs from the one asked for now."""
+ABSENT = object()  # the value `config_changes` gives a key that one side does not have
+SHOWN_CHANGES = 5  # changed keys a refusal names before "and N more"
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values: 5 and 5.0 are (an override may give an int for a float), true and 1 are not."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def config_changes(before: Any, after: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, before, after) for every value that differs between two plain configs.
+
+    Lists of the same length are compared item by item (`transforms[1].alpha`); others as one value.
+    """
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = [*before, *(k for k in after if k not in before)]
+        return [change for k in keys
+                for change in config_changes(before.get(k, ABSENT), after.get(k, ABSENT), f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [change for i, (b, a) in enumerate(zip(before, after))
+                for change in config_changes(b, a, f"{prefix}[{i}]")]
+    return [] if _same(before, after) else [(prefix, before, after)]
+
+
+def _shown(value: Any, width: int = 40) -> str:
+    """A config value as JSON (null, true, "text"), cut to `width` characters."""
+    text = "(absent)" if value is ABSENT else json.dumps(value, default=str)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    """'key: old -> new' for the first SHOWN_CHANGES changes, then 'and N more', on one line."""
+    shown = [f"{key}: {_shown(old)} -> {_shown(new)}" for key, old, new in changes[:SHOWN_CHANGES]]
+    more = len(changes) - SHOWN_CHANGES
+    return "; ".join(shown + ([f"and {more} more"] if more > 0 else []))
+
+
+def recorded_config(round_dir: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The resolved config (secrets redacted) a finished round recorded: the manifest's, else config.yaml."""
+    if isinstance(manifest.get("config"), dict):
+        return manifest["config"]
+    path = round_dir / ROUND_CONFIG_FILE
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else None
+
+
+def check_unchanged(round_dir: Path, round_idx: int, cfg: DictConfig) -> None:
+    """Refuse to reuse a completed round whose config differs from `cfg`, naming the keys that differ.
+
+    The keys compared are those the hash covers. Values that are equal under another hash (an override
+    giving 5 for 5.0, a new secret, both redacted) are no change.
+    """
     manifest = json.loads((round_dir / MANIFEST_FILE).read_text())
-    if manifest.get("config_hash") != current_hash:
-        raise ConfigError(
-            f"recompute_from: round {round_idx} in {round_dir} was completed with another config "
-            f"(hash {manifest.get('config_hash')}, now {current_hash}); {_recompute_hint(round_idx)}")
+    current_hash = config_hash(cfg, round_idx)
+    if manifest.get("config_hash") == current_hash:
+        return
+    recorded = recorded_config(round_dir, manifest)
+    if recorded is None:
+        what = f"hash {manifest.get('config_hash')}, now {current_hash}"
+    else:
+        # Through JSON as the manifest went, so both sides hold the same types (lists, string keys).
+        current = json.loads(json.dumps(redact_secrets(cfg), default=str))
+        changes = config_changes(result_config(recorded, round_idx), result_config(current, round_idx))
+        if not changes:
+            log.info("round %d in %s: the same config values under another hash; reused", round_idx, round_dir)
+            return
+        what = describe_changes(changes)
+    raise ConfigError(f"recompute_from: round {round_idx} in {round_dir} was completed with another config "
+                      f"({what}); {_recompute_hint(round_idx)}")
 
 
 def _recompute_hint(round_idx: int) -> str:
@@ -524,11 +625,30 @@ def check_reusable(round_dir: Path, round_idx: int, inputs: dict[str, Any], teac
 def set_aside(run_dir: Path, first_round: int) -> None:
     """Rename round folders from `first_round` on, so they are recomputed and nothing is deleted."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = 0
     for folder in sorted(run_dir.glob("round_*")):
         suffix = folder.name.removeprefix("round_")
         if suffix.isdigit() and int(suffix) >= first_round:
-            folder.rename(folder.with_name(f"{folder.name}.replaced-{stamp}"))
-            log.warning("set aside %s for recomputation", folder)
+            kept = folder.with_name(f"{folder.name}.replaced-{stamp}")
+            folder.rename(kept)
+            moved += 1
+            log.warning("recompute_from=%d: set aside %s as %s", first_round, folder, kept)
+    if not moved:
+        log.info("recompute_from=%d: no round folder from round %d on in %s, nothing set aside",
+                 first_round, first_round, run_dir)
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Before the rounds: warn about settings that do nothing in this run, set aside what `recompute_from` redoes."""
+    if cfg.control and cfg.round == 0:
+        log.warning("control=true does nothing with round=0: controls are trained beside student rounds (round >= 1)")
+    if cfg.recompute_from is None:
+        return
+    if cfg.recompute_from > cfg.round:
+        log.warning("recompute_from=%d does nothing: this run stops at round=%d, so nothing is set aside or redone",
+                    cfg.recompute_from, cfg.round)
+        return
+    set_aside(run_dir, cfg.recompute_from)
 
 
 def input_hashes(prepared: PreparedData) -> dict[str, Any]:
@@ -561,9 +681,22 @@ def write_round_record(round_dir: Path, cfg: DictConfig, round_idx: int, metrics
         "model_hash": checkpoint_hash(round_dir / MODEL_FILE),
         "inputs": inputs,
         "data": prepared.summary(), "final_metrics": {k: v for k, v in metrics.items() if k != "history"},
+        "schedule": {"epochs": len(metrics.get("history", [])), "clips_per_epoch": metrics.get("clips_per_epoch"),
+                     "steps_per_epoch": metrics.get("steps_per_epoch"), "total_steps": metrics.get("step"),
+                     "steps_since_init": lineage_steps(metrics)},
+        "checks": round_checks(metrics).as_record(),
         "config": record,
     })
     write_json_atomic(round_dir / DONE_FILE, {"round": round_idx, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def log_checks(name: str, metrics: dict[str, Any]) -> None:
+    """Warn about a round whose model is not usable, or worse than the model it started from."""
+    checks = round_checks(metrics)
+    for problem in checks.problems:
+        log.warning("%s is not usable: %s", name, problem)
+    for note in checks.notes:
+        log.warning("%s: %s", name, note)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -575,8 +708,8 @@ def run(cfg: DictConfig) -> Path:
     mixed_precision = cfg.train.get("mixed_precision")
     accelerator = Accelerator(log_with=cfg.logger.log_with, **({"mixed_precision": mixed_precision} if mixed_precision else {}))
     run_dir = Path(cfg.run_dir)
-    if cfg.recompute_from is not None and accelerator.is_main_process:
-        set_aside(run_dir, cfg.recompute_from)
+    if accelerator.is_main_process:
+        prepare_run_dir(cfg, run_dir)
     accelerator.wait_for_everyone()
     prepared, inputs = None, None
     for round_idx in range(cfg.round + 1):
@@ -587,7 +720,7 @@ def run(cfg: DictConfig) -> Path:
             name = f"round {round_idx}{' control' if control else ''}"
             done = (out_dir / DONE_FILE).is_file()
             if done:
-                check_unchanged(out_dir, round_idx, config_hash(cfg, round_idx))
+                check_unchanged(out_dir, round_idx, cfg)
             else:
                 started = time.time()
             if prepared is None:
@@ -608,6 +741,7 @@ def run(cfg: DictConfig) -> Path:
                 write_round_record(out_dir, cfg, round_idx, metrics, started, prepared, inputs, teachers)
                 log.info("%s done: %s", name, {k: metrics.get(k) for k in ("val_clip_auc", "val_soundscape_auc",
                                                                             "val_mixed_auc")})
+                log_checks(name, metrics)
                 write_report(run_dir)
             accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -24,17 +24,22 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from birdrounds import infer
-from birdrounds.artifacts import EXPORT_REPORT_FILE, MODEL_FILE, PREDICT_RECORD, write_json_atomic
+from birdrounds.artifacts import EXPORT_REPORT_FILE, METRICS_FILE, MODEL_FILE, PREDICT_RECORD, write_json_atomic
+from birdrounds.checks import round_checks
 from birdrounds.config import ConfigError
 from birdrounds.data.layout import data_path
 from birdrounds.metrics import ROW_ID_COLUMN, soundscape_auc
-from birdrounds.report import completed_rounds, write_report
+from birdrounds.report import best_round, completed_rounds, round_rows, write_report
 
 log = logging.getLogger(__name__)
 
 
 def export_checkpoints(cfg: DictConfig) -> list[Path]:
-    """`export.checkpoints`, else `export.round`'s model.pt, else the last completed round's."""
+    """`export.checkpoints`, else `export.round`'s model.pt, else the best completed round's (see `pick_round`).
+
+    A round whose model is not usable (birdrounds.checks: at chance, or too few steps to learn) is refused
+    unless `export.force=true`.
+    """
     if cfg.export.checkpoints:
         paths = [Path(p) for p in cfg.export.checkpoints]
         missing = [str(p) for p in paths if not p.is_file()]
@@ -46,10 +51,28 @@ def export_checkpoints(cfg: DictConfig) -> list[Path]:
     if not done:
         raise ConfigError(f"export.round: no completed round in {run_dir}; run `python rounds/run.py` first "
                           "or pass export.checkpoints=[...]")
-    k = max(done) if cfg.export.round is None else cfg.export.round
+    k = pick_round(run_dir) if cfg.export.round is None else cfg.export.round
     if k not in done:
         raise ConfigError(f"export.round: round {k} is not complete in {run_dir} (completed: {sorted(done)})")
+    checks = round_checks(json.loads((done[k] / METRICS_FILE).read_text()))
+    if not checks.usable:
+        if not cfg.export.get("force", False):
+            raise ConfigError(f"export.force: round {k} in {run_dir} is not usable ({checks.problems[0]}); "
+                              "pass export.force=true to export it anyway")
+        log.warning("exporting round %d although it is not usable (export.force=true): %s", k, "; ".join(checks.problems))
     return [done[k] / MODEL_FILE]
+
+
+def pick_round(run_dir: Path) -> int:
+    """The round `export.round: null` takes: the best by the score every round's model was kept by, else the last."""
+    rows = round_rows(run_dir)
+    best = best_round(rows)
+    if best is None:
+        log.info("exporting the last completed round %d (export.round=K picks another)", rows[-1]["round"])
+        return rows[-1]["round"]
+    log.info("exporting round %d: the best %s (%.4f) of rounds %s (export.round=K picks another)",
+             best[0], best[1], best[2], ", ".join(str(r["round"]) for r in rows))
+    return best[0]
 
 
 def soundscape_windows(folders: list[Path], sample_rate_hz: int, window_s: float, n: int) -> np.ndarray | None:

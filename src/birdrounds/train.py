@@ -38,10 +38,11 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from birdrounds.artifacts import METRICS_FILE, MODEL_FILE, json_safe, write_json_atomic
+from birdrounds.artifacts import METRICS_FILE, MODEL_FILE, atomic_open, json_safe, write_json_atomic
+from birdrounds.checks import SELECTION_ORDER
 from birdrounds.config import redact_secrets, redacted_argv
-from birdrounds.metrics import ROW_ID_COLUMN, clip_auc, soundscape_auc
-from birdrounds.model import save_checkpoint
+from birdrounds.metrics import ROW_ID_COLUMN, POSITIVE_TARGET, bootstrap_auc_interval, scored_auc, soundscape_arrays
+from birdrounds.model import load_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
     from birdrounds.data.mixed_val import MixedValidation
@@ -52,6 +53,8 @@ CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "state.json"
 LOOP_STATE_FILE = "loop_state.pt"
+BEST_FILE = "best.pt"          # checkpoints/best.pt: the epoch the selection metric prefers so far
+BEST_ARRAYS_FILE = "best.npz"  # its validation truth and scores, for the bootstrap interval after a resume
 
 LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor, "torch.Tensor | None"], dict[str, torch.Tensor]]
 
@@ -126,11 +129,15 @@ class TrainSettings:
     channels_last: bool = True
     keep_checkpoints: int = 2
     log_every_steps: int = 10
+    select_by: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum_steps", "keep_checkpoints", "log_every_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.select_by not in ("auto", "last", *SELECTION_ORDER):
+            raise ValueError(f"train.select_by must be one of auto, last, {', '.join(SELECTION_ORDER)}; "
+                             f"got {self.select_by!r}")
 
 
 @dataclass
@@ -273,6 +280,7 @@ class _Run:
     settings: TrainSettings
     ema: ModelEmaV3 | None
     batch_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    steps_per_epoch: int = 0  # optimizer updates per epoch
     step: int = 0
     lr: float = 0.0  # of the latest update
 
@@ -343,7 +351,12 @@ def fit(
     # checkpointed beside save_state's files (see _save_epoch_checkpoint).
     updates_per_epoch = math.ceil(len(train_loader) / settings.grad_accum_steps)
     scheduler = settings.scheduler(optimizer, steps_per_epoch=updates_per_epoch, epochs=settings.epochs)
-    run = _Run(accelerator, model, optimizer, scheduler, train_loader, loss_fn, settings, ema, batch_transform)
+    run = _Run(accelerator, model, optimizer, scheduler, train_loader, loss_fn, settings, ema, batch_transform,
+               steps_per_epoch=updates_per_epoch)
+    per_update = settings.batch_size * accelerator.num_processes * settings.grad_accum_steps
+    log.info(f"schedule: {settings.epochs} epochs x {updates_per_epoch} optimizer steps = "
+             f"{settings.epochs * updates_per_epoch} steps ({per_update} clips per step, "
+             f"{len(epoch_sampler)} clips drawn per epoch)", main_process_only=True)
 
     start_epoch, history = _resume(run, out_dir / CHECKPOINTS_DIR)
     if logger is not None:
@@ -354,11 +367,14 @@ def fit(
         _seed_epoch(accelerator, settings.seed, epoch, [train_loader, epoch_sampler, train_set, collate_fn,
                                                        batch_transform])
         metrics = {"epoch": epoch, **_train_one_epoch(run, epoch)}
-        metrics.update(_validate(run, classes, clip_loader, soundscape_loader, val_soundscapes, val_solution))
+        arrays = _validate(run, classes, clip_loader, soundscape_loader, val_soundscapes, val_solution)
         if mixed_loader is not None:
-            metrics["val_mixed_auc"] = val_mixed.score(*_predict(run, mixed_loader, "index"), classes)
+            probs, index = _predict(run, mixed_loader, "index")
+            arrays["val_mixed_auc"] = val_mixed.arrays(probs, index, classes)
+        metrics.update({key: scored_auc(*pair) for key, pair in arrays.items()})
         accelerator.log({f"epoch/{k}": v for k, v in metrics.items()}, step=run.step)
         history.append(metrics)
+        _keep_if_selected(run, out_dir / CHECKPOINTS_DIR, history, arrays, classes)
         _save_epoch_checkpoint(run, out_dir / CHECKPOINTS_DIR, epoch, history)
     return _finish(run, out_dir, history, classes, config, logger, window_s, extra_metrics or {})
 
@@ -460,22 +476,95 @@ def _predict(run: _Run, loader: DataLoader, key: str) -> tuple[np.ndarray, np.nd
 def _validate(
     run: _Run, classes: Sequence[str], clip_loader: DataLoader | None, soundscape_loader: DataLoader | None,
     soundscapes: Any, solution: pd.DataFrame | None,
-) -> dict[str, float]:
-    """val_clip_auc on held-out clips and val_soundscape_auc on labeled 5-s chunks, where given."""
-    metrics: dict[str, float] = {}
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(truth, scores) for val_clip_auc on held-out clips and val_soundscape_auc on labeled 5-s chunks, where given."""
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if clip_loader is not None:
         probs, targets = _predict(run, clip_loader, "target")
-        metrics["val_clip_auc"] = clip_auc(probs, targets)
+        arrays["val_clip_auc"] = ((targets >= POSITIVE_TARGET).astype(np.int64), probs)
     if soundscape_loader is not None:
-        metrics["val_soundscape_auc"] = _score_rows(run, classes, soundscape_loader, soundscapes, solution)
-    return metrics
+        # Kaggle's 5-s rows (`soundscapes.rows.row_id`; items carry their `index`) against the solution.
+        probs, index = _predict(run, soundscape_loader, "index")
+        row_ids = soundscapes.rows[ROW_ID_COLUMN].to_numpy()[index]
+        arrays["val_soundscape_auc"] = soundscape_arrays(probs, row_ids, solution, classes)
+    return arrays
 
 
-def _score_rows(run: _Run, classes: Sequence[str], loader: DataLoader, dataset: Any, solution: pd.DataFrame) -> float:
-    """Kaggle macro AUC of 5-s rows (`dataset.rows.row_id`, items carry their `index`) against `solution`."""
-    probs, index = _predict(run, loader, "index")
-    row_ids = dataset.rows[ROW_ID_COLUMN].to_numpy()[index]
-    return soundscape_auc(probs, row_ids, solution, classes)
+# ----------------------------------------------------------------------------- checkpoint selection
+
+
+def selection_metric(select_by: str, metrics: Mapping[str, Any]) -> str | None:
+    """The validation score that chooses (and describes) a fit's model: `select_by`, or for `auto`/`last`
+    the first of SELECTION_ORDER the fit computes; None when it computes none."""
+    candidates = SELECTION_ORDER if select_by in ("auto", "last") else (select_by,)
+    return next((key for key in candidates if key in metrics), None)
+
+
+def selected_index(history: Sequence[Mapping[str, Any]], select_by: str) -> int:
+    """Index in `history` of the epoch a fit keeps: the last for `last` (or with no finite score), else the
+    best by the selection metric (the earliest of equals)."""
+    key = selection_metric(select_by, history[-1])
+    if select_by == "last" or key is None:
+        return len(history) - 1
+    scores = [h.get(key) for h in history]
+    finite = [i for i, v in enumerate(scores) if v is not None and np.isfinite(v)]
+    return max(finite, key=lambda i: (scores[i], -i)) if finite else len(history) - 1
+
+
+def _keep_if_selected(run: _Run, root: Path, history: list[dict[str, Any]],
+                      arrays: dict[str, tuple[np.ndarray, np.ndarray]], classes: Sequence[str]) -> None:
+    """When the newest epoch is the one selection keeps so far: its weights to best.pt (unless it is kept as
+    the last epoch anyway) and its selection arrays to best.npz; both before the epoch's checkpoint is complete."""
+    select_by = run.settings.select_by
+    if selected_index(history, select_by) != len(history) - 1 or not run.accelerator.is_main_process:
+        return
+    epoch = history[-1]["epoch"]
+    if select_by != "last":
+        save_checkpoint(root / BEST_FILE, run.eval_model(), list(classes), extra={"epoch": epoch})
+    key = selection_metric(select_by, history[-1])
+    if key is not None:
+        with atomic_open(root / BEST_ARRAYS_FILE, "wb") as f:
+            np.savez(f, truth=arrays[key][0], scores=arrays[key][1], epoch=epoch)
+
+
+def _selection(run: _Run, root: Path, history: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """(index into history of the kept epoch, metrics.json's `selection` record); loads best.pt's weights
+    into the model when an earlier epoch than the last is kept."""
+    select_by = run.settings.select_by
+    chosen = selected_index(history, select_by)
+    epoch = history[chosen]["epoch"]
+    if chosen != len(history) - 1:
+        _, ckpt = load_checkpoint(root / BEST_FILE)
+        if ckpt["extra"].get("epoch") != epoch:
+            log.warning(f"{root / BEST_FILE} holds epoch {ckpt['extra'].get('epoch')}, not the selected epoch "
+                        f"{epoch}: keeping the last epoch", main_process_only=True)
+            chosen, epoch = len(history) - 1, history[-1]["epoch"]
+        else:
+            run.eval_model().load_state_dict(ckpt["state_dict"])
+    key = selection_metric(select_by, history[chosen])
+    record: dict[str, Any] = {"selected_by": key, "mode": "last" if select_by == "last" else "best",
+                              "epoch": epoch, "epochs": len(history)}
+    if key is not None:
+        record.update(score=history[chosen].get(key), last_epoch_score=history[-1].get(key))
+        interval = _selection_interval(root, epoch)
+        if interval is not None:
+            record["interval_95"] = list(interval)
+        log.info(f"kept epoch {epoch} of {len(history)} by {key} = {record['score']:.4f} "
+                 f"(95% bootstrap interval {interval}; last epoch {record['last_epoch_score']:.4f})",
+                 main_process_only=True)
+    return chosen, record
+
+
+def _selection_interval(root: Path, epoch: int) -> tuple[float, float] | None:
+    """The kept epoch's bootstrap interval of its selection score, from best.npz (None if it holds another epoch)."""
+    path = root / BEST_ARRAYS_FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        if int(saved["epoch"]) != epoch:
+            return None
+        low, high = bootstrap_auc_interval(saved["truth"], saved["scores"])
+    return round(low, 4), round(high, 4)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -555,9 +644,12 @@ def _finish(
 ) -> dict[str, Any]:
     """Write model.pt and metrics.json (main process), log the model artifact, finish the trackers."""
     acc = run.accelerator
-    final = {**(history[-1] if history else {}), "step": run.step, "num_processes": acc.num_processes}
+    acc.wait_for_everyone()  # best.pt and best.npz are written by the main process
+    chosen, selection = _selection(run, out_dir / CHECKPOINTS_DIR, history) if history else (None, {})
+    final = {**(history[chosen] if history else {}), "step": run.step, "num_processes": acc.num_processes,
+             "steps_per_epoch": run.steps_per_epoch, "selected_by": selection.get("selected_by"),
+             "selected_epoch": selection.get("epoch"), "selection": selection}
     result = {**final, "history": history, **extra_metrics}
-    acc.wait_for_everyone()
     if acc.is_main_process:
         model = run.eval_model()
         extra = {**final, "window_s": window_s, "sample_rate_hz": getattr(model, "sample_rate_hz", None)}

@@ -1,19 +1,24 @@
 """Audio decoding (mono, resampled) and the on-disk cache of decoded audio.
 
+There is one decoder: `birdrounds.infer.decode_audio` (soundfile, mean of channels, scipy's polyphase
+resampler), which `birdrounds predict` and an export package's standalone infer.py use too, so a 44.1 or
+48 kHz recording (every Xeno-canto download) gives the model the same samples in training and in serving.
+Training and serving detect a cut-off file by the same rule; training then refuses it (below), serving
+keeps the audio before the cut and predicts the rest as silence (every row of a submission must exist).
+
 Two "audio sources" share one duck-typed interface: an attribute `sample_rate_hz: int` and a method
 `load(path) -> np.ndarray` (1-D, float32 or float16, possibly a read-only memmap) that raises
 `AudioDecodeError`. `DirectAudio` decodes every call; `AudioCache` decodes once and serves memmaps.
 
 Failure policy: a file that cannot be decoded completely raises `AudioDecodeError` naming the file.
 That covers unreadable and unrecognised files, empty ones (0 bytes, or a valid header with 0 frames),
-non-finite samples, and truncation:
+non-finite samples, and truncation (we raise rather than keep the partial audio, because a cut file is
+corrupt and its labels may describe the missing part):
 - a truncated Ogg file decodes "successfully" up to the cut with libsndfile 1.2.2 (no error at all),
-  so it is caught by its missing end-of-stream page; we raise rather than keep the partial audio,
-  because a cut file is corrupt and its labels may describe the missing part;
-- formats whose header declares a frame count (FLAC, MP3) raise when decoding yields clearly fewer
-  frames than declared;
-- a truncated WAV cannot be told apart: libsndfile clamps its length to the bytes present, so it
-  decodes as a shorter, valid recording.
+  so it is caught by its missing end-of-stream page;
+- formats whose header declares a frame count (FLAC, MP3, and WAV's data chunk, which libsndfile itself
+  clamps to the bytes present) raise when decoding yields clearly fewer frames than declared, and a
+  decoder error part-way through (e.g. FLAC losing sync) raises too.
 """
 
 from __future__ import annotations
@@ -29,24 +34,19 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import soxr
 from tqdm.auto import tqdm
 
 from birdrounds.artifacts import atomic_open
 from birdrounds.config import ConfigError
-# One rule for a cut-off file (Ogg end page, declared-length shortfall), in training and in predict.
-from birdrounds.infer import TRUNCATION_TOLERANCE, ogg_ends_with_eos_page
+# The one decoder and its rule for a cut-off file (Ogg end page, declared-length shortfall), shared with predict.
+from birdrounds.infer import AudioReadError, decode_audio
 from birdrounds.procs import spawn_pool
 
 logger = logging.getLogger(__name__)
 
-# Frames read per libsndfile call; reading in blocks means a corrupt header claiming a huge
-# frame count cannot make us allocate that much up front.
-_READ_BLOCK_FRAMES = 1 << 20
-
 # Bump when the decoded content of an entry would change (decoder policy, resampler quality,
-# file layout), so old entries are never served.
-CACHE_FORMAT_VERSION = 1
+# file layout), so old entries are never served. 2: scipy's resample_poly (infer.decode_audio) replaced soxr.
+CACHE_FORMAT_VERSION = 2
 CACHE_DTYPES = ("float16", "float32")
 _FLOAT16_SAFE_PEAK = 65_000.0
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -82,17 +82,16 @@ def audio_info(path: str | os.PathLike) -> tuple[float, int, int]:
 
 
 def load_audio(path: str | os.PathLike, sample_rate_hz: int) -> np.ndarray:
-    """Decode a whole file to float32 1-D mono at `sample_rate_hz` (soxr HQ resampling if needed)."""
+    """Decode a whole file to float32 1-D mono at `sample_rate_hz` with `infer.decode_audio`; a cut-off file
+    is an error here (see the module doc)."""
     _check_not_empty_file(path)
-    frames, file_rate_hz = _decode_frames(path)
-    if frames.shape[0] == 0:
-        raise AudioDecodeError(f"no audio frames in {path}")
-    if not np.isfinite(frames).all():
-        raise AudioDecodeError(f"non-finite samples (NaN/inf) in {path}")
-    mono = frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else frames[:, 0]
-    if file_rate_hz != sample_rate_hz:
-        mono = soxr.resample(mono, file_rate_hz, sample_rate_hz, quality="HQ")
-    return np.ascontiguousarray(mono, dtype=np.float32)
+    try:
+        audio = decode_audio(path, sample_rate_hz)
+    except AudioReadError as exc:
+        raise AudioDecodeError(f"cannot decode {path}: {exc}") from exc
+    if audio.truncated is not None:
+        raise AudioDecodeError(f"truncated file {path}: {audio.truncated}")
+    return audio.wave
 
 
 def _check_not_empty_file(path: str | os.PathLike) -> None:
@@ -102,34 +101,6 @@ def _check_not_empty_file(path: str | os.PathLike) -> None:
         raise AudioDecodeError(f"cannot read {path}: {exc}") from exc
     if n_bytes == 0:
         raise AudioDecodeError(f"empty file (0 bytes): {path}")
-
-
-def _decode_frames(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Decode all frames as float32 [frames, channels]; raise if the file is truncated."""
-    try:
-        with sf.SoundFile(str(path)) as f:
-            declared_frames, rate_hz, container = f.frames, int(f.samplerate), f.format
-            blocks = list(_read_blocks(f))
-    except (sf.SoundFileError, RuntimeError, OSError, ValueError, MemoryError) as exc:
-        raise AudioDecodeError(f"cannot decode {path}: {exc}") from exc
-    frames = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
-    n_frames = frames.shape[0]
-    if declared_frames > 0 and n_frames < (1.0 - TRUNCATION_TOLERANCE) * declared_frames:
-        raise AudioDecodeError(
-            f"truncated file {path}: decoded {n_frames} of {declared_frames} frames declared in its header"
-        )
-    if container == "OGG" and n_frames > 0 and not ogg_ends_with_eos_page(path):
-        raise AudioDecodeError(f"truncated Ogg file {path}: last page incomplete or not end-of-stream")
-    return frames, rate_hz
-
-
-def _read_blocks(f: sf.SoundFile) -> Iterator[np.ndarray]:
-    """Yield float32 [n, channels] blocks until the decoder stops; always yields at least one block."""
-    while True:
-        block = f.read(_READ_BLOCK_FRAMES, dtype="float32", always_2d=True)
-        yield block
-        if block.shape[0] < _READ_BLOCK_FRAMES:
-            return
 
 
 class DirectAudio:

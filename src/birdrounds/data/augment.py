@@ -168,7 +168,7 @@ class AugmentSettings:
     shift_max_fraction: float = 0.5
     pitch_p: float = 0.2
     pitch_semitones: tuple[float, float] = (-2.0, 2.0)
-    pitch_method: str = "signalsmith"
+    pitch_method: str = "resample"
     stretch_p: float = 0.2
     stretch_rate: tuple[float, float] = (0.9, 1.1)
 

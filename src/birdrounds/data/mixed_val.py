@@ -51,7 +51,7 @@ from birdrounds.data.audio import AudioDecodeError
 from birdrounds.data.clips import _as_label_list
 from birdrounds.data.layout import read_table
 from birdrounds.infer import SCORED_CHUNK_S, row_id
-from birdrounds.metrics import soundscape_auc
+from birdrounds.metrics import soundscape_arrays, soundscape_auc
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,14 @@ class MixedValidation(Dataset):
     def score(self, probs: np.ndarray, index: np.ndarray, classes: Sequence[str]) -> float:
         """Macro AUC of the scored rows from probabilities [N, C] of items `index` (any order, each item
         at least once), minus each row's background-alone probabilities when the set subtracts them."""
+        return soundscape_auc(*self._row_scores(probs, index), self.solution, classes)
+
+    def arrays(self, probs: np.ndarray, index: np.ndarray, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(truth, scores) of the scored rows, as `score` compares them (for a bootstrap interval)."""
+        return soundscape_arrays(*self._row_scores(probs, index), self.solution, classes)
+
+    def _row_scores(self, probs: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each scored row's probabilities (background-subtracted where the set does so) and its row ids."""
         by_item = np.full((len(self.rows), probs.shape[1]), np.nan, dtype=np.float64)
         by_item[np.asarray(index)] = probs
         if np.isnan(by_item).any():
@@ -158,7 +166,7 @@ class MixedValidation(Dataset):
         scores = by_item[:n]
         if self.subtracts_background:
             scores = scores - by_item[self.rows["background_row"].to_numpy()[:n]]
-        return soundscape_auc(scores, self.rows["row_id"].to_numpy()[:n], self.solution, classes)
+        return scores, self.rows["row_id"].to_numpy()[:n]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -244,8 +252,8 @@ def build_mixed_validation(
     max_background_files: int = 200,
     chunk_s: float = SCORED_CHUNK_S,
     background_labels: str | Path | None = None,
-    distance: Sequence[float] = (0.0, 0.0),
-    subtract_background: bool = False,
+    distance: Sequence[float] = (0.0, 1.0),
+    subtract_background: bool = True,
     distance_from_snr: bool = False,
 ) -> MixedValidation:
     """The mixed validation set (see the module doc); `val_table` must hold the held-out clips only.
@@ -340,6 +348,12 @@ def build_mixed_validation(
     return MixedValidation(rows_table, calls, solution, audio, n)
 
 
+# The value each `data.mixed_val` key added after the first mixed validation had before it existed: an older
+# run's config (read by the benchmarks) lacks the key and must build the set it was scored on, not today's default.
+MIXED_VAL_LEGACY = {"distance": (0.0, 0.0), "subtract_background": False, "distance_from_snr": False,
+                    "background_labels": None}
+
+
 def mixed_validation_from_config(cfg: Any, val_table: pd.DataFrame, soundscapes: Sequence[str | Path], audio: Any,
                                  classes: Sequence[str]) -> MixedValidation | None:
     """`data.mixed_val` -> the set, or None when it is off (null, enabled=false) or has nothing to mix."""
@@ -350,7 +364,9 @@ def mixed_validation_from_config(cfg: Any, val_table: pd.DataFrame, soundscapes:
         return None
     keys = ("n_rows", "seed", "snr_db", "quiet_fraction", "calls_per_row", "call_s", "max_background_files",
             "background_labels", "distance", "subtract_background", "distance_from_snr")
-    kwargs = {key: cfg[key] for key in keys if cfg.get(key) is not None}
+    # A run's config from before a key existed builds the set that run validated on.
+    values = {**MIXED_VAL_LEGACY, **{key: cfg[key] for key in keys if key in cfg}}
+    kwargs = {key: value for key, value in values.items() if value is not None}
     for key in ("snr_db", "calls_per_row", "call_s", "distance"):
         if key in kwargs:
             kwargs[key] = [float(v) for v in kwargs[key]]

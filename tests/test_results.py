@@ -1,0 +1,98 @@
+"""results/*.json -> docs/results.md: the page is exactly what its records render to, and benchmarks write records."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# What a reader needs to trust or redo a result, in every record.
+PROVENANCE = ("name", "benchmark", "measured", "git_sha", "machine", "command", "overrides", "source",
+              "reproducible_by_one_command", "results")
+
+
+def bench_module(name: str):
+    """A script of bench/ as a module (bench/ is not a package; its scripts import each other by name)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+
+def test_results_page_is_rendered_from_the_records():
+    render = bench_module("render_results")
+    page = (REPO / "docs" / "results.md").read_text(encoding="utf-8")
+    assert render.render(render.load_records(REPO / "results")) == page, \
+        "docs/results.md differs from what results/*.json render to: run `make results`"
+
+
+def test_every_record_states_its_provenance():
+    records = sorted((REPO / "results").glob("*.json"))
+    assert records
+    for path in records:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        missing = [key for key in PROVENANCE if key not in record]
+        assert not missing, f"{path.name} lacks {missing}"
+        assert record["machine"].get("cpu_count"), f"{path.name}: machine without a core count"
+        if not record["reproducible_by_one_command"]:
+            assert record.get("not_reproducible_because"), f"{path.name}: say why it cannot be rerun as written"
+
+
+def test_check_mode_flags_a_stale_page(tmp_path):
+    page = tmp_path / "results.md"
+    page.write_text("stale\n")
+    script = [sys.executable, str(REPO / "bench" / "render_results.py"), "--out", str(page)]
+    assert subprocess.run([*script, "--check"], capture_output=True).returncode == 1
+    assert subprocess.run(script, capture_output=True).returncode == 0
+    assert subprocess.run([*script, "--check"], capture_output=True).returncode == 0
+
+
+def write_arm(folder: Path, soundscape_auc: float, clip_auc: float, seconds: float) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps({"val_soundscape_auc": soundscape_auc, "val_clip_auc": clip_auc}))
+    (folder / "manifest.json").write_text(json.dumps({"seconds": seconds}))
+
+
+def test_rounds_gain_writes_a_record_and_prints_the_same(tmp_path):
+    for seed, base in ((0, 0.70), (1, 0.71)):
+        main, oracle = tmp_path / "runs" / f"seed{seed}", tmp_path / "runs" / f"seed{seed}_oracle"
+        write_arm(main / "round_0", base - 0.05, 0.90, 100)
+        write_arm(main / "round_1", base + 0.03, 0.90, 10)
+        write_arm(main / "round_1" / "control", base, 0.905, 11)
+        write_arm(oracle / "round_1", base + 0.06, 0.90, 12)
+    out = tmp_path / "records"
+    command = [sys.executable, str(REPO / "bench" / "rounds_gain.py"), "--home", str(tmp_path), "--report-only",
+               "--rounds", "1", "--seeds", "0", "1"]
+    env = {**os.environ, "BIRDROUNDS_RESULTS_DIR": str(out)}
+    plain = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    recorded = subprocess.run([*command, "--record"], capture_output=True, text=True, timeout=120, env=env)
+    assert recorded.returncode == plain.returncode == 0, recorded.stdout + recorded.stderr
+    assert recorded.stdout == plain.stdout  # the printed report does not change
+    [path] = out.glob("rounds-gain-*.json")
+    record = json.loads(path.read_text())
+    assert all(key in record for key in PROVENANCE)
+    assert record["machine"]["cpu_count"] >= 1 and record["command"].startswith("python bench/rounds_gain.py")
+    [round_1] = record["results"]["rounds"]
+    assert all(abs(g - 0.03) < 1e-9 for g in round_1["gain"]["per_seed"])
+    assert abs(round_1["headroom"]["mean"] - 0.06) < 1e-9
+    # A bench-written record renders into the page's headline section.
+    render = bench_module("render_results")
+    page = render.render(render.load_records(out))
+    assert "| 1 | 0.705 ± 0.007 | 0.735 ± 0.007 | 0.765 ± 0.007 | **+0.030 ± 0.000** |" in page
+
+
+def test_readme_results_table_is_the_headline_record():
+    # README's one results table copies the headline record (the default recipe); it must not drift from it.
+    render = bench_module("render_results")
+    record = json.loads((REPO / "results" / "rounds-gain-default-recipe-2026-12-02.json").read_text())
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for k in record["results"]["rounds"]:
+        row = (f"| {k['round']} | {render.stat(k['control'])} | {render.stat(k['student'])} | {render.stat(k['oracle'])} | "
+               f"{render.stat(k['gain'], True)} | {render.stat(k['headroom'], True)} |")
+        assert row in readme, f"README's results table lacks {row}"
