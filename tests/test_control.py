@@ -1,6 +1,7 @@
 """The equal-compute control arm, the oracle's truth labels and the students' fine-tuning schedule."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -245,3 +246,22 @@ def test_oracle_trains_on_the_truth_csv_and_refuses_one_that_does_not_match(smok
     output = refused.stdout + refused.stderr
     assert "pseudo.truth:" in output and "classes do not match" in output
     assert "Traceback" not in output and not (other / "round_1" / "DONE").exists()
+
+
+def test_oracle_ignores_the_truth_rows_of_a_soundscape_found_unreadable_when_preparing(smoke_data, tmp_path):
+    """A train soundscape dropped as unreadable before chunking: its rows in the truth table are not an error."""
+    from birdrounds.data.audio import AudioCache
+    from birdrounds.data.soundscapes import SoundscapeChunks
+    from birdrounds.rounds import write_truth_labels
+
+    root = smoke_data / "data" / "synthetic_smoke"
+    truth = root / "truth" / "train_soundscape_labels.csv"
+    cfg = compose(["experiment=smoke", f"pseudo.truth={truth}", "round=1"])
+    classes = list(pd.read_csv(root / "taxonomy.csv")["primary_label"].astype(str))
+    scapes = sorted((root / "train_soundscapes").glob("*.ogg"))
+    readable = SoundscapeChunks(scapes[1:], AudioCache(tmp_path / "cache", 32000), window_s=5.0, stride_s=5.0)
+    with pytest.raises(ConfigError, match="rows name no train-soundscape chunk"):
+        write_truth_labels(cfg, readable, classes, 1, tmp_path / "refused.parquet")
+    write_truth_labels(cfg, readable, classes, 1, tmp_path / "pseudo.parquet", unreadable=[str(scapes[0])])
+    table, _ = read_pseudo_labels(tmp_path / "pseudo.parquet")
+    assert len(table) == len(readable) and scapes[0].stem not in set(table["file"].map(lambda f: Path(f).stem))

@@ -142,14 +142,22 @@ def dotted_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
-def has_key(tree: Mapping[str, Any], dotted: str) -> bool:
-    """Whether the plain config tree has `dotted` (e.g. "data.augment.gain_p")."""
+_ABSENT = object()
+
+
+def select_plain(tree: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
+    """The value at `dotted` (e.g. "data.augment.gain_p") in a plain config tree, or `default` where it is not."""
     node: Any = tree
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return False
+            return default
         node = node[part]
-    return True
+    return node
+
+
+def has_key(tree: Mapping[str, Any], dotted: str) -> bool:
+    """Whether the plain config tree has `dotted`."""
+    return select_plain(tree, dotted, _ABSENT) is not _ABSENT
 
 
 def check_additions(cfg: DictConfig, additions: Sequence[Any]) -> None:

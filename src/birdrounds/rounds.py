@@ -48,7 +48,7 @@ from birdrounds.artifacts import (
     write_json_atomic,
 )
 from birdrounds.checks import SELECTION_ORDER, lineage_steps, round_checks
-from birdrounds.config import ConfigError, redact_secrets, validate
+from birdrounds.config import ConfigError, redact_secrets, select_plain, validate
 from birdrounds.data.augment import AugmentSettings
 from birdrounds.data.clips import (
     AUTO_EPOCH_BOUNDS,
@@ -276,7 +276,8 @@ def pseudo_label(cfg: DictConfig, prepared: PreparedData, teachers: list[Path], 
                               stride_s=cfg.pseudo.stride_s)
     if cfg.pseudo.get("truth"):
         if accelerator.is_main_process:
-            write_truth_labels(cfg, chunks, prepared.data.classes, round_idx, path)
+            write_truth_labels(cfg, chunks, prepared.data.classes, round_idx, path,
+                               unreadable=[p for p, _ in prepared.skipped])
         accelerator.wait_for_everyone()
         return path
     framewise = is_framewise(chunks, SCORED_CHUNK_S)
@@ -327,11 +328,15 @@ def check_pseudo_source(path: Path, cfg: DictConfig, teachers: list[Path], round
 
 
 def write_truth_labels(cfg: DictConfig, chunks: SoundscapeChunks, classes: list[str], round_idx: int,
-                       path: Path) -> None:
-    """The oracle's table: `pseudo.truth`'s labels for every train-soundscape chunk, de-noised like the teacher's."""
+                       path: Path, unreadable: Collection[str] = ()) -> None:
+    """The oracle's table: `pseudo.truth`'s labels for every train-soundscape chunk, de-noised like the teacher's.
+
+    The truth's rows for soundscapes that could not be read are ignored: those the chunking skipped and
+    `unreadable` (files dropped as unreadable when the data was prepared, before any chunking).
+    """
     truth_path = Path(cfg.pseudo.truth)
     rows = chunk_rows(chunks, SCORED_CHUNK_S)
-    skipped = {Path(p).stem for p, _ in chunks.skipped}
+    skipped = {Path(p).stem for p in [*(p for p, _ in chunks.skipped), *unreadable]}
     probs = read_truth(truth_path, rows["row_id"].tolist(), classes, skipped_stems=skipped)
     transform = instantiate(cfg.pseudo.transform)
     probs, keep = transform(probs, round_idx=round_idx, files=rows["file"].to_numpy())
@@ -407,7 +412,7 @@ def student_data_config(cfg: DictConfig) -> DictConfig:
 
     The background augmentation mixes unlabeled soundscape audio into labeled clips under the clip's
     target alone, while the mixing step brings soundscape audio with its pseudo-labels; this lets a
-    student drop the former. Measured on the demo (README): dropping it lowered students and oracle.
+    student drop the former. Measured on the demo (docs/results.md): dropping it lowered students and oracle.
     """
     background_p = cfg.pseudo.get("background_p")
     if background_p is None:
@@ -490,23 +495,13 @@ def _drop_key(plain: dict[str, Any], dotted: str) -> None:
         node.pop(last, None)
 
 
-def _select(plain: dict[str, Any], dotted: str, default: Any) -> Any:
-    """The value at `dotted` in a nested plain config, or `default` where it is not there."""
-    node: Any = plain
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
 def result_config(plain: dict[str, Any], round_idx: int) -> dict[str, Any]:
     """A copy of a resolved plain config with only what decides round `round_idx`'s result (see the keys above)."""
     plain = copy.deepcopy(plain)
     for key in (*NON_RESULT_KEYS, *(TEACHER_IGNORED_KEYS if round_idx == 0 else ())):
         _drop_key(plain, key)
     for key, neutral in NEUTRAL_WHEN.items():
-        if _select(plain, key, neutral) == neutral:
+        if select_plain(plain, key, neutral) == neutral:
             _drop_key(plain, key)
     return plain
 

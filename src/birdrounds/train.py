@@ -337,7 +337,7 @@ def fit(
     train_loader, epoch_sampler = _train_loader(train_set, sampler, collate_fn, settings, accelerator)
     model = model.to(accelerator.device)
     if settings.channels_last:
-        # NHWC convolutions: on 2 CPU cores the demo model's step alone is 17-24% faster, its loop +6% (README, Measured).
+        # NHWC convolutions: on 2 CPU cores the demo model's step alone is 17-24% faster, its loop +6% (docs/results.md).
         model = model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=settings.ema_decay) if settings.ema_decay else None
     optimizer = settings.optimizer(model.parameters())
