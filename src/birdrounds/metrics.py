@@ -22,7 +22,12 @@ POSITIVE_TARGET = 0.5
 
 def clip_auc(probs: np.ndarray, targets: np.ndarray) -> float:
     """Macro ROC-AUC of clip predictions against targets >= POSITIVE_TARGET (NaN if nothing to score)."""
-    return scored_auc((targets >= POSITIVE_TARGET).astype(np.int64), probs)
+    return scored_auc(*clip_arrays(probs, targets))
+
+
+def clip_arrays(probs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(truth [N, C] as 0/1, scores [N, C]): what `clip_auc` scores."""
+    return (targets >= POSITIVE_TARGET).astype(np.int64), probs
 
 
 def soundscape_auc(probs: np.ndarray, row_ids: np.ndarray, solution: pd.DataFrame, classes: Sequence[str]) -> float:

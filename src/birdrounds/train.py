@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from birdrounds.artifacts import METRICS_FILE, MODEL_FILE, atomic_open, json_safe, write_json_atomic
 from birdrounds.checks import SELECTION_ORDER
 from birdrounds.config import redact_secrets, redacted_argv
-from birdrounds.metrics import ROW_ID_COLUMN, POSITIVE_TARGET, bootstrap_auc_interval, scored_auc, soundscape_arrays
+from birdrounds.metrics import ROW_ID_COLUMN, bootstrap_auc_interval, clip_arrays, scored_auc, soundscape_arrays
 from birdrounds.model import load_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
@@ -481,7 +481,7 @@ def _validate(
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if clip_loader is not None:
         probs, targets = _predict(run, clip_loader, "target")
-        arrays["val_clip_auc"] = ((targets >= POSITIVE_TARGET).astype(np.int64), probs)
+        arrays["val_clip_auc"] = clip_arrays(probs, targets)
     if soundscape_loader is not None:
         # Kaggle's 5-s rows (`soundscapes.rows.row_id`; items carry their `index`) against the solution.
         probs, index = _predict(run, soundscape_loader, "index")
