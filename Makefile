@@ -17,14 +17,16 @@ install: $(STAMP)
 
 # The whole workflow on the synthetic data: generate it, import its Xeno-canto-like archive for the
 # minority classes (external_data/xeno_canto), teacher + ROUNDS student rounds (each with its
-# equal-compute control), ONNX export, submission.csv for the validation soundscapes.
+# equal-compute control), ONNX export, submission.csv for the validation soundscapes. EXPERIMENT picks the
+# preset (configs/experiment/demo.yaml: the default recipe with shorter student rounds).
 ROUNDS ?= 2
+EXPERIMENT ?= demo
 demo: $(STAMP)
-	$(VENV)/bin/birdrounds synth $(ARGS)
-	$(VENV)/bin/birdrounds xc-download 'xc.source=$${data.root}/xc_archive' $(ARGS)
-	$(VENV)/bin/python rounds/run.py round=$(ROUNDS) control=true $(ARGS)
-	$(VENV)/bin/birdrounds export $(ARGS)
-	$(VENV)/bin/birdrounds predict $(ARGS)
+	$(VENV)/bin/birdrounds synth experiment=$(EXPERIMENT) $(ARGS)
+	$(VENV)/bin/birdrounds xc-download experiment=$(EXPERIMENT) 'xc.source=$${data.root}/xc_archive' $(ARGS)
+	$(VENV)/bin/python rounds/run.py experiment=$(EXPERIMENT) round=$(ROUNDS) control=true $(ARGS)
+	$(VENV)/bin/birdrounds export experiment=$(EXPERIMENT) $(ARGS)
+	$(VENV)/bin/birdrounds predict experiment=$(EXPERIMENT) $(ARGS)
 
 # --durations=20: CI's log names the 20 slowest tests (and fixtures), so a slow one is seen when it lands.
 test: $(STAMP)

@@ -207,8 +207,8 @@ def smoke_run(tmp_path_factory, smoke_data) -> SmokeRun:
     stamp = home / "installed"
     stamp.touch()
     demo = subprocess.run(["make", "-C", str(REPO), "demo", f"VENV={Path(sys.executable).parent.parent}",
-                           f"STAMP={stamp}", f"ROUNDS={DEMO_ROUNDS}",
-                           f"ARGS=experiment=smoke logger=wandb xc.api_key={SECRET}"],
+                           f"STAMP={stamp}", f"ROUNDS={DEMO_ROUNDS}", "EXPERIMENT=smoke",
+                           f"ARGS=logger=wandb xc.api_key={SECRET}"],
                           capture_output=True, text=True, env=env, cwd=home, timeout=1200)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     run_dir = home / "runs" / "smoke"

@@ -149,7 +149,8 @@ def test_rating_weights():
 
 def test_results_do_not_depend_on_worker_count(tmp_path, long_clip):
     table = clip_table([long_clip] * 6)
-    augment = build_waveform_augment(SR, gain_p=1.0, noise_p=1.0, background_p=0, shift_p=1.0, pitch_p=0, stretch_p=0)
+    augment = build_waveform_augment(SR, gain_p=1.0, noise_p=1.0, background_p=0, shift_p=1.0, pitch_p=0, stretch_p=0,
+                                     pitch_method="resample")
     ds = ClipDataset(table, CLASSES, DirectAudio(SR), window_s=1.0, augment=augment, seed=7)
     serial = [b["audio"] for b in DataLoader(ds, batch_size=2, num_workers=0)]
     state = random.getstate()
@@ -173,7 +174,7 @@ def two_sample_batch():
 
 
 def test_mixup_max_exact_values():
-    out = MixUp(prob=1.0, weight=0.5, target_mode="max")(two_sample_batch())
+    out = MixUp(prob=1.0, alpha=None, weight=0.5, target_mode="max")(two_sample_batch())
     # With two samples each one's partner is the other.
     torch.testing.assert_close(out["audio"], torch.tensor([[2.0, 4.0], [2.0, 4.0]]))
     torch.testing.assert_close(out["target"], torch.tensor([[1.0, 1.0, 0.5], [1.0, 1.0, 0.5]]))
@@ -182,7 +183,7 @@ def test_mixup_max_exact_values():
 
 
 def test_mixup_sum_exact_values():
-    out = MixUp(prob=1.0, weight=0.75, target_mode="sum")(two_sample_batch())
+    out = MixUp(prob=1.0, alpha=None, weight=0.75, target_mode="sum")(two_sample_batch())
     torch.testing.assert_close(out["audio"], torch.tensor([[1.5, 3.0], [2.5, 5.0]]))
     torch.testing.assert_close(out["target"], torch.tensor([[0.75, 0.25, 0.275], [0.25, 0.75, 0.425]]))
     torch.testing.assert_close(out["weight"], torch.tensor([0.85, 0.55]))
@@ -190,11 +191,11 @@ def test_mixup_sum_exact_values():
 
 def test_mixup_prob_zero_and_zero_weight_samples_unchanged():
     batch = two_sample_batch()
-    out = MixUp(prob=0.0)(batch)
+    out = MixUp(prob=0.0, alpha=None, weight=0.5, target_mode="max")(batch)
     for key in batch:
         assert torch.equal(out[key], batch[key])
     batch["weight"] = torch.tensor([1.0, 0.0])  # sample 1 failed to decode
-    out = MixUp(prob=1.0)(batch)
+    out = MixUp(prob=1.0, alpha=None, weight=0.5, target_mode="max")(batch)
     assert torch.equal(out["audio"], batch["audio"]) and torch.equal(out["weight"], batch["weight"])
 
 
@@ -210,13 +211,13 @@ def test_mixup_beta_is_seeded_and_partners_differ():
 
 def test_mixup_needs_exactly_one_of_alpha_and_weight():
     with pytest.raises(ValueError):
-        MixUp(alpha=0.4, weight=0.5)
+        MixUp(prob=0.5, alpha=0.4, weight=0.5, target_mode="max")
     with pytest.raises(ValueError):
-        MixUp(alpha=None, weight=None)
+        MixUp(prob=0.5, alpha=None, weight=None, target_mode="max")
 
 
 def test_mixup_collate_is_picklable_and_mixes():
-    collate = pickle.loads(pickle.dumps(MixUpCollate(MixUp(prob=1.0, weight=0.5))))
+    collate = pickle.loads(pickle.dumps(MixUpCollate(MixUp(prob=1.0, alpha=None, weight=0.5, target_mode="max"))))
     samples = [
         {"audio": torch.tensor([0.0, 2.0]), "target": torch.tensor([1.0, 0.0]), "weight": torch.tensor(1.0)},
         {"audio": torch.tensor([2.0, 0.0]), "target": torch.tensor([0.0, 1.0]), "weight": torch.tensor(1.0)},
@@ -273,7 +274,7 @@ def noise(n, seed, scale=0.1):
 
 
 def test_augment_none_when_all_off():
-    off = dict(gain_p=0, noise_p=0, background_p=0, shift_p=0, pitch_p=0, stretch_p=0)
+    off = dict(gain_p=0, noise_p=0, background_p=0, shift_p=0, pitch_p=0, stretch_p=0, pitch_method="resample")
     assert build_waveform_augment(AUG_SR, **off) is None
 
 
@@ -334,7 +335,7 @@ def test_reads_float16_memmaps_from_audio_cache(tmp_path, long_clip):
 def test_mixup_set_epoch_restarts_draws_reproducibly():
     batch = {"audio": torch.arange(8, dtype=torch.float32).repeat(16, 1) * torch.arange(16.0)[:, None],
              "target": torch.eye(16), "weight": torch.ones(16)}
-    mix = MixUp(prob=0.5, weight=0.5, seed=3)
+    mix = MixUp(prob=0.5, alpha=None, weight=0.5, target_mode="max", seed=3)
     mix.set_epoch(2)
     first = mix(dict(batch))["audio"]
     mix(dict(batch))  # draws move on within an epoch

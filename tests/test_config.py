@@ -259,7 +259,7 @@ def test_error_line_gives_the_reason_of_a_failed_instantiate():
     cfg = compose(["train.epochs=-1"])
     with pytest.raises(InstantiationException) as info:
         instantiate(cfg.train)
-    assert error_line(info.value) == "train: train.epochs must be >= 1, got -1"
+    assert error_line(info.value) == "train: train.epochs: must be an integer >= 1, got -1"
     assert error_line(ConfigError("data.fold: bad\nmore")) == "data.fold: bad"
 
 
@@ -372,3 +372,35 @@ def test_both_entry_points_answer_a_bad_key_in_one_line_with_exit_2(entry, overr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert list(tmp_path.iterdir()) == []  # refused before any data or run folder
+
+
+# ---------------------------------------------------------------- the user's own config folder (--config-dir)
+
+def test_a_users_config_dir_adds_options_beside_the_shipped_ones(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - smoke\n  - _self_\nexperiment_name: mine\nseed: 7\n")
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "demo.yaml").write_text("epochs: 3\n")  # a shipped option's name: the shipped file wins
+    cfg = compose(["experiment=mine"], user_dirs=[tmp_path])
+    assert cfg.experiment_name == "mine" and cfg.seed == 7 and cfg.model.backbone == compose(["experiment=smoke"]).model.backbone
+    assert compose([], user_dirs=[tmp_path]).train.epochs == compose([]).train.epochs
+    with pytest.raises(ConfigError, match=r"^experiment=mine: no such option; choose from birdclef2025, demo, few_shot, smoke$"):
+        compose(["experiment=mine"])  # without the folder, the option does not exist
+    with pytest.raises(ConfigError, match=r"^--config-dir: no such folder: "):
+        compose([], user_dirs=[tmp_path / "missing"])
+
+
+def test_the_config_tree_ships_inside_the_package():
+    import birdrounds
+
+    assert config_dir() == Path(birdrounds.__file__).parent / "configs"
+    assert (Path(__file__).resolve().parents[1] / "configs").resolve() == config_dir()  # the checkout's configs/ link
+
+
+def test_the_demo_preset_is_the_default_recipe_with_shorter_student_rounds():
+    demo, default = compose(["experiment=demo"]), compose([])
+    assert demo.pseudo.student_train.epochs < default.pseudo.student_train.epochs
+    for node in ("data", "model", "train", "loss"):  # the teacher's recipe is the default's
+        assert OmegaConf.to_container(demo[node], resolve=True) == OmegaConf.to_container(default[node], resolve=True)
+    assert (demo.experiment_name, demo.pseudo.student_train.epochs) == ("demo", 6)

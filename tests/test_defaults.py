@@ -1,5 +1,7 @@
-"""One value per default: where a settings class or builder keeps a Python default for a config key, it is the
-value the composed config gives that key (the YAML tree is what users and the measured results ran with)."""
+"""One source per default: a settings class or builder built from a config node has no Python default for a key
+the composed node holds (the YAML tree is what users and the measured results ran with), and `shipped` builds
+each from that tree. InferenceSettings alone keeps its own (infer.py also ships as a script without the YAML),
+equal to the config's."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from birdrounds.config import compose
+from birdrounds.config import LEGACY, compose, shipped
 from birdrounds.data.augment import AugmentSettings
 from birdrounds.data.clips import AUTO_EPOCH_BOUNDS, MixUp
 from birdrounds.data.mixed_val import build_mixed_validation
@@ -22,7 +24,7 @@ from birdrounds.xeno_canto import XCSettings
 
 
 def python_defaults(target: Any) -> dict[str, Any]:
-    """Field (dataclass) or keyword (function) defaults of `target`, as plain values."""
+    """Field (dataclass) or keyword (function, class __init__) defaults of `target`, as plain values."""
     if dataclasses.is_dataclass(target):
         out = {}
         for f in dataclasses.fields(target):
@@ -44,26 +46,69 @@ def plain(value: Any) -> Any:
     return value
 
 
-# (what, overrides that select the config node, node path, renames {config key: python name}, keys not compared)
-CASES = [
-    (XCSettings, [], "xc", {}, {"data_root", "out_dir", "train_csv", "taxonomy_csv"}),
-    (TrainSettings, ["train=default"], "train", {}, {"optimizer", "scheduler", "seed"}),
-    (LoggerSettings, ["logger=wandb"], "logger", {}, set()),
-    (SynthSpec, ["data=synthetic"], "data.synth", {}, set()),
-    (AugmentSettings, ["data=birdclef2025", "data.root=x"], "data.augment", {}, set()),
-    (MixUp, ["data=birdclef2025", "data.root=x"], "data.mixup", {}, {"seed"}),
-    (build_mixed_validation, ["data=birdclef2025", "data.root=x"], "data.mixed_val", {}, set()),
-    # The standalone infer.py's own defaults hold for a model exported without recorded settings (before
-    # export recorded them): no smoothing there, as then; exports record the predict config's kernel.
-    (InferenceSettings, [], "predict", {"threads": "intra_op_threads"}, {"smoothing"}),
+def node_keys(overrides: list[str], node: str) -> set[str]:
+    """The keys the composed node holds (Hydra's own `_target_`, `_convert_` ... left out)."""
+    return {k for k in OmegaConf.select(compose(overrides), node) if not str(k).startswith("_")}
+
+
+D = ["data=birdclef2025", "data.root=x"]
+# (what, the overrides of every shipped option that builds it from the node, node path)
+ONE_SOURCE = [
+    (XCSettings, [[]], "xc"),
+    (TrainSettings, [["train=default"], ["train=demo"], ["train=smoke"]], "train"),
+    (LoggerSettings, [["logger=wandb"], ["logger=none"]], "logger"),
+    (SynthSpec, [["data=synthetic"], ["data=synthetic_smoke"], ["data=synthetic_few_shot"]], "data.synth"),
+    (AugmentSettings, [D, ["experiment=few_shot"]], "data.augment"),
+    (MixUp, [D], "data.mixup"),
+    (build_mixed_validation, [D], "data.mixed_val"),
 ]
+IDS = [c[0].__name__ for c in ONE_SOURCE]
 
 
-@pytest.mark.parametrize("target, overrides, node, renames, skip", CASES,
-                         ids=[getattr(c[0], "__name__", str(c[0])) for c in CASES])
-def test_python_defaults_equal_the_composed_config(target, overrides, node, renames, skip):
-    section = OmegaConf.to_container(OmegaConf.select(compose(overrides), node), resolve=True)
-    defaults = python_defaults(target)
+@pytest.mark.parametrize("target, option_overrides, node", ONE_SOURCE, ids=IDS)
+def test_no_python_default_for_a_key_the_config_holds(target, option_overrides, node):
+    keys = set().union(*(node_keys(o, node) for o in option_overrides))
+    held = sorted(keys & set(python_defaults(target)))
+    assert not held, f"{target.__name__}: a Python default repeats {node}'s " + ", ".join(held) + " (the YAML is the one source)"
+
+
+def test_the_check_catches_a_re_added_default(monkeypatch):
+    """The test above would fail on a default written twice again (here: TrainSettings.epochs = 15)."""
+    field = next(f for f in dataclasses.fields(TrainSettings) if f.name == "epochs")
+    monkeypatch.setattr(field, "default", 15)
+    with pytest.raises(AssertionError, match="repeats train's epochs"):
+        test_no_python_default_for_a_key_the_config_holds(TrainSettings, [["train=default"]], "train")
+
+
+@pytest.mark.parametrize("node, overrides, kind", [
+    ("xc", [], XCSettings), ("train", ["train=smoke"], TrainSettings), ("logger", ["logger=none"], LoggerSettings),
+    ("data.synth", ["data=synthetic"], SynthSpec), ("data.mixup", D, MixUp),
+])
+def test_shipped_builds_each_from_the_tree(node, overrides, kind):
+    built = shipped(node, *overrides)
+    assert isinstance(built, kind)
+    values = OmegaConf.to_container(OmegaConf.select(compose(overrides), node), resolve=True)
+    for key, value in values.items():
+        if not key.startswith("_") and not (isinstance(value, dict) and "_target_" in value):  # partials built
+            assert plain(getattr(built, key)) == plain(value), f"{node}.{key}"
+
+
+def test_shipped_takes_changes_and_refuses_a_node_without_target():
+    from birdrounds.config import ConfigError, shipped_config
+
+    assert shipped("data.synth", "data=synthetic", n_species=3).n_species == 3
+    augment = AugmentSettings.from_config(shipped_config("data.augment", *D), pitch_method="signalsmith")
+    assert augment.pitch_method == "signalsmith" and augment.gain_p == compose(D).data.augment.gain_p
+    with pytest.raises(ConfigError, match=r"^data\.mixed_val: has no _target_"):
+        shipped("data.mixed_val", *D)
+
+
+# The standalone infer.py keeps its own defaults (it also runs without the YAML); they must equal the config's.
+# Its defaults hold for a model exported without recorded settings (before export recorded them): no smoothing
+# there, as then; exports record the predict config's kernel.
+def test_inference_defaults_equal_the_composed_config():
+    section = OmegaConf.to_container(compose([]).predict, resolve=True)
+    defaults, renames, skip = python_defaults(InferenceSettings), {"threads": "intra_op_threads"}, {"smoothing"}
     compared, differ = 0, []
     for key, value in section.items():
         name = renames.get(key, key)
@@ -71,8 +116,8 @@ def test_python_defaults_equal_the_composed_config(target, overrides, node, rena
             continue
         compared += 1
         if plain(defaults[name]) != plain(value):
-            differ.append(f"{node}.{key}: config {value!r}, Python {defaults[name]!r}")
-    assert compared, f"nothing compared for {node}"
+            differ.append(f"predict.{key}: config {value!r}, Python {defaults[name]!r}")
+    assert compared, "nothing compared for predict"
     assert not differ, "defaults written twice disagree: " + "; ".join(differ)
 
 
@@ -82,15 +127,30 @@ def test_auto_epoch_bounds_default_is_the_configs():
 
 def test_an_older_runs_mixed_validation_config_builds_the_set_it_was_scored_on(monkeypatch):
     """A `data.mixed_val` written before distance/subtract_background existed gets their old values from the
-    explicit legacy map, not today's defaults."""
+    explicit legacy map (config.LEGACY), not today's defaults; what it lacks beyond those, the shipped node's."""
     from birdrounds.data import mixed_val
 
     seen = {}
     monkeypatch.setattr(mixed_val, "build_mixed_validation", lambda *args, **kwargs: seen.update(kwargs))
     old = OmegaConf.create({"enabled": True, "n_rows": 50, "seed": 3, "snr_db": [-6, 10]})
     mixed_val.mixed_validation_from_config(old, pd.DataFrame({"x": [1]}), ["s.ogg"], None, ["a"])
-    assert seen == {"n_rows": 50, "seed": 3, "snr_db": [-6.0, 10.0], "distance": [0.0, 0.0],
-                    "subtract_background": False, "distance_from_snr": False}
-    today = compose(["data=birdclef2025", "data.root=x"]).data.mixed_val
+    legacy = {"distance": [0.0, 0.0], "subtract_background": False, "distance_from_snr": False, "background_labels": None}
+    assert {k: LEGACY[f"data.mixed_val.{k}"] for k in legacy} == legacy
+    today = compose(D).data.mixed_val
+    assert seen == {"n_rows": 50, "seed": 3, "snr_db": [-6.0, 10.0], **legacy,
+                    **{k: plain(today[k]) if k != "max_background_files" else today[k]
+                       for k in ("quiet_fraction", "calls_per_row", "call_s", "max_background_files")}}
     mixed_val.mixed_validation_from_config(today, pd.DataFrame({"x": [1]}), ["s.ogg"], None, ["a"])
     assert seen["distance"] == [0.0, 1.0] and seen["subtract_background"] is True
+
+
+def test_legacy_keys_stay_out_of_the_hash_at_their_legacy_value():
+    """One legacy map for both readers: the round hash treats an absent legacy key as its legacy value."""
+    from birdrounds.rounds import result_config
+
+    plain_cfg = OmegaConf.to_container(compose(["experiment=smoke"]), resolve=True)
+    for key in LEGACY:
+        if key.startswith("data.synth."):
+            assert key.rsplit(".", 1)[1] not in result_config(plain_cfg, 0)["data"]["synth"]
+    assert "focal_min_s" in result_config(OmegaConf.to_container(compose(["data=synthetic_few_shot"]), resolve=True),
+                                          0)["data"]["synth"]  # a real setting still counts

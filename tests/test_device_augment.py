@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from birdrounds import rounds
-from birdrounds.config import compose
+from birdrounds.config import compose, shipped_config
 from birdrounds.data.augment import AugmentSettings, build_waveform_augment
 from birdrounds.data.clips import MixUp
 from birdrounds.data.device_augment import (
@@ -27,6 +27,11 @@ SR = 8000
 def settings(**on) -> AugmentSettings:
     """Everything off but `on`."""
     return dataclasses.replace(AugmentSettings.off(), **on)
+
+
+def shipped_settings(**changes) -> AugmentSettings:
+    """The shipped `data.augment`'s settings, `changes` over them."""
+    return AugmentSettings.from_config(shipped_config("data.augment"), **changes)
 
 
 def tone(freq_hz: float, seconds: float = 2.0, until_s: float | None = None) -> torch.Tensor:
@@ -90,7 +95,7 @@ def batch(size: int = 8, n: int = 4000, seed: int = 0) -> dict[str, torch.Tensor
 
 def test_batch_augment_is_reproducible_per_epoch_and_keeps_shape_and_dtype():
     def run(epoch: int) -> torch.Tensor:
-        aug = BatchAugment(SR, AugmentSettings(pitch_method="resample"), n_fft=256, hop_length=64, seed=3)
+        aug = BatchAugment(SR, shipped_settings(pitch_method="resample"), n_fft=256, hop_length=64, seed=3)
         aug.set_epoch(epoch)
         return aug(batch())["audio"]
 
@@ -106,7 +111,7 @@ def test_batch_augment_with_everything_off_is_the_identity_and_mixup_runs_after(
     aug.set_epoch(0)
     b = batch()
     assert torch.equal(aug(b)["audio"], b["audio"])
-    mixed = BatchAugment(SR, AugmentSettings.off(), mixup=MixUp(prob=1.0, weight=0.5))
+    mixed = BatchAugment(SR, AugmentSettings.off(), mixup=MixUp(prob=1.0, alpha=None, weight=0.5, target_mode="max"))
     mixed.set_epoch(0)
     out = mixed(b)
     assert (out["target"].sum(dim=1) == 2).all()  # every clip mixed with another: two labels each
@@ -133,17 +138,20 @@ def test_gain_and_background_follow_their_ranges():
 
 def test_augment_settings_refuse_bad_ranges_and_methods_in_both_placements():
     with pytest.raises(ValueError, match="pitch_method"):
-        AugmentSettings(pitch_method="rubberband")
+        shipped_settings(pitch_method="rubberband")
     with pytest.raises(ValueError, match="gain_db"):
-        AugmentSettings(gain_db=(6.0, -6.0))
+        shipped_settings(gain_db=(6.0, -6.0))
     with pytest.raises(ValueError, match="noise_p"):
-        AugmentSettings(noise_p=1.5)
+        shipped_settings(noise_p=1.5)
     with pytest.raises(ValueError, match="stretch_rate"):
-        AugmentSettings(stretch_rate=(0.0, 1.0))
+        shipped_settings(stretch_rate=(0.0, 1.0))
+    knobs = dataclasses.asdict(shipped_settings())
     with pytest.raises(ValueError, match="gain_db"):  # the workers' builder reads the same settings
-        build_waveform_augment(SR, gain_db=(6.0, -6.0))
+        build_waveform_augment(SR, **{**knobs, "gain_db": (6.0, -6.0)})
     with pytest.raises(TypeError, match="gain_dB"):
-        build_waveform_augment(SR, gain_dB=(0.0, 1.0))
+        build_waveform_augment(SR, **knobs, gain_dB=(0.0, 1.0))
+    with pytest.raises(TypeError, match="pitch_method"):  # the config holds it: no default made up here
+        build_waveform_augment(SR, **{k: v for k, v in knobs.items() if k != "pitch_method"})
 
 
 def test_device_transform_reads_the_configs_augment_knobs():

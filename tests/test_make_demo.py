@@ -1,6 +1,6 @@
 """`make demo` as README's first command runs it, on the smoke data: the archive import comes before round 0.
 
-The shared smoke run (conftest.smoke_run) is this `make demo`, with ROUNDS=2 and ARGS=experiment=smoke ...
+The shared smoke run (conftest.smoke_run) is this `make demo`, with ROUNDS=2, EXPERIMENT=smoke and ARGS=...
 """
 
 import json

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from birdrounds.config import compose
+from birdrounds.config import compose, shipped_config
 from birdrounds.data import mixed_val
 from birdrounds.data.mixed_val import _active_level, far_away, mixed_validation_from_config
 from birdrounds.rounds import config_hash
@@ -20,10 +20,12 @@ from birdrounds.rounds import config_hash
 SR = 8000
 CLASSES = ["a", "b", "c", "d"]
 
-# The tests build the raw set (calls as recorded, raw probabilities) unless they ask for distance or subtraction;
-# the configured default (data.mixed_val, and build_mixed_validation's own defaults) turns both on.
-build_mixed_validation = functools.partial(mixed_val.build_mixed_validation, distance=(0.0, 0.0),
-                                           subtract_background=False)
+# The tests build from the shipped data.mixed_val's values, the raw set (calls as recorded, raw probabilities)
+# unless they ask for distance or subtraction, which the shipped config turns on.
+SHIPPED = {k: v for k, v in OmegaConf.to_container(shipped_config("data.mixed_val", "data=birdclef2025"), resolve=True).items()
+           if k != "enabled"}
+build_mixed_validation = functools.partial(mixed_val.build_mixed_validation, **{**SHIPPED, "distance": (0.0, 0.0),
+                                                                                 "subtract_background": False})
 
 
 class DictAudio:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import re
 import time
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 from scipy import signal
 from sklearn.metrics import roc_auc_score
 
-from birdrounds.config import ConfigError
+from birdrounds.config import ConfigError, shipped
 from birdrounds.data.prepare import synthesize
 from birdrounds.data.synthetic import (
     CHUNK_S,
@@ -29,11 +30,14 @@ from birdrounds.data.synthetic import (
     make_plan,
 )
 
-TINY = SynthSpec(n_species=6, n_train_soundscapes=3, n_val_soundscapes=4, soundscape_s=20.0,
-                 max_files_per_class=6, n_archive_per_minority=2, minority_max_files=3, focal_max_s=12.0)
+# The demo's dataset (the shipped data.synth), shrunk.
+TINY = shipped("data.synth", "data=synthetic", n_species=6, n_train_soundscapes=3, n_val_soundscapes=4,
+               soundscape_s=20.0, max_files_per_class=6, n_archive_per_minority=2, minority_max_files=3,
+               focal_max_s=12.0)
 # A few files of a few seconds: for the folder-handling tests, where the audio does not matter.
-MICRO = SynthSpec(n_species=2, n_train_soundscapes=0, n_val_soundscapes=1, soundscape_s=5.0, min_files_per_class=1,
-                  max_files_per_class=2, n_archive_per_minority=0, focal_min_s=1.0, focal_max_s=2.0)
+MICRO = shipped("data.synth", "data=synthetic", n_species=2, n_train_soundscapes=0, n_val_soundscapes=1,
+                soundscape_s=5.0, min_files_per_class=1, max_files_per_class=2, n_archive_per_minority=0,
+                focal_min_s=1.0, focal_max_s=2.0)
 
 TRAIN_COLUMNS = ["primary_label", "secondary_labels", "type", "filename", "collection", "rating", "url",
                  "latitude", "longitude", "scientific_name", "common_name", "author", "license"]
@@ -230,9 +234,11 @@ def test_synthesize_names_data_root_and_deletes_only_its_own_datasets(tmp_path: 
 
 def test_spec_is_validated_and_hydra_instantiable() -> None:
     with pytest.raises(ValueError, match="soundscape_s"):
-        SynthSpec(soundscape_s=7.0)
-    spec = instantiate({"_target_": "birdrounds.data.synthetic.SynthSpec", "n_species": 3, "seed": 2})
-    assert spec == SynthSpec(n_species=3, seed=2)
+        dataclasses.replace(MICRO, soundscape_s=7.0)
+    spec = instantiate({"_target_": "birdrounds.data.synthetic.SynthSpec", **MICRO.__dict__, "n_species": 3, "seed": 2})
+    assert spec == dataclasses.replace(MICRO, n_species=3, seed=2)
+    with pytest.raises(TypeError, match="n_species"):  # the config holds every size: none is made up here
+        SynthSpec(**{k: v for k, v in MICRO.__dict__.items() if k != "n_species"})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,4 +324,4 @@ def test_soundscape_dialect_shifts_soundscape_calls_only(tmp_path: Path) -> None
     # A folder made before the option existed (no key in DONE.json) still matches the default spec.
     assert "soundscape_dialect" not in _done_record(TINY)["spec"]
     with pytest.raises(ValueError, match="soundscape_dialect"):
-        SynthSpec(soundscape_dialect=0.6)
+        dataclasses.replace(TINY, soundscape_dialect=0.6)

@@ -24,13 +24,12 @@ from hydra.utils import instantiate
 from torch.utils.data import WeightedRandomSampler
 
 import train_script
-from birdrounds.config import compose
+from birdrounds.config import compose, shipped
 from birdrounds.model import load_checkpoint
 from birdrounds.train import (
     COMPLETE_MARKER,
     STATE_FILE,
     EpochSampler,
-    LoggerSettings,
     TrainSettings,
     complete_checkpoints,
     cosine_with_warmup,
@@ -65,7 +64,7 @@ def wandb_run(data, tmp_path_factory) -> tuple[Path, dict]:
     """One in-process fit (3 epochs x 2 steps, EMA on) logged to an offline wandb run."""
     out = tmp_path_factory.mktemp("fit")
     settings = train_script.settings(epochs=3, steps=2)
-    result = train_script.train(data, out, Accelerator(log_with="wandb"), settings, logger=LoggerSettings(project="test"))
+    result = train_script.train(data, out, Accelerator(log_with="wandb"), settings, logger=shipped("logger", "logger=wandb", project="test"))
     return out, result
 
 
@@ -181,7 +180,7 @@ def test_channels_last_changes_the_layout_not_the_training(data, tmp_path):
     # As in the accumulation test: rounding moves a near-zero-gradient weight ~1e-5 under Adam, a wrong
     # model ~lr = 5e-4.
     assert all(torch.allclose(weights[False][k], weights[True][k], atol=5e-5) for k in weights[False])
-    assert TrainSettings().channels_last
+    assert shipped("train").channels_last  # the shipped default
 
 
 # ----------------------------------------------------------------------------- a real fit

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 import birdrounds.xeno_canto as xc
-from birdrounds.config import ConfigError
+from birdrounds.config import ConfigError, shipped
 from birdrounds.data.audio import load_audio
 from birdrounds.data.layout import TRAIN_COLUMNS, prepare_train_table
 from birdrounds.xeno_canto import LocalArchive, XCSettings, archive_query, download_xeno_canto
@@ -95,7 +95,7 @@ def no_key(monkeypatch):
 def settings_for(archive: Path, root: Path, out: Path, **changes) -> XCSettings:
     values = {"data_root": str(root), "out_dir": str(out), "source": str(archive), "min_length_s": 5.0,
               "progress": False, "api_url": "http://127.0.0.1:9/unused"}
-    return XCSettings(**{**values, **changes})
+    return shipped("xc", **{**values, **changes})
 
 
 def cli(archive: Path, root: Path, out: Path, *overrides: str) -> int:

@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from birdrounds.config import ConfigError
+from birdrounds.config import ConfigError, shipped
 from birdrounds.data.audio import load_audio
 from birdrounds.data.layout import load_birdclef, prepare_train_table
-from birdrounds.data.synthetic import SynthSpec, generate
+from birdrounds.data.synthetic import generate
 from birdrounds.xeno_canto import (
     XCClient,
     XCSettings,
@@ -185,7 +185,7 @@ def settings_for(fake: FakeXC, root: Path, out: Path, **changes) -> XCSettings:
     values = {"data_root": str(root), "out_dir": str(out), "api_url": f"{fake.base}/api/3/recordings",
               "api_key": "good-key", "per_page": 2, "min_length_s": 5.0, "min_interval_s": 0.0, "max_retries": 2,
               "backoff_base_s": 0.001, "timeout_s": 10.0, "progress": False}
-    return XCSettings(**{**values, **changes})
+    return shipped("xc", **{**values, **changes})
 
 
 def audio_hits(fake: FakeXC) -> int:
@@ -293,10 +293,10 @@ def test_min_interval_between_requests(fake_xc, data_root, tmp_path):
 
 def test_synthetic_archive_extends_minority_classes(fake_xc, tmp_path, monkeypatch):
     monkeypatch.delenv("XC_API_KEY", raising=False)
-    root = generate(tmp_path / "synth", SynthSpec(
-        n_species=4, n_train_soundscapes=0, n_val_soundscapes=1, soundscape_s=5.0, sample_rate_hz=16000,
-        min_files_per_class=1, max_files_per_class=4, n_archive_per_minority=2, minority_max_files=2,
-        focal_min_s=1.0, focal_max_s=2.0), num_workers=1)
+    root = generate(tmp_path / "synth", shipped(
+        "data.synth", "data=synthetic", n_species=4, n_train_soundscapes=0, n_val_soundscapes=1, soundscape_s=5.0,
+        sample_rate_hz=16000, min_files_per_class=1, max_files_per_class=4, n_archive_per_minority=2,
+        minority_max_files=2, focal_min_s=1.0, focal_max_s=2.0), num_workers=1)
     n_archive = fake_xc.add_archive(root)
     out = tmp_path / "xc"
     summaries = download_xeno_canto(settings_for(fake_xc, root, out, min_recordings=3, min_length_s=None,
@@ -328,14 +328,14 @@ def test_synthetic_archive_extends_minority_classes(fake_xc, tmp_path, monkeypat
 def test_helpers():
     assert parse_length_s("4:13") == 253 and parse_length_s("1:00:05") == 3605 and parse_length_s("?") is None
     assert licence_tokens("//creativecommons.org/licenses/by-nc-nd/4.0/") == {"by", "nc", "nd"}
-    s = XCSettings(data_root=".", out_dir=".", quality=">C", length="10-60", group="birds")
+    s = shipped("xc", data_root=".", out_dir=".", quality=">C", length="10-60", group="birds")
     assert build_query("Larus marinus", s) == 'sp:"Larus marinus" q:>C len:10-60 grp:birds'
 
 
 def test_select_species_threshold_list_and_synonyms():
     train = pd.DataFrame({"primary_label": ["a"] * 3 + ["b"] * 30})
     tax = pd.DataFrame({"primary_label": ["a", "b", "c"], "scientific_name": ["Regulus calendula", "B b", "C c"]})
-    s = XCSettings(data_root=".", out_dir=".", synonyms={"c": "Cc renamed"})
+    s = shipped("xc", data_root=".", out_dir=".", synonyms={"c": "Cc renamed"})
     plans = select_species(train, tax, s)
     assert [(p.label, p.xc_name, p.n_train) for p in plans] == [("a", "Corthylio calendula", 3), ("c", "Cc renamed", 0)]
     s.species = ["b"]

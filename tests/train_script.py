@@ -17,12 +17,13 @@ import soundfile as sf
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from birdrounds.config import shipped
 from birdrounds.data.audio import DirectAudio
-from birdrounds.data.clips import ClipDataset, MixUp, MixUpCollate, make_sampler
+from birdrounds.data.clips import ClipDataset, MixUpCollate, make_sampler
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.losses import BCELoss
 from birdrounds.model import BirdModel
-from birdrounds.train import LoggerSettings, TrainSettings, cosine_with_warmup, fit
+from birdrounds.train import LoggerSettings, TrainSettings, fit
 
 SAMPLE_RATE_HZ = 8000
 WINDOW_S = 1.0
@@ -66,9 +67,10 @@ def make_data(root: Path, files_per_class: int = 6, seed: int = 0) -> None:
 
 def settings(epochs: int = 2, batch_size: int = 8, steps: int | None = 3, seed: int = 0,
              num_workers: int = 0, ema_decay: float | None = 0.9) -> TrainSettings:
-    """Shrunk training settings: a few steps, warmup over the first half epoch."""
-    return TrainSettings(
-        scheduler=lambda opt, **kw: cosine_with_warmup(opt, warmup_epochs=0.5, min_lr=1e-5, **kw),
+    """The shipped recipe (train=default) shrunk: a few steps, one cosine with warmup over the first half epoch."""
+    return shipped(
+        "train", "train=default",
+        scheduler={"warmup_epochs": 0.5, "restart_epochs": None, "min_lr": 1e-5},
         epochs=epochs, batch_size=batch_size, num_workers=num_workers, max_steps_per_epoch=steps,
         seed=seed, log_every_steps=1, ema_decay=ema_decay,
     )
@@ -86,7 +88,7 @@ def train(
     val_clips = ClipDataset(table[table["split"] == "val"].reset_index(drop=True), CLASSES, audio,
                             window_s=WINDOW_S, window_mode="center")
     scapes = SoundscapeChunks(sorted(data.glob("scape*.wav")), audio, window_s=WINDOW_S, stride_s=WINDOW_S)
-    collate = MixUpCollate(MixUp(prob=mixup_prob, weight=0.5, seed=train_settings.seed))
+    collate = MixUpCollate(shipped("data.mixup", prob=mixup_prob, seed=train_settings.seed))
     set_seed(train_settings.seed)  # the model's initial weights
     model = BirdModel(len(CLASSES), **{**TINY_MODEL, "drop_rate": drop_rate})
     return fit(

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from omegaconf import DictConfig
 
-from birdrounds.config import ConfigError, compose, error_line, validate
+from birdrounds.config import ConfigError, compose, config_dir, error_line, validate
 from birdrounds.data.layout import LayoutError
 
 log = logging.getLogger("birdrounds")
@@ -88,37 +88,69 @@ def config_errors() -> tuple[type[BaseException], ...]:
 
 
 def exit_on_bad_overrides(prog: str, argv: Sequence[str]) -> None:
-    """Compose the overrides of a @hydra.main command line (`rounds/run.py`) first and, where one names an
-    unknown key or option or adds a key nothing reads, exit 2 with one line on stderr instead of Hydra's
-    multi-line report (exit 1). Hydra's own requests (--help, --multirun, another config folder) pass."""
+    """Compose the overrides of a @hydra.main command line (`birdrounds run`, `rounds/run.py`) first and,
+    where one names an unknown key or option or adds a key nothing reads, exit 2 with one line on stderr
+    instead of Hydra's multi-line report (exit 1). Hydra's own requests (--help, --multirun, another
+    primary config folder) pass."""
     from hydra._internal.utils import get_args_parser
 
     args, _ = get_args_parser().parse_known_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion or args.multirun or args.config_path \
-            or args.config_dir:
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.multirun or args.config_path:
         return
     try:
-        compose(args.overrides, config_name=args.config_name or "config")
+        compose(args.overrides, config_name=args.config_name or "config",
+                user_dirs=[args.config_dir] if args.config_dir else ())
     except config_errors() as err:
         print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
         sys.exit(2)
 
 
+def rounds_task(cfg: DictConfig) -> None:
+    """The rounds under @hydra.main: bad config or bad tables end in one line and exit 2."""
+    from birdrounds.rounds import run
+
+    try:
+        run(cfg)
+    except config_errors() as err:
+        log.error("%s", error_line(err))  # Hydra's job log (run.log) keeps it too
+        sys.exit(2)
+
+
+def run_rounds(argv: Sequence[str], prog: str = "birdrounds run") -> None:
+    """Bring a run folder up to a round: `birdrounds run round=2 [overrides]` (and `rounds/run.py`, its
+    thin script, which `accelerate launch` takes). Hydra's own command line: overrides, `--config-dir DIR`
+    (the user's config folder, searched after the shipped tree), `--help`, `--cfg job`. Hydra writes the
+    job's log to `<run_dir>/run.log` (hydra.job.name in config.yaml)."""
+    import hydra
+
+    exit_on_bad_overrides(prog, argv)
+    sys.argv = [prog, *argv]  # hydra.main reads its command line from sys.argv
+    hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(rounds_task)()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `birdrounds <command> [key=value ...]`, compose the config and run the command."""
+    """Parse `birdrounds <command> [--config-dir DIR] [key=value ...]`, compose the config, run the command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:  # Hydra parses its own command line
+        run_rounds(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="birdrounds", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="bring a run folder up to a round: teacher, pseudo-labels, students "
+                               "(Hydra's command line, as rounds/run.py)")
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=smoke data.root=/data")
-    argv = list(sys.argv[1:] if argv is None else argv)
+        p.add_argument("--config-dir", action="append", default=[], metavar="DIR",
+                       help="a folder of your own config files (e.g. experiment/mine.yaml), searched after the "
+                            "shipped ones; repeatable")
     # `--dry-run` is shorthand for the xc.dry_run=true override.
     if argv[:1] == ["xc-download"] and "--dry-run" in argv:
         argv = [a for a in argv if a != "--dry-run"] + ["xc.dry_run=true"]
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s %(levelname)s] %(message)s")
     try:
-        cfg = compose(args.overrides)
+        cfg = compose(args.overrides, user_dirs=args.config_dir)
         validate(cfg)
         status = COMMANDS[args.command][0](cfg)
     except config_errors() as err:

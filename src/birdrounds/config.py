@@ -8,7 +8,9 @@ import re
 import sys
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -22,17 +24,73 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message starts with the offending key."""
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What one config value must be, written once: `validate` checks it before a long run starts, and the
+    component that reads the value checks it again where it is built outside a run (a test, a script)."""
+
+    ok: Callable[[Any], bool]
+    text: str  # what the value must be, e.g. "must be an integer >= 1"
+
+    def problem(self, key: str, value: Any) -> str | None:
+        """None when `value` passes, else the one-line reason "<key>: <text>, got <value>"."""
+        return None if self.ok(value) else f"{key}: {self.text}, got {value!r}"
+
+
+# Keys added to the config tree after runs were recorded, each with the value that does what the code did
+# before the key existed (an older run folder's config lacks the key). Both readers count an absent key as
+# this value: `rounds.result_config` leaves the key out of a round's hash while it holds it, so finished
+# rounds stay reusable after an upgrade (a real setting still counts); `mixed_val.mixed_validation_from_config`
+# rebuilds an older run's validation set with it, the set that run was scored on, not today's default.
+# Read-only: readers copy the lists.
+LEGACY: Mapping[str, Any] = MappingProxyType({
+    "data.external.filter_min_prob": None,
+    "data.augment_on": "workers",
+    "data.split_seed": None,
+    # SynthSpec's focal lengths, held by data/synthetic.yaml since they lost their Python defaults.
+    "data.synth.focal_min_s": 5.0,
+    "data.synth.focal_max_s": 30.0,
+    "data.mixed_val.distance": [0.0, 0.0],
+    "data.mixed_val.subtract_background": False,
+    "data.mixed_val.distance_from_snr": False,
+    "data.mixed_val.background_labels": None,
+})
+
+
+def legacy_under(prefix: str) -> dict[str, Any]:
+    """LEGACY's entries below `prefix` (e.g. "data.mixed_val"), keyed by the rest of their key."""
+    start = prefix + "."
+    return {key[len(start):]: value for key, value in LEGACY.items() if key.startswith(start)}
+
+
 def config_dir() -> Path:
-    """The `configs/` folder: $BIRDROUNDS_CONFIG_DIR, else the one beside `src/` in this checkout."""
+    """The shipped config tree (`birdrounds/configs`, inside the package, so an installed copy finds it
+    from any working directory), or the complete tree that $BIRDROUNDS_CONFIG_DIR names instead."""
     env = os.environ.get("BIRDROUNDS_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    path = Path(env) if env else Path(__file__).resolve().parent / "configs"
     if not (path / "config.yaml").is_file():
-        raise ConfigError(f"BIRDROUNDS_CONFIG_DIR: no config.yaml in {path} (install birdrounds editable from its checkout)")
+        key = "BIRDROUNDS_CONFIG_DIR" if env else "birdrounds/configs"
+        raise ConfigError(f"{key}: no config.yaml in {path}" + ("" if env else " (reinstall birdrounds)"))
     return path
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """Compose the config tree with command-line style overrides, outside of @hydra.main.
+def search_dirs(user_dirs: Sequence[str | Path] = ()) -> list[Path]:
+    """Where config files are looked up, first match wins: the shipped tree, then the user's folders
+    (`--config-dir DIR`), which add options (`experiment/mine.yaml`, `data/mydata.yaml`) beside the shipped
+    ones. ConfigError naming `--config-dir` for a folder that does not exist."""
+    dirs = [config_dir()]
+    for entry in user_dirs:
+        path = Path(entry).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(f"--config-dir: no such folder: {entry}")
+        dirs.append(path)
+    return dirs
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config",
+            user_dirs: Sequence[str | Path] = ()) -> DictConfig:
+    """Compose the config tree with command-line style overrides, outside of @hydra.main; `user_dirs` are
+    the user's own config folders, searched after the shipped tree (`search_dirs`).
 
     An unknown key, an unknown group option or an added key (`+key=...`) that no component takes raises
     ConfigError in one line that names the override (see `check_additions`).
@@ -41,16 +99,20 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     from hydra import initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
+    dirs = search_dirs(user_dirs)
+    # Hydra's own way to add folders to its search path: the `hydra.searchpath` key, as an override.
+    search = [f"hydra.searchpath=[{','.join(repr(f'file://{d}') for d in dirs[1:])}]"] if dirs[1:] else []
     overrides = list(overrides)
     parsed = parse_overrides(overrides)
     groups = config_groups(config_name)
-    check_group_options(parsed, groups)
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+    check_group_options(parsed, groups, dirs)
+    with initialize_config_dir(config_dir=str(dirs[0]), version_base="1.3"):
         def without(dropped: Collection[Any]) -> DictConfig:
-            return hydra_compose(config_name=config_name, overrides=[o.input_line for o in parsed if o not in dropped])
+            return hydra_compose(config_name=config_name,
+                                 overrides=search + [o.input_line for o in parsed if o not in dropped])
 
         try:
-            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+            cfg = hydra_compose(config_name=config_name, overrides=search + overrides)
         except ConfigCompositionException as err:
             # Where a key is unknown, the config of the same group options shows its likely spelling.
             keys = [o for o in parsed if o.key_or_group not in groups]
@@ -58,8 +120,42 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
         forced = [o for o in parsed if o.is_force_add()]
         before = plain_tree(without(forced)) if forced else {}
         # `++key=...` sets a key that exists and adds one that does not: only the latter is an addition.
-        check_additions(cfg, [o for o in parsed if o.is_add() or (o in forced and not has_key(before, o.key_or_group))])
+        check_additions(cfg, [o for o in parsed if o.is_add() or (o in forced and not has_key(before, o.key_or_group))],
+                        dirs)
     return cfg
+
+
+def shipped_config(node: str, *overrides: str) -> DictConfig:
+    """Node `node` (dotted, e.g. "data.synth") of the shipped config composed with `overrides`, still attached
+    to its root so interpolations resolve; ConfigError where the node is absent or null. Works inside a run
+    under @hydra.main too (compose needs Hydra's global state to itself: it is set aside meanwhile)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    running = get_gh_backup() if GlobalHydra.instance().is_initialized() else None
+    if running is not None:
+        GlobalHydra.instance().clear()
+    try:
+        section = OmegaConf.select(compose(list(overrides)), node)
+    finally:
+        if running is not None:
+            restore_gh_from_backup(running)
+    if not isinstance(section, DictConfig):
+        raise ConfigError(f"{node}: no such section in the shipped config with {list(overrides)}")
+    return section
+
+
+def shipped(node: str, *overrides: str, **changes: Any) -> Any:
+    """What `node` of the shipped config (composed with `overrides`) builds, by `hydra.utils.instantiate` as a
+    run builds it, with `changes` as keyword overrides: the YAML tree is where the defaults live, e.g.
+    `shipped("data.synth", "data=synthetic", n_species=4)` or `shipped("train", "train=smoke", epochs=1)`.
+    ConfigError for a node without `_target_` (nothing to build; see `shipped_config`)."""
+    from hydra.utils import instantiate
+
+    section = shipped_config(node, *overrides)
+    if "_target_" not in section:
+        raise ConfigError(f"{node}: has no _target_, nothing to build (read its values with shipped_config)")
+    return instantiate(section, **changes)
 
 
 # ---------------------------------------------------------------- overrides: unknown keys and options, additions
@@ -96,18 +192,19 @@ def config_groups(config_name: str = "config") -> set[str]:
     return {str(key).split("@")[0] for entry in defaults if isinstance(entry, Mapping) for key in entry}
 
 
-def group_options(group: str) -> list[str]:
-    """The selectable options of config group `group`; `_`-prefixed files (e.g. pseudo/_base.yaml) are
-    what the options share, not options."""
-    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml") if not p.stem.startswith("_"))
+def group_options(group: str, dirs: Sequence[Path] | None = None) -> list[str]:
+    """The selectable options of config group `group` in `dirs` (default: the shipped tree); `_`-prefixed
+    files (e.g. pseudo/_base.yaml) are what the options share, not options."""
+    return sorted({p.stem for d in dirs or [config_dir()] for p in (d / group).glob("*.yaml")
+                   if not p.stem.startswith("_")})
 
 
-def check_group_options(parsed: Sequence[Any], groups: Collection[str]) -> None:
-    """ConfigError for a group override whose option does not exist, listing the ones that do."""
+def check_group_options(parsed: Sequence[Any], groups: Collection[str], dirs: Sequence[Path] | None = None) -> None:
+    """ConfigError for a group override whose option does not exist in `dirs`, listing the ones that do."""
     for override in parsed:
         value = None if override.is_delete() or override.is_sweep_override() else override.value()
         if override.key_or_group in groups and value is not None:
-            options = group_options(override.key_or_group)
+            options = group_options(override.key_or_group, dirs)
             if str(value) not in options:
                 raise ConfigError(f"{shown(override)}: no such option; choose from {', '.join(options)}")
 
@@ -160,7 +257,7 @@ def has_key(tree: Mapping[str, Any], dotted: str) -> bool:
     return select_plain(tree, dotted, _ABSENT) is not _ABSENT
 
 
-def check_additions(cfg: DictConfig, additions: Sequence[Any]) -> None:
+def check_additions(cfg: DictConfig, additions: Sequence[Any], dirs: Sequence[Path] | None = None) -> None:
     """ConfigError for an added key (`+key=...`) that nothing would read.
 
     Code reads the keys the YAML files hold; what else gets read is a component's arguments: below a
@@ -174,7 +271,7 @@ def check_additions(cfg: DictConfig, additions: Sequence[Any]) -> None:
         key = override.key_or_group
         if key.startswith("hydra."):
             continue
-        if (config_dir() / key.replace(".", "/")).is_dir():
+        if any((d / key.replace(".", "/")).is_dir() for d in dirs or [config_dir()]):
             raise ConfigError(f"{shown(override)}: adds config group {key!r}, which no component reads")
         problem = addition_problem(tree, key.split("."))
         if problem:
@@ -228,8 +325,8 @@ def require(cfg: DictConfig, key: str, check, message: str) -> None:
 def error_line(err: BaseException) -> str:
     """One line for a bad-config or bad-input error, with the reason (Hydra puts it on a later line).
 
-    A failed `instantiate` reads "Error in call to target 'X':\nValueError('train.epochs must be >= 1')
-    \nfull_key: train"; this gives "train: train.epochs must be >= 1".
+    A failed `instantiate` reads "Error in call to target 'X':\nConfigError('train.epochs: must be an integer
+    >= 1, got -1')\nfull_key: train"; this gives "train: train.epochs: must be an integer >= 1, got -1".
     """
     lines = str(err).splitlines() or [type(err).__name__]
     if len(lines) > 1 and lines[0].startswith("Error in call to target"):
@@ -254,7 +351,9 @@ def validate(cfg: DictConfig) -> None:
             require(cfg, key, lambda v: isinstance(v, bool), "must be true or false")
     if OmegaConf.select(cfg, "data.augment_on") is not None:
         require(cfg, "data.augment_on", lambda v: v in AUGMENT_ON, f"must be one of {AUGMENT_ON}")
-    require(cfg, "data.on_missing_file", lambda v: v in ("warn", "error"), "must be 'warn' or 'error'")
+    from birdrounds.data.layout import ON_MISSING_FILE  # the loader's own rule
+
+    require(cfg, "data.on_missing_file", ON_MISSING_FILE.ok, ON_MISSING_FILE.text)
     for key in ("data.external.loss_weight", "data.external.sample_weight"):
         if OmegaConf.select(cfg, key) is not None:
             require(cfg, key, lambda v: isinstance(v, (int, float)) and v >= 0, "must be a number >= 0")
@@ -265,17 +364,14 @@ def validate(cfg: DictConfig) -> None:
     require(cfg, "recompute_from", lambda v: v is None or (isinstance(v, int) and v >= 0),
             "must be null or a round number")
     require(cfg, "control", lambda v: isinstance(v, bool), "must be true or false")
-    for key in ("train.epochs", "train.batch_size"):
-        if OmegaConf.select(cfg, key) is not None:
-            require(cfg, key, lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1")
+    from birdrounds.checks import TRAIN_RULES  # light: the rules TrainSettings checks too
+
+    for name, rule in TRAIN_RULES.items():
+        if OmegaConf.select(cfg, f"train.{name}") is not None:
+            require(cfg, f"train.{name}", rule.ok, rule.text)
     require(cfg, "data.sampler.samples_per_epoch",
             lambda v: v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
             "must be auto, null (one per train.csv row) or an integer >= 1")
-    if OmegaConf.select(cfg, "train.select_by") is not None:
-        from birdrounds.checks import SELECTION_ORDER
-
-        require(cfg, "train.select_by", lambda v: v in ("auto", "last", *SELECTION_ORDER),
-                f"must be one of auto, last, {', '.join(SELECTION_ORDER)}")
     backbone = OmegaConf.select(cfg, "model.backbone")
     if backbone is not None:
         import timm

@@ -48,7 +48,7 @@ from birdrounds.artifacts import (
     write_json_atomic,
 )
 from birdrounds.checks import SELECTION_ORDER, lineage_steps, round_checks
-from birdrounds.config import ConfigError, redact_secrets, select_plain, validate
+from birdrounds.config import LEGACY, ConfigError, redact_secrets, select_plain, validate
 from birdrounds.data.augment import AugmentSettings
 from birdrounds.data.clips import (
     AUTO_EPOCH_BOUNDS,
@@ -184,12 +184,7 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, roun
 
 def device_augment(data_cfg: DictConfig, mixup: MixUp | None, seed: int) -> BatchAugment:
     """`data.augment` and `data.mixup` as one per-batch transform on the training device."""
-    settings = AugmentSettings.off()
-    if data_cfg.augment:
-        knobs = OmegaConf.to_container(data_cfg.augment, resolve=True)
-        for key in ("_target_", "sample_rate_hz"):
-            knobs.pop(key, None)
-        settings = AugmentSettings(**knobs)
+    settings = AugmentSettings.from_config(data_cfg.augment) if data_cfg.augment else AugmentSettings.off()
     return BatchAugment(data_cfg.sample_rate_hz, settings, mixup=mixup, seed=seed)
 
 
@@ -480,9 +475,6 @@ NON_RESULT_KEYS = ("round", "recompute_from", "control", "logger", "paths", "xc"
                    "experiment_name", "data.mixed_val", "train.channels_last")
 # And those the teacher (round 0) never reads: the pseudo-labeling settings, whether students keep external rows.
 TEACHER_IGNORED_KEYS = ("pseudo", "data.external.in_students", "data.external.filter_min_prob")
-# Keys added after rounds were recorded, left out of the hash while they hold the value that does what the
-# code did before them, so finished rounds stay reusable after an upgrade (a real setting still counts).
-NEUTRAL_WHEN = {"data.external.filter_min_prob": None, "data.augment_on": "workers", "data.split_seed": None}
 
 
 def _drop_key(plain: dict[str, Any], dotted: str) -> None:
@@ -500,7 +492,9 @@ def result_config(plain: dict[str, Any], round_idx: int) -> dict[str, Any]:
     plain = copy.deepcopy(plain)
     for key in (*NON_RESULT_KEYS, *(TEACHER_IGNORED_KEYS if round_idx == 0 else ())):
         _drop_key(plain, key)
-    for key, neutral in NEUTRAL_WHEN.items():
+    # Keys added after rounds were recorded stay out of the hash while they hold the value that does what the
+    # code did before them (absent counts as it), so finished rounds stay reusable after an upgrade.
+    for key, neutral in LEGACY.items():
         if select_plain(plain, key, neutral) == neutral:
             _drop_key(plain, key)
     return plain

@@ -14,7 +14,6 @@ process). A collate that keeps its own RNG without `set_epoch` is only reproduci
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import math
@@ -22,7 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,8 +38,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from birdrounds.artifacts import METRICS_FILE, MODEL_FILE, atomic_open, json_safe, write_json_atomic
-from birdrounds.checks import SELECTION_ORDER
-from birdrounds.config import redact_secrets, redacted_argv
+from birdrounds.checks import SELECTION_ORDER, TRAIN_RULES
+from birdrounds.config import ConfigError, redact_secrets, redacted_argv
 from birdrounds.metrics import ROW_ID_COLUMN, bootstrap_auc_interval, clip_arrays, scored_auc, soundscape_arrays
 from birdrounds.model import load_checkpoint, save_checkpoint
 
@@ -103,9 +102,10 @@ def cosine_with_warmup(
     return LambdaLR(optimizer, factors)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainSettings:
-    """How to train; Hydra builds it from configs/train/*.yaml (optimizer and scheduler as partials).
+    """How to train; Hydra builds it from configs/train/*.yaml (optimizer and scheduler as partials), which
+    hold every value (`birdrounds.config.shipped("train")` builds the shipped one outside a run).
 
     `batch_size` is per process: one optimizer update sees
     batch_size x num_processes x grad_accum_steps samples. `mixed_precision` is read by whoever builds
@@ -113,43 +113,41 @@ class TrainSettings:
     `channels_last` trains with NHWC weights (checkpoints are written in the usual layout).
     """
 
-    optimizer: Callable[..., torch.optim.Optimizer] = functools.partial(torch.optim.AdamW, lr=5e-4, weight_decay=1e-4)
-    scheduler: Callable[..., LRScheduler] = functools.partial(cosine_with_warmup, warmup_epochs=1.0)
-    epochs: int = 15
-    batch_size: int = 64
-    val_batch_size: int | None = None
-    num_workers: int = 2
-    prefetch_factor: int = 4
-    grad_accum_steps: int = 1
-    max_grad_norm: float | None = 5.0
-    max_steps_per_epoch: int | None = None
-    seed: int = 0
-    ema_decay: float | None = None
-    mixed_precision: str | None = None
-    channels_last: bool = True
-    keep_checkpoints: int = 2
-    log_every_steps: int = 10
-    select_by: str = "auto"
+    optimizer: Callable[..., torch.optim.Optimizer]
+    scheduler: Callable[..., LRScheduler]
+    epochs: int
+    batch_size: int
+    val_batch_size: int | None
+    num_workers: int
+    prefetch_factor: int
+    grad_accum_steps: int
+    max_grad_norm: float | None
+    max_steps_per_epoch: int | None
+    seed: int
+    ema_decay: float | None
+    mixed_precision: str | None
+    channels_last: bool
+    keep_checkpoints: int
+    log_every_steps: int
+    select_by: str
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum_steps", "keep_checkpoints", "log_every_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.select_by not in ("auto", "last", *SELECTION_ORDER):
-            raise ValueError(f"train.select_by must be one of auto, last, {', '.join(SELECTION_ORDER)}; "
-                             f"got {self.select_by!r}")
+        for name, rule in TRAIN_RULES.items():  # the rules config.validate checks before a run
+            problem = rule.problem(f"train.{name}", getattr(self, name))
+            if problem:
+                raise ConfigError(problem)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoggerSettings:
-    """Accelerate trackers: wandb offline by default; `log_with: null` turns logging off."""
+    """Accelerate trackers (configs/logger/*.yaml hold every value): `log_with: null` turns logging off."""
 
-    log_with: str | None = "wandb"
-    project: str = "birdrounds"
-    mode: str = "offline"
-    run_name: str | None = None
-    tags: list[str] = field(default_factory=list)
-    log_model_artifact: bool = True
+    log_with: str | None
+    project: str
+    mode: str
+    run_name: str | None
+    tags: list[str]
+    log_model_artifact: bool
 
     def init_kwargs(self, out_dir: Path) -> dict[str, dict[str, Any]]:
         """Per-tracker `init_trackers` kwargs; the wandb run folder goes under `out_dir`."""

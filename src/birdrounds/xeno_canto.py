@@ -57,37 +57,38 @@ class _Retryable(Exception):
         self.retry_after_s = retry_after_s
 
 
-@dataclass
+@dataclass(kw_only=True)
 class XCSettings:
-    """Everything `download_xeno_canto` needs; built by Hydra from configs/xc/default.yaml."""
+    """Everything `download_xeno_canto` needs; built by Hydra from configs/xc/default.yaml, which holds every
+    value (`birdrounds.config.shipped("xc")` builds the shipped one outside a run)."""
 
     data_root: str
     out_dir: str
-    train_csv: str | None = None
-    taxonomy_csv: str | None = None
-    api_url: str = "https://xeno-canto.org/api/3/recordings"
-    api_key: str | None = None
-    source: str | None = None  # a local archive folder instead of the API (see LocalArchive)
-    min_recordings: int = 20
-    species: list[str] | None = None
-    synonyms: dict[str, str] = field(default_factory=dict)
-    quality: str | None = None
-    length: str | None = None
-    group: str | None = None
-    per_page: int = 100
-    max_pages: int = 20
-    qualities: list[str] | None = None
-    max_per_species: int = 50
-    exclude_licenses: list[str] = field(default_factory=lambda: ["nd"])
-    min_length_s: float | None = None
-    max_length_s: float | None = None
-    sample_rate_hz: int = 32000
-    min_interval_s: float = 1.0
-    max_retries: int = 4
-    backoff_base_s: float = 1.0
-    timeout_s: float = 60.0
-    dry_run: bool = False
-    progress: bool = True
+    train_csv: str | None
+    taxonomy_csv: str | None
+    api_url: str
+    api_key: str | None
+    source: str | None  # a local archive folder instead of the API (see LocalArchive)
+    min_recordings: int
+    species: list[str] | None
+    synonyms: dict[str, str]
+    quality: str | None
+    length: str | None
+    group: str | None
+    per_page: int
+    max_pages: int
+    qualities: list[str] | None
+    max_per_species: int
+    exclude_licenses: list[str]
+    min_length_s: float | None
+    max_length_s: float | None
+    sample_rate_hz: int
+    min_interval_s: float
+    max_retries: int
+    backoff_base_s: float
+    timeout_s: float
+    dry_run: bool
+    progress: bool
 
     def key(self) -> str:
         """The API key from XC_API_KEY or the config; ConfigError explaining how to get one if absent."""

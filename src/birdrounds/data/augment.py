@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +13,7 @@ import numpy as np
 import soxr
 from audiomentations import AddGaussianSNR, Compose, Gain, PitchShift, Shift, TimeStretch
 from audiomentations.core.transforms_interface import BaseWaveformTransform
+from omegaconf import DictConfig, OmegaConf
 
 from birdrounds.data.audio import AudioDecodeError
 
@@ -150,26 +151,28 @@ class WaveformAugment:
 PITCH_METHODS = ("signalsmith", "resample")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AugmentSettings:
     """The `data.augment` knobs: each transform's probability and range, shared by both placements.
 
     `build_waveform_augment` (per clip in the DataLoader workers) and `device_augment.BatchAugment` (per
-    batch on the training device) read the same settings, so a knob means the same in both.
+    batch on the training device) read the same settings, so a knob means the same in both. The config
+    (configs/data/birdclef2025.yaml) holds the probabilities and `pitch_method` (`from_config` reads them);
+    the ranges, which no YAML sets (an experiment may add one: +data.augment.gain_db=[-6,6]), default here.
     """
 
-    gain_p: float = 0.5
+    gain_p: float
     gain_db: tuple[float, float] = (-12.0, 6.0)
-    noise_p: float = 0.3
+    noise_p: float
     noise_snr_db: tuple[float, float] = (5.0, 40.0)
-    background_p: float = 0.5
+    background_p: float
     background_snr_db: tuple[float, float] = (0.0, 20.0)
-    shift_p: float = 0.3
+    shift_p: float
     shift_max_fraction: float = 0.5
-    pitch_p: float = 0.2
+    pitch_p: float
     pitch_semitones: tuple[float, float] = (-2.0, 2.0)
-    pitch_method: str = "resample"
-    stretch_p: float = 0.2
+    pitch_method: str
+    stretch_p: float
     stretch_rate: tuple[float, float] = (0.9, 1.1)
 
     def __post_init__(self) -> None:
@@ -189,8 +192,17 @@ class AugmentSettings:
 
     @classmethod
     def off(cls) -> AugmentSettings:
-        """Every transform off (`data.augment: null`)."""
-        return cls(**{f.name: 0.0 for f in dataclasses.fields(cls) if f.name.endswith("_p")})
+        """Every transform off (`data.augment: null`); the pitch method is moot then."""
+        return cls(**{f.name: 0.0 for f in dataclasses.fields(cls) if f.name.endswith("_p")}, pitch_method="resample")
+
+    @classmethod
+    def from_config(cls, node: Mapping[str, Any], **changes: Any) -> AugmentSettings:
+        """The settings of a `data.augment` node (the workers' builder's own arguments left out), `changes`
+        over them; e.g. `from_config(shipped_config("data.augment", "data=birdclef2025"))` for the shipped."""
+        knobs = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        for key in ("_target_", "sample_rate_hz"):  # the config node builds build_waveform_augment
+            knobs.pop(key, None)
+        return cls(**{**knobs, **changes})
 
 
 def build_waveform_augment(
@@ -201,7 +213,8 @@ def build_waveform_augment(
 ) -> WaveformAugment | None:
     """Training waveform augmentation, each transform with its own probability; None when all are off.
 
-    `knobs` are `AugmentSettings` fields (an unknown name is a TypeError naming it). Order: time shift
+    `knobs` are `AugmentSettings` fields, the probabilities and `pitch_method` required (an unknown or
+    missing name is a TypeError naming it). Order: time shift
     (with rollover), time stretch (length kept), pitch shift, background mix, Gaussian noise (both at an
     SNR relative to the call), then gain (the recording level, noise included). Stretch and pitch use
     Signalsmith (~25 ms per 5-s 32 kHz clip each); `pitch_method="resample"` gives up the kept tempo for

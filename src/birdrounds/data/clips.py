@@ -196,14 +196,17 @@ class MixUp:
 
     Randomness: a generator seeded by `seed`; inside a DataLoader worker it is re-seeded from
     (seed, worker seed) so workers and epochs draw different mixes, reproducibly under torch.manual_seed.
+
+    `data.mixup` (configs/data/birdclef2025.yaml) holds every argument but `seed`, which no YAML sets.
     """
 
     def __init__(
         self,
-        prob: float = 0.5,
-        alpha: float | None = None,
-        weight: float | None = 0.5,
-        target_mode: str = "max",
+        *,
+        prob: float,
+        alpha: float | None,
+        weight: float | None,
+        target_mode: str,
         seed: int = 0,
     ) -> None:
         if (alpha is None) == (weight is None):

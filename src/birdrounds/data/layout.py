@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from birdrounds.config import Rule
+
 log = logging.getLogger(__name__)
 
 TRAIN_COLUMNS = (
@@ -19,6 +21,8 @@ TRAIN_COLUMNS = (
 TRAIN_REQUIRED = ("primary_label", "filename")
 TAXONOMY_REQUIRED = ("primary_label", "scientific_name")
 AUDIO_SUFFIXES = (".ogg", ".flac", ".wav", ".mp3")
+# `data.on_missing_file`: a listed audio file that does not exist is skipped with a warning, or stops the load.
+ON_MISSING_FILE = Rule(lambda v: v in ("warn", "error"), "must be 'warn' or 'error'")
 
 
 class LayoutError(ValueError):
@@ -161,8 +165,9 @@ def load_birdclef(
     root = Path(root)
     if not root.is_dir():
         raise LayoutError(f"data root does not exist: {root}")
-    if on_missing_file not in ("warn", "error"):
-        raise LayoutError(f"data.on_missing_file must be 'warn' or 'error', got {on_missing_file!r}")
+    problem = ON_MISSING_FILE.problem("data.on_missing_file", on_missing_file)
+    if problem:
+        raise LayoutError(problem)
     given = {"train_csv": train_csv, "taxonomy_csv": taxonomy_csv, "sample_submission": sample_submission,
              "train_audio_dir": train_audio_dir, "soundscapes_dir": soundscapes_dir,
              "val_soundscapes_dir": val_soundscapes_dir, "val_solution": val_solution}

@@ -47,6 +47,7 @@ import torch
 from scipy import signal
 from torch.utils.data import Dataset
 
+from birdrounds.config import legacy_under, shipped_config
 from birdrounds.data.audio import AudioDecodeError
 from birdrounds.data.clips import _as_label_list
 from birdrounds.data.layout import read_table
@@ -243,20 +244,22 @@ def build_mixed_validation(
     soundscapes: Sequence[str | Path],
     audio: Any,
     classes: Sequence[str],
-    n_rows: int = 300,
-    seed: int = 0,
-    snr_db: Sequence[float] = (-6.0, 10.0),
-    quiet_fraction: float = 0.5,
-    calls_per_row: Sequence[float] = (0.3, 0.5, 0.2),
-    call_s: Sequence[float] = (1.0, 5.0),
-    max_background_files: int = 200,
+    *,
+    n_rows: int,
+    seed: int,
+    snr_db: Sequence[float],
+    quiet_fraction: float,
+    calls_per_row: Sequence[float],
+    call_s: Sequence[float],
+    max_background_files: int,
+    background_labels: str | Path | None,
+    distance: Sequence[float],
+    subtract_background: bool,
+    distance_from_snr: bool,
     chunk_s: float = SCORED_CHUNK_S,
-    background_labels: str | Path | None = None,
-    distance: Sequence[float] = (0.0, 1.0),
-    subtract_background: bool = True,
-    distance_from_snr: bool = False,
 ) -> MixedValidation:
     """The mixed validation set (see the module doc); `val_table` must hold the held-out clips only.
+    `data.mixed_val` holds every keyword but `chunk_s` (`mixed_validation_from_config` passes them).
 
     `background_labels`: a CSV in Kaggle solution format over train-soundscape 5-s rows (e.g. segments
     a person listened to, or the synthetic data's truth); only rows labeled all-zero serve as backgrounds.
@@ -348,15 +351,13 @@ def build_mixed_validation(
     return MixedValidation(rows_table, calls, solution, audio, n)
 
 
-# The value each `data.mixed_val` key added after the first mixed validation had before it existed: an older
-# run's config (read by the benchmarks) lacks the key and must build the set it was scored on, not today's default.
-MIXED_VAL_LEGACY = {"distance": (0.0, 0.0), "subtract_background": False, "distance_from_snr": False,
-                    "background_labels": None}
-
-
 def mixed_validation_from_config(cfg: Any, val_table: pd.DataFrame, soundscapes: Sequence[str | Path], audio: Any,
                                  classes: Sequence[str]) -> MixedValidation | None:
-    """`data.mixed_val` -> the set, or None when it is off (null, enabled=false) or has nothing to mix."""
+    """`data.mixed_val` -> the set, or None when it is off (null, enabled=false) or has nothing to mix.
+
+    A key the node lacks takes its value from `config.LEGACY` where it was added after runs were recorded (an
+    older run's config builds the set that run was scored on), else (and a null) from the shipped `data.mixed_val`.
+    """
     if cfg is None or not cfg.get("enabled", True):
         return None
     if len(val_table) == 0 or not soundscapes:
@@ -364,10 +365,13 @@ def mixed_validation_from_config(cfg: Any, val_table: pd.DataFrame, soundscapes:
         return None
     keys = ("n_rows", "seed", "snr_db", "quiet_fraction", "calls_per_row", "call_s", "max_background_files",
             "background_labels", "distance", "subtract_background", "distance_from_snr")
-    # A run's config from before a key existed builds the set that run validated on.
-    values = {**MIXED_VAL_LEGACY, **{key: cfg[key] for key in keys if key in cfg}}
-    kwargs = {key: value for key, value in values.items() if value is not None}
+    values = {**legacy_under("data.mixed_val"), **{key: cfg[key] for key in keys if key in cfg}}
+    # A null counts as not given, as it always has (but background_labels: null means no labels file).
+    unset = [key for key in keys if values.get(key) is None and key != "background_labels"]
+    if unset:  # a hand-written node: composing the shipped tree costs ~0.1 s, which a run's complete node skips
+        shipped = shipped_config("data.mixed_val", "data=birdclef2025")
+        values.update({key: shipped[key] for key in unset})
+    kwargs = {key: values.get(key) for key in keys}
     for key in ("snr_db", "calls_per_row", "call_s", "distance"):
-        if key in kwargs:
-            kwargs[key] = [float(v) for v in kwargs[key]]
+        kwargs[key] = [float(v) for v in kwargs[key]]
     return build_mixed_validation(val_table, soundscapes, audio, classes, **kwargs)
