@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ a 2-core CPU machine without a GPU): they carry no code version or CPU model, an
 repository, so they cannot be rerun as written. They predate epoch selection (`train.select_by`): each
 model in them is its fit's last epoch. Validation-soundscape AUC is the Kaggle macro
 ROC-AUC on the synthetic data's labeled validation soundscapes: 120 is the reference; 40 and 10 are
-noisier, so compare a row only with its own baseline.
+noisier, so compare a row only with its own baseline. Since each round keeps the epoch its validation
+prefers, the rounds benchmark scores on the 120-soundscape set minus the data's own 10 (the ones that chose
+the epoch): "110 validation soundscapes" below.
 """
 
 
@@ -183,6 +186,12 @@ def short_sha(sha: str | None) -> str | None:
     return sha and sha[:12] + ("-dirty" if sha.endswith("-dirty") else "")
 
 
+def shown_command(command: str) -> str:
+    """A record's command as the page shows it: the scratch folder it used (`--home /tmp/x`,
+    `BIRDROUNDS_HOME=/tmp/x`) as DIR, the folder you would choose."""
+    return re.sub(r"/tmp/[\w.-]+", "DIR", command)
+
+
 def render_index(records: list[tuple[str, dict[str, Any]]]) -> list[str]:
     lines = ["## Every record", "",
              "| record | measured | code version | machine | one command? | command | source |",
@@ -193,7 +202,7 @@ def render_index(records: list[tuple[str, dict[str, Any]]]) -> list[str]:
         again = "yes" if record.get("reproducible_by_one_command") else f"no: {record.get('not_reproducible_because', '')}"
         lines.append(f"| [{name.removesuffix('.json')}](../results/{name}) | {cell(record.get('measured'))} | "
                      f"{cell(short_sha(record.get('git_sha')))} | {cell(machine)} | {cell(again)} | "
-                     f"{'`' + cell(record['command']) + '`' if record.get('command') else 'not recorded'} | "
+                     f"{'`' + cell(shown_command(record['command'])) + '`' if record.get('command') else 'not recorded'} | "
                      f"{cell(record.get('source'))} |")
     return lines + [""]
 
@@ -210,6 +219,10 @@ def render(records: list[tuple[str, dict[str, Any]]]) -> str:
         if section == "ablation":
             lines += render_ablation(members)
             continue
+        if section == "headline":  # the newest headline measurement stands; the older ones follow it, marked
+            members = sorted(members, key=lambda nr: nr[1].get("measured") or "", reverse=True)
+            members = [(n, {**r, "title": f"{'Current' if i == 0 else 'Superseded'}: {r.get('title') or n}"})
+                       for i, (n, r) in enumerate(members)]
         for name, record in members:
             render_one = {"rounds_gain": render_rounds, "inference": render_inference,
                           "mixed_val_corr": render_mixed_val, "table": render_tables}.get(record["benchmark"])

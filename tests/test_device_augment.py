@@ -255,3 +255,16 @@ def test_students_get_background_windows_outermost_and_the_transform_on_the_devi
 
 # A teacher trained through rounds/run.py with data.augment_on=device: tests/test_gpu_check.py (the CPU path of
 # bench/gpu_check.sh trains one, `w1_device`, and checks its losses are finite).
+
+
+def test_an_added_range_from_the_command_line_is_checked_on_the_workers_path():
+    # `+data.augment.gain_db=[6,-6]` reaches build_waveform_augment as an OmegaConf list, not a tuple.
+    from hydra.utils import instantiate
+
+    from birdrounds.config import compose
+
+    cfg = compose(["data=birdclef2025", "data.root=x", "+data.augment.gain_db=[6.0,-6.0]"])
+    with pytest.raises(Exception, match="gain_db: low 6.0 is above high -6.0"):  # Hydra wraps the ValueError
+        instantiate(cfg.data.augment)
+    fine = compose(["data=birdclef2025", "data.root=x", "+data.augment.gain_db=[-3.0,3.0]"])
+    assert instantiate(fine.data.augment) is not None

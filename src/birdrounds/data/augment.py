@@ -13,7 +13,7 @@ import numpy as np
 import soxr
 from audiomentations import AddGaussianSNR, Compose, Gain, PitchShift, Shift, TimeStretch
 from audiomentations.core.transforms_interface import BaseWaveformTransform
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from birdrounds.data.audio import AudioDecodeError
 
@@ -182,7 +182,7 @@ class AugmentSettings:
             value = getattr(self, field.name)
             if field.name.endswith("_p") and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{field.name} must be in [0, 1], got {value}")
-            if isinstance(value, (list, tuple)):
+            if isinstance(value, (list, tuple, ListConfig)):  # ListConfig: an added key, `+data.augment.gain_db=[a,b]`
                 low, high = value  # a config's lists become tuples, so the settings stay hashable
                 object.__setattr__(self, field.name, (float(low), float(high)))
                 if low > high:
