@@ -32,9 +32,10 @@ class Rule:
     ok: Callable[[Any], bool]
     text: str  # what the value must be, e.g. "must be an integer >= 1"
 
-    def problem(self, key: str, value: Any) -> str | None:
-        """None when `value` passes, else the one-line reason "<key>: <text>, got <value>"."""
-        return None if self.ok(value) else f"{key}: {self.text}, got {value!r}"
+    def check(self, key: str, value: Any, error: type[Exception] | None = None) -> None:
+        """Raise `error` (default ConfigError) with the one line "<key>: <text>, got <value>" when `value` fails."""
+        if not self.ok(value):
+            raise (error or ConfigError)(f"{key}: {self.text}, got {value!r}")
 
 
 # Keys added to the config tree after runs were recorded, each with the value that does what the code did
@@ -318,8 +319,7 @@ def require(cfg: DictConfig, key: str, check, message: str) -> None:
         value = OmegaConf.select(cfg, key, throw_on_missing=True)
     except MissingMandatoryValue:
         raise ConfigError(f"{key}: required value is missing ({message})") from None
-    if not check(value):
-        raise ConfigError(f"{key}: {message}, got {value!r}")
+    Rule(check, message).check(key, value)
 
 
 def error_line(err: BaseException) -> str:

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from birdrounds.artifacts import METRICS_FILE, MODEL_FILE, atomic_open, json_safe, write_json_atomic
 from birdrounds.checks import SELECTION_ORDER, TRAIN_RULES
-from birdrounds.config import ConfigError, redact_secrets, redacted_argv
+from birdrounds.config import redact_secrets, redacted_argv
 from birdrounds.metrics import ROW_ID_COLUMN, bootstrap_auc_interval, clip_arrays, scored_auc, soundscape_arrays
 from birdrounds.model import load_checkpoint, save_checkpoint
 
@@ -133,9 +133,7 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         for name, rule in TRAIN_RULES.items():  # the rules config.validate checks before a run
-            problem = rule.problem(f"train.{name}", getattr(self, name))
-            if problem:
-                raise ConfigError(problem)
+            rule.check(f"train.{name}", getattr(self, name))
 
 
 @dataclass(kw_only=True)

@@ -165,9 +165,7 @@ def load_birdclef(
     root = Path(root)
     if not root.is_dir():
         raise LayoutError(f"data root does not exist: {root}")
-    problem = ON_MISSING_FILE.problem("data.on_missing_file", on_missing_file)
-    if problem:
-        raise LayoutError(problem)
+    ON_MISSING_FILE.check("data.on_missing_file", on_missing_file, LayoutError)
     given = {"train_csv": train_csv, "taxonomy_csv": taxonomy_csv, "sample_submission": sample_submission,
              "train_audio_dir": train_audio_dir, "soundscapes_dir": soundscapes_dir,
              "val_soundscapes_dir": val_soundscapes_dir, "val_solution": val_solution}
