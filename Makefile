@@ -29,11 +29,14 @@ demo: $(STAMP)
 	$(VENV)/bin/birdrounds predict experiment=$(EXPERIMENT) $(ARGS)
 
 # --durations=20: CI's log names the 20 slowest tests (and fixtures), so a slow one is seen when it lands.
+# -n: one pytest-xdist worker per CPU core, at most 4 (most slow tests wait on subprocesses that use one
+# core); the shared fixtures are built once for all workers (tests/conftest.py). ARGS="-n 0" runs serially.
+XDIST := -n auto --maxprocesses 4
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests --durations=20 $(ARGS)
+	$(VENV)/bin/python -m pytest tests $(XDIST) --durations=20 $(ARGS)
 
 test-quick: $(STAMP)
-	$(VENV)/bin/python -m pytest tests -m "not slow" $(ARGS)
+	$(VENV)/bin/python -m pytest tests $(XDIST) -m "not slow" $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs data

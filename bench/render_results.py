@@ -23,6 +23,7 @@ PAGE = REPO / "docs" / "results.md"
 # Page sections in order, with their headings; a record names its section, or gets its benchmark's.
 SECTIONS = {
     "headline": "The default recipe: students against equal-compute controls and the oracle",
+    "presets": "Presets on their own data: students against equal-compute controls and the teacher",
     "rounds": "Other rounds benchmarks",
     "inference": "Inference speed",
     "mixed_val": "Validation without labeled soundscapes: does val_mixed_auc rank models?",
@@ -99,11 +100,13 @@ def render_rounds(name: str, record: dict[str, Any]) -> list[str]:
     where = f"{scored} validation soundscapes" if scored else "the run's own validation soundscapes"
     lines = [f"### {record.get('title') or name}", "",
              f"{provenance(name, record)} `{r.get('metric', 'val_soundscape_auc')}` on {where}, seeds {seeds}.", "",
-             "| round | control | student | oracle | gain (student − control) | headroom (oracle − control) | gain by seed |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| round | control | student | oracle | gain (student − control) | headroom (oracle − control) | gain by seed "
+             "| student − teacher |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for k in r["rounds"]:
         lines.append(f"| {k['round']} | {stat(k['control'])} | {stat(k['student'])} | {stat(k['oracle'])} | "
-                     f"**{stat(k['gain'], True)}** | {stat(k['headroom'], True)} | {per_seed(k['gain'])} |")
+                     f"**{stat(k['gain'], True)}** | {stat(k['headroom'], True)} | {per_seed(k['gain'])} | "
+                     f"{stat(k.get('over_teacher'), True)} |")
     if r.get("teacher"):
         lines += ["", f"Teachers (round 0): {stat(r['teacher'])}."]
     if r.get("goals"):

@@ -14,7 +14,11 @@ control, the share of the oracle's headroom (oracle - control) it captures, the 
 - teacher converged: the round-1 control adds < +0.01 val_clip_auc on average;
 - oracle - control >= +0.05 on average (round 1);
 - every student round beats its control by >= +0.02 on average;
-- the last round beats its control by >= +0.03 in every seed, and by at least half the oracle's headroom.
+- the last round beats its control by >= +0.03 in every seed, and by at least half the oracle's headroom;
+- the last round beats its teacher (round 0) in every seed.
+
+With `experiment=<preset>` among the overrides, `--record` files the result under the page's presets
+section (results/rounds-gain-<preset>-<date>.json), not as the default recipe's headline.
 
     python bench/rounds_gain.py --home /tmp/rounds_gain [--seeds 0 1 2] [--rounds 2] [overrides ...]
     # another student recipe on the same teachers, in the same home:
@@ -206,22 +210,27 @@ def main() -> int:
               f"{r['rounds'][0]['control']['val_clip_auc']:.3f} | {g:+.3f} | {r['teacher']['seconds']:.0f} |")
     print(f"| mean ± std | {fmt(teacher)} | {fmt(teacher_clip)} | {fmt(control1_clip)} | {fmt(clip_gain, True)} | |")
 
-    gains, headrooms = [], []
+    gains, headrooms, over_teachers = [], [], []
     for k in range(1, args.rounds + 1):
         arms = {name: np.array([r["rounds"][k - 1][name][KEY] for r in results]) for name in ("control", "student", "oracle")}
         gain, headroom = arms["student"] - arms["control"], arms["oracle"] - arms["control"]
+        over_teacher = arms["student"] - teacher
         gains.append(gain)
         headrooms.append(headroom)
-        print(f"\n### Round {k}: {KEY} (gain = student - control; headroom = oracle - control)\n")
-        print("| seed | control | student | oracle | gain | headroom | share of headroom | time (s): student / control / oracle |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        over_teachers.append(over_teacher)
+        print(f"\n### Round {k}: {KEY} (gain = student - control; headroom = oracle - control; "
+              f"over teacher = student - teacher)\n")
+        print("| seed | control | student | oracle | gain | headroom | share of headroom | over teacher "
+              "| time (s): student / control / oracle |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for i, (seed, r) in enumerate(zip(args.seeds, results)):
             rk = r["rounds"][k - 1]
             print(f"| {seed} | {arms['control'][i]:.3f} | {arms['student'][i]:.3f} | {arms['oracle'][i]:.3f} | "
-                  f"{gain[i]:+.3f} | {headroom[i]:+.3f} | {share(gain[i], headroom[i])} | "
+                  f"{gain[i]:+.3f} | {headroom[i]:+.3f} | {share(gain[i], headroom[i])} | {over_teacher[i]:+.3f} | "
                   f"{rk['student']['seconds']:.0f} / {rk['control']['seconds']:.0f} / {rk['oracle']['seconds']:.0f} |")
         print(f"| mean ± std | {fmt(arms['control'])} | {fmt(arms['student'])} | {fmt(arms['oracle'])} | "
-              f"{fmt(gain, True)} | {fmt(headroom, True)} | {share(gain.mean(), headroom.mean())} (of the means) | |")
+              f"{fmt(gain, True)} | {fmt(headroom, True)} | {share(gain.mean(), headroom.mean())} (of the means) | "
+              f"{fmt(over_teacher, True)} | |")
 
     last_gain, last_headroom = gains[-1], headrooms[-1]
     goals = [
@@ -233,6 +242,9 @@ def main() -> int:
           for k, g in enumerate(gains, start=1)],
         (f"round {args.rounds} student - control in every seed: {', '.join(f'{g:+.3f}' for g in last_gain)} "
          f"(>= +{MIN_LAST_GAIN})", bool((last_gain >= MIN_LAST_GAIN).all())),
+        # Training longer is not self-training, but a round that ends below its teacher hands on a worse model.
+        (f"round {args.rounds} student - teacher in every seed: {', '.join(f'{g:+.3f}' for g in over_teachers[-1])} "
+         f"(> 0)", bool((over_teachers[-1] > 0).all())),
         # Without headroom (the oracle no better than the control) there is nothing to capture: not met.
         (f"round {args.rounds} share of the oracle's headroom: {last_gain.mean():+.3f} of {last_headroom.mean():+.3f} "
          f"(>= {MIN_HEADROOM_SHARE:.0%} of a positive headroom)",
@@ -244,14 +256,18 @@ def main() -> int:
     if args.record:
         rounds = [{"round": k, **{name: summary(np.array([r["rounds"][k - 1][name][KEY] for r in results]))
                                   for name in ("control", "student", "oracle")},
-                   "gain": summary(g), "headroom": summary(h)}
-                  for k, (g, h) in enumerate(zip(gains, headrooms), start=1)]
+                   "gain": summary(g), "headroom": summary(h), "over_teacher": summary(t)}
+                  for k, (g, h, t) in enumerate(zip(gains, headrooms, over_teachers), start=1)]
         record = {"metric": KEY, "scored_on_val_soundscapes": n_files, "seeds": args.seeds, "tag": args.tag,
                   "teacher": summary(teacher), "teacher_clip_auc_added_by_control": summary(clip_gain),
                   "rounds": rounds, "goals": [{"goal": text, "met": bool(met)} for text, met in goals]}
-        path = write_record("rounds_gain", f"rounds-gain-{args.tag}" if args.tag else "rounds-gain", record,
-                            overrides=args.overrides, title=f"bench/rounds_gain.py{f' --tag {args.tag}' if args.tag else ''}, "
-                            f"{len(args.seeds)} seeds, {args.rounds} round(s)")
+        # A preset (`experiment=...`) is measured on its own data: its own page section, not the headline.
+        experiment = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")), None)
+        name = "-".join(["rounds-gain", *(f"{v}" for v in (experiment, args.tag) if v)])
+        preset = {"section": "presets"} if experiment else {}
+        path = write_record("rounds_gain", name, record, overrides=args.overrides, **preset,
+                            title=f"bench/rounds_gain.py{f' experiment={experiment}' if experiment else ''}"
+                                  f"{f' --tag {args.tag}' if args.tag else ''}, {len(args.seeds)} seeds, {args.rounds} round(s)")
         print(f"record: {path}", file=sys.stderr)
     return 0 if all(met for _, met in goals) else 1
 

@@ -2,7 +2,11 @@
 
 import copy
 import functools
+import json
 import os
+import shutil
+import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,24 @@ def home(tmp_path, monkeypatch):
     """A fresh BIRDROUNDS_HOME so data/ and runs/ land in tmp_path."""
     monkeypatch.setenv("BIRDROUNDS_HOME", str(tmp_path))
     return tmp_path
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """(folder, build(folder)'s JSON-able result) made once per test run, even under pytest-xdist, whose
+    workers share the parent of their base temp folders: the first worker to get here builds under a file
+    lock while the others wait, then all read the same folder (READ-ONLY) and result."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    folder, result = base / name, base / f"{name}.json"
+    with FileLock(str(base / f"{name}.lock")):
+        if not result.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            result.write_text(json.dumps(build(folder)))
+    return folder, json.loads(result.read_text())
 
 
 @functools.cache
@@ -81,20 +103,18 @@ def real_chunks():
 @pytest.fixture(scope="session")
 def exported_graphs(tmp_path_factory, real_chunks):
     """exported_graphs(kind, head) -> (checkpoint, model.onnx, report): `tiny_checkpoint(head=head)` (seed 0)
-    through `birdrounds.export.export_onnx` (verified on `real_chunks`), each pair exported once per session."""
+    through `birdrounds.export.export_onnx` (verified on `real_chunks`), each pair exported once per test run."""
     from birdrounds.export import export_onnx
 
-    root = tmp_path_factory.mktemp("exported")
-    cache: dict[tuple[str, str], tuple[Path, Path, dict]] = {}
-
     def get(kind: str, head: str) -> tuple[Path, Path, dict]:
-        if (kind, head) not in cache:
-            ckpt = root / f"{head}.pt"
-            if not ckpt.exists():
-                tiny_checkpoint(ckpt, head)
-            onnx_path = root / f"{head}_{kind}.onnx"
-            cache[kind, head] = ckpt, onnx_path, export_onnx([ckpt], onnx_path, kind, verify_audio=real_chunks)
-        return cache[kind, head]
+        def save(folder: Path) -> None:
+            tiny_checkpoint(folder / "model.pt", head)
+
+        ckpt = built_once(tmp_path_factory, f"tiny_{head}", save)[0] / "model.pt"  # one per head, every kind's
+        folder, report = built_once(tmp_path_factory, f"exported_{head}_{kind}",
+                                    lambda folder: export_onnx([ckpt], folder / "model.onnx", kind,
+                                                               verify_audio=real_chunks))
+        return ckpt, folder / "model.onnx", report
 
     return get
 
@@ -121,7 +141,6 @@ def entry_env(home: Path, **extra: str) -> dict[str, str]:
 
 def run_entry(home: Path, *overrides: str, cwd: Path | None = None, **env_extra: str):
     """`python rounds/run.py experiment=smoke <overrides>` as a user runs it."""
-    import subprocess
     import sys
 
     return subprocess.run([sys.executable, str(REPO / "rounds" / "run.py"), "experiment=smoke", *overrides],
@@ -132,8 +151,6 @@ def run_entry(home: Path, *overrides: str, cwd: Path | None = None, **env_extra:
 def copy_rounds(run_dir: Path, dest: Path, *names: str) -> Path:
     """Copy the round folders `names` (e.g. "round_0", "round_1") of a finished run into `dest`, without
     their wandb logs; a name ending in "/" leaves out the folder's control/ (the student only)."""
-    import shutil
-
     for name in names:
         student_only = name.endswith("/")
         name = name.rstrip("/")
@@ -163,8 +180,6 @@ class SmokeRun:
 def copy_smoke_data(source_home: Path, home: Path) -> Path:
     """Copy the synthetic smoke data (data/synthetic_smoke) of `source_home` into `home`; `birdrounds synth`
     then finds it there and generates nothing. Returns the copy's root."""
-    import shutil
-
     return Path(shutil.copytree(source_home / "data" / "synthetic_smoke", home / "data" / "synthetic_smoke"))
 
 
@@ -176,44 +191,54 @@ def smoke_data(tmp_path_factory) -> Path:
     from birdrounds.config import compose
     from birdrounds.data.prepare import prepare_data
 
-    home = tmp_path_factory.mktemp("smoke_data")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BIRDROUNDS_HOME", str(home))
-        assert cli.main(["synth", "experiment=smoke"]) == 0
-        prepare_data(compose(["experiment=smoke"]).data, progress=False)  # fills data/cache
-    return home
+    def build(home: Path) -> None:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("BIRDROUNDS_HOME", str(home))
+            assert cli.main(["synth", "experiment=smoke"]) == 0
+            prepare_data(compose(["experiment=smoke"]).data, progress=False)  # fills data/cache
+
+    return built_once(tmp_path_factory, "smoke_data", build)[0]
+
+
+def _completed(proc: subprocess.CompletedProcess) -> dict:
+    return {"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
 
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, smoke_data) -> SmokeRun:
-    import subprocess
     import sys
 
     import pandas as pd
 
-    home = tmp_path_factory.mktemp("smoke_home")
-    wandb_dirs = {name: str(home / "wandb_home" / name.lower())
-                  for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_DIR")}
-    root = copy_smoke_data(smoke_data, home)
-    train = pd.read_csv(root / "train.csv")
-    broken_clip = root / "train_audio" / train.loc[0, "filename"]
-    broken_clip.write_bytes(b"not audio at all")
-    broken_soundscape = sorted((root / "train_soundscapes").glob("*.ogg"))[0]
-    broken_soundscape.write_bytes(b"")
+    def build(home: Path) -> dict:
+        wandb_dirs = {name: str(home / "wandb_home" / name.lower())
+                      for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_DIR")}
+        root = copy_smoke_data(smoke_data, home)
+        train = pd.read_csv(root / "train.csv")
+        broken_clip = root / "train_audio" / train.loc[0, "filename"]
+        broken_clip.write_bytes(b"not audio at all")
+        broken_soundscape = sorted((root / "train_soundscapes").glob("*.ogg"))[0]
+        broken_soundscape.write_bytes(b"")
 
-    env = entry_env(home, **wandb_dirs)
-    env.pop("XC_API_KEY", None)
-    # This interpreter's environment stands in for .venv; a fresh stamp keeps make from reinstalling it.
-    stamp = home / "installed"
-    stamp.touch()
-    demo = subprocess.run(["make", "-C", str(REPO), "demo", f"VENV={Path(sys.executable).parent.parent}",
-                           f"STAMP={stamp}", f"ROUNDS={DEMO_ROUNDS}", "EXPERIMENT=smoke",
-                           f"ARGS=logger=wandb xc.api_key={SECRET}"],
-                          capture_output=True, text=True, env=env, cwd=home, timeout=1200)
-    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
-    run_dir = home / "runs" / "smoke"
-    stamp_ns = (run_dir / "round_0" / "model.pt").stat().st_mtime_ns
-    again = run_entry(home, "logger=none", f"round={DEMO_ROUNDS}", "control=true")
-    assert again.returncode == 0, again.stderr[-3000:]
-    return SmokeRun(home=home, root=root, run_dir=run_dir, train_rows=len(train), broken_clip=broken_clip,
-                    broken_soundscape=broken_soundscape, demo=demo, again=again, round0_mtime_ns=stamp_ns)
+        env = entry_env(home, **wandb_dirs)
+        env.pop("XC_API_KEY", None)
+        # This interpreter's environment stands in for .venv; a fresh stamp keeps make from reinstalling it.
+        stamp = home / "installed"
+        stamp.touch()
+        demo = subprocess.run(["make", "-C", str(REPO), "demo", f"VENV={Path(sys.executable).parent.parent}",
+                               f"STAMP={stamp}", f"ROUNDS={DEMO_ROUNDS}", "EXPERIMENT=smoke",
+                               f"ARGS=logger=wandb xc.api_key={SECRET}"],
+                              capture_output=True, text=True, env=env, cwd=home, timeout=1200)
+        assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+        stamp_ns = (home / "runs" / "smoke" / "round_0" / "model.pt").stat().st_mtime_ns
+        again = run_entry(home, "logger=none", f"round={DEMO_ROUNDS}", "control=true")
+        assert again.returncode == 0, again.stderr[-3000:]
+        return {"train_rows": len(train), "broken_clip": str(broken_clip), "broken_soundscape": str(broken_soundscape),
+                "demo": _completed(demo), "again": _completed(again), "round0_mtime_ns": stamp_ns}
+
+    home, made = built_once(tmp_path_factory, "smoke_home", build)
+    return SmokeRun(home=home, root=home / "data" / "synthetic_smoke", run_dir=home / "runs" / "smoke",
+                    train_rows=made["train_rows"], broken_clip=Path(made["broken_clip"]),
+                    broken_soundscape=Path(made["broken_soundscape"]),
+                    demo=subprocess.CompletedProcess(**made["demo"]),
+                    again=subprocess.CompletedProcess(**made["again"]), round0_mtime_ns=made["round0_mtime_ns"])

@@ -5,9 +5,12 @@ reads from finished folders and what it concludes (gain, headroom, share, conver
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,24 +56,26 @@ def test_all_goals_met_exit_zero(tmp_path):
     # Convergence: clip AUC the control adds, +0.005 and +0.003, mean +0.004.
     assert "| 0 | 0.650 | 0.900 | 0.905 | +0.005 | 100 |" in out
     assert "| mean ± std | 0.655 ± 0.007 | 0.905 ± 0.007 | 0.909 ± 0.006 | +0.004 ± 0.001 | |" in out
-    # Round 1 per seed: gain, headroom, share, times student / control / oracle.
-    assert "| 0 | 0.700 | 0.730 | 0.760 | +0.030 | +0.060 | 0.50 | 10 / 11 / 12 |" in out
-    assert "| 1 | 0.700 | 0.740 | 0.770 | +0.040 | +0.070 | 0.57 | 10 / 11 / 12 |" in out
+    # Round 1 per seed: gain, headroom, share, student - teacher, times student / control / oracle.
+    assert "| 0 | 0.700 | 0.730 | 0.760 | +0.030 | +0.060 | 0.50 | +0.080 | 10 / 11 / 12 |" in out
+    assert "| 1 | 0.700 | 0.740 | 0.770 | +0.040 | +0.070 | 0.57 | +0.080 | 10 / 11 / 12 |" in out
     assert "| mean ± std | 0.700 ± 0.000 | 0.735 ± 0.007 | 0.765 ± 0.007 | +0.035 ± 0.007 | +0.065 ± 0.007 |" in out
     # Round 2 is reported as well, with its own times.
-    assert "| 0 | 0.700 | 0.750 | 0.760 | +0.050 | +0.060 | 0.83 | 20 / 22 / 24 |" in out
+    assert "| 0 | 0.700 | 0.750 | 0.760 | +0.050 | +0.060 | 0.83 | +0.100 | 20 / 22 / 24 |" in out
     assert set(goal_lines(out).values()) == {True}
 
 
 def test_one_weak_seed_and_no_headroom_fail(tmp_path):
     make_seed(tmp_path, 0, (0.65, 0.90), [{"student": (0.74, 0.9), "control": (0.70, 0.93), "oracle": (0.70, 0.9)}])
-    make_seed(tmp_path, 1, (0.65, 0.90), [{"student": (0.71, 0.9), "control": (0.70, 0.93), "oracle": (0.69, 0.9)}])
+    # Seed 1's student beats its control but not its teacher (0.72).
+    make_seed(tmp_path, 1, (0.72, 0.90), [{"student": (0.71, 0.9), "control": (0.70, 0.93), "oracle": (0.69, 0.9)}])
     proc = report(tmp_path, 0, 1, rounds=1)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     goals = goal_lines(proc.stdout)
     assert goals == {"teacher converged": False, "oracle - control, round 1": False,
                      "round 1 student - control": True,  # +0.025 on average
                      "round 1 student - control in every seed": False,  # seed 1: +0.010
+                     "round 1 student - teacher in every seed": False,  # seed 1: -0.010
                      "round 1 share of the oracle's headroom": False}  # the oracle is worse than the control
     assert "– (no headroom)" in proc.stdout
     assert "+0.040, +0.010 (>= +0.03)" in proc.stdout
@@ -112,3 +117,22 @@ def test_controls_from_copies_finished_controls_and_needs_matching_teachers(tmp_
                            "--tag", "lever", "--controls-from", "", "--seeds", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--controls-from TAG needs --teacher-from TAG" in proc.stderr
+
+
+def test_a_preset_is_recorded_in_its_own_section_not_as_the_headline(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    from render_results import load_records, render, section_of
+
+    make_seed(tmp_path, 0, (0.65, 0.90), [{"student": (0.74, 0.9), "control": (0.70, 0.93), "oracle": (0.7, 0.9)}])
+    results = tmp_path / "results"
+    results.mkdir()
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "rounds_gain.py"), "--home", str(tmp_path),
+                           "--report-only", "--rounds", "1", "--seeds", "0", "--record", "experiment=few_shot"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "BIRDROUNDS_RESULTS_DIR": str(results)})
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # no headroom: not every goal is met
+    ((name, record),) = load_records(results)
+    assert name.startswith("rounds-gain-few_shot-") and section_of(record) == "presets"
+    assert record["results"]["rounds"][0]["over_teacher"]["per_seed"] == [pytest.approx(0.09)]
+    page = render(load_records(results))
+    assert "## Presets on their own data" in page and "Current:" not in page and "| +0.090 ± 0.000 |" in page

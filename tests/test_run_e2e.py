@@ -89,22 +89,6 @@ def test_smoke_run_writes_round0_and_skips_bad_audio(smoke_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_experiment_on_a_real_layout_folder(smoke_data, home):
-    """`experiment=smoke data=birdclef2025 data.root=...`: the quick check on real data synthesizes nothing."""
-    real = home / "birdclef-2025"
-    shutil.copytree(smoke_data / "data" / "synthetic_smoke", real, ignore=shutil.ignore_patterns("truth", "xc_archive"))
-    (real / "DONE.json").unlink()  # not a generated folder any more
-    before = sorted(p.relative_to(real) for p in real.rglob("*"))
-    proc = run_rounds(home, "data=birdclef2025", f"data.root={real}", "logger=none")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = json.loads((home / "runs" / "smoke" / "round_0" / "manifest.json").read_text())
-    assert manifest["config"]["data"]["root"] == str(real) and manifest["config"]["data"].get("synth") is None
-    assert manifest["config"]["model"]["backbone"] == "test_efficientnet"
-    added = {p.relative_to(real).parts[0] for p in real.rglob("*")} - {p.parts[0] for p in before}
-    assert added <= {".birdrounds_cache"} and not (real / "DONE.json").exists()
-
-
-@pytest.mark.slow
 def test_bad_config_stops_before_work_with_one_line(home):
     proc = run_rounds(home, "data.fold=5")
     assert proc.returncode == 2
@@ -112,9 +96,10 @@ def test_bad_config_stops_before_work_with_one_line(home):
     assert not (home / "data").exists()
 
 
-def add_external_rows(home: Path, n: int = 3) -> Path:
-    """`n` labeled rows in xc-download's layout under external_data/xeno_canto (copies of focal clips)."""
-    root = home / "data" / "synthetic_smoke"
+def add_external_rows(home: Path, n: int = 3, root: Path | None = None) -> Path:
+    """`n` labeled rows in xc-download's layout under external_data/xeno_canto (copies of focal clips of `root`,
+    by default the home's smoke data)."""
+    root = root or home / "data" / "synthetic_smoke"
     train = pd.read_csv(root / "train.csv")
     ext = home / "external_data" / "xeno_canto"
     rows = train.iloc[:n].copy()
@@ -180,21 +165,36 @@ def test_external_rows_loss_and_sample_weights_and_student_switch(home):
 
 
 @pytest.mark.slow
-def test_reuse_refuses_a_round_whose_inputs_changed(smoke_data, home):
-    """Xeno-canto rows added after round 0: the teacher is not silently reused; recompute_from redoes it."""
-    copy_smoke_data(smoke_data, home)  # a home of its own (it adds external rows); nothing to synthesize
-    assert run_rounds(home, "logger=none").returncode == 0
-    add_external_rows(home)
-    proc = run_rounds(home, "logger=none")
+def test_real_layout_folder_then_reuse_refuses_a_round_whose_inputs_changed(smoke_data, home):
+    """`experiment=smoke data=birdclef2025 data.root=...`: the quick check on a real-layout folder synthesizes
+    nothing and writes nothing there but its cache. Then Xeno-canto rows added after round 0: the teacher is
+    not silently reused; recompute_from redoes it."""
+    real = home / "birdclef-2025"
+    shutil.copytree(smoke_data / "data" / "synthetic_smoke", real, ignore=shutil.ignore_patterns("truth", "xc_archive"))
+    (real / "DONE.json").unlink()  # not a generated folder any more
+    before = sorted(p.relative_to(real) for p in real.rglob("*"))
+    on_real = ("data=birdclef2025", f"data.root={real}", "logger=none")
+    proc = run_rounds(home, *on_real)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest_path = home / "runs" / "smoke" / "round_0" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["config"]["data"]["root"] == str(real) and manifest["config"]["data"].get("synth") is None
+    assert manifest["config"]["model"]["backbone"] == "test_efficientnet"
+    assert manifest["data"]["external_clips"] == 0
+    added = {p.relative_to(real).parts[0] for p in real.rglob("*")} - {p.parts[0] for p in before}
+    assert added <= {".birdrounds_cache"} and not (real / "DONE.json").exists()
+    assert not (home / "data" / "synthetic_smoke").exists()
+
+    add_external_rows(home, root=real)
+    proc = run_rounds(home, *on_real)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "recompute_from" in line]
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert "round 0" in lines[0] and "train_audio" in lines[0] and "recompute_from=0" in lines[0]
-    redo = run_rounds(home, "logger=none", "recompute_from=0")
+    redo = run_rounds(home, *on_real, "recompute_from=0")
     assert redo.returncode == 0, redo.stderr[-3000:]
-    manifest = json.loads((home / "runs" / "smoke" / "round_0" / "manifest.json").read_text())
-    assert manifest["data"]["external_clips"] == 3
-    assert run_rounds(home, "logger=none").returncode == 0  # now unchanged: reused
+    assert json.loads(manifest_path.read_text())["data"]["external_clips"] == 3
+    assert run_rounds(home, *on_real).returncode == 0  # now unchanged: reused
 
 
 # Short pseudo windows with a 1-s stride and small batches: ~24 teacher batches to kill in between. Without
