@@ -99,7 +99,8 @@ def render_rounds(name: str, record: dict[str, Any]) -> list[str]:
     seeds = ", ".join(map(str, r.get("seeds", [])))
     where = f"{scored} validation soundscapes" if scored else "the run's own validation soundscapes"
     lines = [f"### {record.get('title') or name}", "",
-             f"{provenance(name, record)} `{r.get('metric', 'val_soundscape_auc')}` on {where}, seeds {seeds}.", "",
+             f"{provenance(name, record)} `{r.get('metric', 'val_soundscape_auc')}` on {where}, seeds {seeds}"
+             + (f"; overrides `{' '.join(record['overrides'])}`" if record.get("overrides") else "") + ".", "",
              "| round | control | student | oracle | gain (student − control) | headroom (oracle − control) | gain by seed "
              "| student − teacher |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
