@@ -28,7 +28,8 @@ inference; several files are merged (the score columns they share; a model in tw
 `--reference-json A.json ...` takes the reference scores from saved tables instead of predicting the
 soundscapes again (new `--variant` designs over models already scored: only the mixed sets are predicted).
 
-Runs built before `data.mixed_val` existed get the defaults of configs/data/birdclef2025.yaml.
+Keys a run's config lacks (runs built before `data.mixed_val` or one of its keys existed) are filled as
+the run itself fills them: config.LEGACY for keys added later, else configs/data/birdclef2025.yaml.
 Inference only, on CPU unless --device says otherwise.
 """
 
@@ -54,11 +55,14 @@ from birdrounds.infer import SCORED_CHUNK_S
 from birdrounds.metrics import soundscape_auc
 from birdrounds.model import checkpoint_hash, load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def default_mixed_cfg() -> dict:
-    return OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "data" / "birdclef2025.yaml").mixed_val)
+def run_mixed_cfg(cfg: DictConfig) -> dict:
+    """A run's own `data.mixed_val` node ({} for runs built before it existed). The keys it lacks are filled
+    where the set is built (data/mixed_val.py, mixed_validation_from_config) as the run itself would fill
+    them: from config.LEGACY where the key was added after runs were recorded, else from the shipped node."""
+    node = cfg.data.get("mixed_val")
+    return OmegaConf.to_container(node, resolve=True) if node else {}
 
 
 def model_folders(run_dirs: list[Path]) -> list[Path]:
@@ -264,7 +268,7 @@ def main() -> None:
         held_out = prepared.folds == data_cfg.fold
         val_table = prepared.data.train[held_out].reset_index(drop=True)
         model, _ = load_checkpoint(folder / MODEL_FILE, map_location=args.device)
-        base = {**default_mixed_cfg(), **(OmegaConf.to_container(cfg.data.mixed_val) if cfg.data.get("mixed_val") else {})}
+        base = run_mixed_cfg(cfg)
         row = {"model": str(folder), "arm": metrics.get("arm"), "round": metrics.get("round"),
                "val_clip_auc": metrics.get("val_clip_auc"), "val_soundscape_auc": metrics.get("val_soundscape_auc"),
                **facts}

@@ -8,7 +8,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from mixed_val_corr import merge_tables, model_folders, reference_scores, parse_variant, run_facts, split_half_reliability, within_run_rho  # noqa: E402
+from mixed_val_corr import merge_tables, model_folders, reference_scores, parse_variant, run_facts, run_mixed_cfg, split_half_reliability, within_run_rho  # noqa: E402
 
 
 def finished(folder: Path, weights: bytes, done: bool = True) -> Path:
@@ -117,3 +117,23 @@ def test_reference_scores_find_a_model_by_its_weights_wherever_it_was_copied(tmp
                                 {"model": "/gone/round_1", "val_soundscape_auc": 0.5}]])
     assert scores == {checkpoint_hash(copy / "model.pt"): 0.81}
     assert checkpoint_hash(other / "model.pt") not in scores
+
+
+def test_an_older_runs_mixed_set_is_built_with_the_legacy_values_not_todays(monkeypatch):
+    # A run recorded before data.mixed_val.distance / subtract_background / ... existed: the bench must build
+    # the set that run's own code builds (config.LEGACY), not the shipped YAML's newer design.
+    import birdrounds.data.mixed_val as mixed_val
+    from birdrounds.config import LEGACY, shipped_config
+
+    old_run = OmegaConf.create({"data": {"mixed_val": {"n_rows": 40, "seed": 3}}})
+    built = {}
+    monkeypatch.setattr(mixed_val, "build_mixed_validation", lambda *args, **kwargs: built.update(kwargs))
+    mixed_val.mixed_validation_from_config(OmegaConf.create({**run_mixed_cfg(old_run), "enabled": True}),
+                                           pd.DataFrame({"filename": ["a.ogg"]}), ["s.ogg"], None, ["c"])
+    shipped = shipped_config("data.mixed_val", "data=birdclef2025")
+    assert (built["n_rows"], built["seed"]) == (40, 3)
+    for key in ("distance", "subtract_background", "distance_from_snr"):
+        assert built[key] == LEGACY[f"data.mixed_val.{key}"], key
+    assert list(shipped.distance) != LEGACY["data.mixed_val.distance"] or shipped.subtract_background  # today differs
+    assert built["snr_db"] == [float(v) for v in shipped.snr_db]  # a key without a legacy value: today's
+    assert run_mixed_cfg(OmegaConf.create({"data": {}})) == {}
