@@ -56,7 +56,6 @@ from birdrounds.metrics import soundscape_auc
 from birdrounds.model import checkpoint_hash, load_checkpoint
 
 
-
 def run_mixed_cfg(cfg: DictConfig) -> dict:
     """A run's own `data.mixed_val` node ({} for runs built before it existed). The keys it lacks are filled
     where the set is built (data/mixed_val.py, mixed_validation_from_config) as the run itself would fill

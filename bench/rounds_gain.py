@@ -263,7 +263,7 @@ def main() -> int:
                   "rounds": rounds, "goals": [{"goal": text, "met": bool(met)} for text, met in goals]}
         # A preset (`experiment=...`) is measured on its own data: its own page section, not the headline.
         experiment = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")), None)
-        name = "-".join(["rounds-gain", *(f"{v}" for v in (experiment, args.tag) if v)])
+        name = "-".join(["rounds-gain", *filter(None, (experiment, args.tag))])
         preset = {"section": "presets"} if experiment else {}
         path = write_record("rounds_gain", name, record, overrides=args.overrides, **preset,
                             title=f"bench/rounds_gain.py{f' experiment={experiment}' if experiment else ''}"
