@@ -364,13 +364,12 @@ def validate(cfg: DictConfig) -> None:
     require(cfg, "recompute_from", lambda v: v is None or (isinstance(v, int) and v >= 0),
             "must be null or a round number")
     require(cfg, "control", lambda v: isinstance(v, bool), "must be true or false")
-    from birdrounds.checks import TRAIN_RULES  # light: the rules TrainSettings checks too
+    from birdrounds.checks import COUNT, TRAIN_RULES  # light: the rules TrainSettings checks too
 
     for name, rule in TRAIN_RULES.items():
         if OmegaConf.select(cfg, f"train.{name}") is not None:
             require(cfg, f"train.{name}", rule.ok, rule.text)
-    require(cfg, "data.sampler.samples_per_epoch",
-            lambda v: v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    require(cfg, "data.sampler.samples_per_epoch", lambda v: v is None or v == "auto" or COUNT.ok(v),
             "must be auto, null (one per train.csv row) or an integer >= 1")
     backbone = OmegaConf.select(cfg, "model.backbone")
     if backbone is not None:
