@@ -24,6 +24,7 @@ PAGE = REPO / "docs" / "results.md"
 SECTIONS = {
     "headline": "The default recipe: students against equal-compute controls and the oracle",
     "presets": "Presets on their own data: students against equal-compute controls and the teacher",
+    "real_audio": "Real sound: pretrained external teachers on a real-call set that is not distributed",
     "rounds": "Other rounds benchmarks",
     "inference": "Inference speed",
     "mixed_val": "Validation without labeled soundscapes: does val_mixed_auc rank models?",
@@ -31,6 +32,7 @@ SECTIONS = {
     "other": "Other records",
 }
 DEFAULT_SECTION = {"rounds_gain": "headline", "inference": "inference", "mixed_val_corr": "mixed_val",
+                   "external_teachers": "real_audio",
                    "ablation": "ablation"}
 
 INTRO = """\
@@ -229,7 +231,8 @@ def render(records: list[tuple[str, dict[str, Any]]]) -> str:
                        for i, (n, r) in enumerate(members)]
         for name, record in members:
             render_one = {"rounds_gain": render_rounds, "inference": render_inference,
-                          "mixed_val_corr": render_mixed_val, "table": render_tables}.get(record["benchmark"])
+                          "mixed_val_corr": render_mixed_val, "table": render_tables,
+                          "external_teachers": render_tables}.get(record["benchmark"])
             lines += render_one(name, record) if render_one else [f"- [`{name}`](../results/{name})", ""]
     lines += render_index(ordered)
     return "\n".join(lines).rstrip("\n") + "\n"

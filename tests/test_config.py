@@ -135,9 +135,24 @@ def build_paths(cfg) -> None:
     assert all(Path(cfg.paths[key]).parent == root for key in ("data_dir", "runs_dir", "external_dir"))
 
 
+def build_teacher(cfg) -> None:
+    from birdrounds.external import BACKENDS
+    from birdrounds.teachers import ProbeHead, is_external
+
+    assert is_external(cfg) == (cfg.teacher.kind != "cnn")
+    if is_external(cfg):
+        assert cfg.teacher.external.backend in BACKENDS and cfg.teacher.max_chunks_per_recording >= 1
+    if cfg.teacher.kind == "probe":
+        import numpy as np
+
+        p = cfg.teacher.probe
+        head = ProbeHead(8, len(CLASSES), p.hidden, p.dropout, np.zeros(8), np.ones(8))
+        assert head.probs(np.zeros((2, 8), np.float32)).shape == (2, len(CLASSES))
+
+
 BUILDERS = {"data": build_data, "model": build_model, "loss": build_loss, "train": build_train,
             "logger": build_logger, "pseudo": build_pseudo, "xc": build_xc, "export": build_export,
-            "predict": build_predict, "paths": build_paths}
+            "predict": build_predict, "paths": build_paths, "teacher": build_teacher}
 
 
 def test_every_config_folder_is_a_group_of_the_root_config():

@@ -19,6 +19,9 @@ MANIFEST_FILE = "manifest.json"           # config hash, inputs, teachers, timin
 ROUND_CONFIG_FILE = "config.yaml"         # the resolved config, secrets redacted (birdrounds.rounds)
 DONE_FILE = "DONE"                        # the completion marker, written last (birdrounds.rounds)
 PSEUDO_FILE = "pseudo_labels.parquet"     # a student's pseudo-labels (birdrounds.rounds)
+# An external teacher's round 0 (birdrounds.teachers): its probabilities for every train-soundscape 5-s chunk,
+# in place of a model.pt; round 1 de-noises them into its pseudo-labels.
+TEACHER_CHUNKS_FILE = "teacher_chunks.parquet"
 EXTERNAL_SCORES_FILE = "external_scores.json"  # data.external.filter_min_prob: each external clip's detection score
 CONTROL_DIR = "control"                   # round_k/control/: the round's equal-compute control
 # run_dir/ itself (birdrounds.report, birdrounds.submit)

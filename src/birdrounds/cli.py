@@ -70,11 +70,28 @@ def cmd_predict(cfg: DictConfig) -> None:
     print(record["output"])
 
 
+def cmd_fetch_weights(cfg: DictConfig) -> None:
+    """Download timm's pretrained weights for `model.backbone` into the Hugging Face cache (HF_HOME), so that
+    runs with `model.pretrained=true` find them offline (a Kaggle notebook: attach the folder as a dataset,
+    set HF_HOME to it and HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import constants
+
+    from birdrounds.model import build_backbone, hub_id
+
+    name = cfg.model.backbone
+    build_backbone(name, pretrained=True)
+    print(f"{name}: {hub_id(name)} is in {constants.HF_HUB_CACHE}")
+    if not cfg.model.get("pretrained"):
+        log.info("model.pretrained is false in this config: pass model.pretrained=true to train from these weights")
+
+
 # A command returns its exit status, or None for 0.
 COMMANDS: dict[str, tuple[Callable[[DictConfig], int | None], str]] = {
     "synth": (cmd_synth, "generate the synthetic mini-BirdCLEF dataset (data=synthetic)"),
     "xc-download": (cmd_xc_download, "download Xeno-canto recordings for minority classes (--dry-run: list only)"),
     "export": (cmd_export, "export a round's model(s) to ONNX + a standalone inference package (export.*)"),
+    "fetch-weights": (cmd_fetch_weights, "download timm's pretrained weights for model.backbone into the "
+                                         "Hugging Face cache, for offline runs with model.pretrained=true"),
     "predict": (cmd_predict, "write submission.csv for a folder of soundscapes with exported models (predict.*)"),
 }
 

@@ -44,6 +44,9 @@ class Rule:
 # rounds stay reusable after an upgrade (a real setting still counts); `mixed_val.mixed_validation_from_config`
 # rebuilds an older run's validation set with it, the set that run was scored on, not today's default.
 # Read-only: readers copy the lists.
+# `teacher.kind`'s values (birdrounds.teachers, which loads torch, keeps them too).
+TEACHER_KINDS = ("cnn", "probe", "zero_shot")
+
 LEGACY: Mapping[str, Any] = MappingProxyType({
     "data.external.filter_min_prob": None,
     "data.augment_on": "workers",
@@ -55,6 +58,9 @@ LEGACY: Mapping[str, Any] = MappingProxyType({
     "data.mixed_val.subtract_background": False,
     "data.mixed_val.distance_from_snr": False,
     "data.mixed_val.background_labels": None,
+    "model.pretrained": False,
+    # Runs made before external teachers had our own CNN as round 0.
+    "teacher": {"kind": "cnn"},
 })
 
 
@@ -377,6 +383,14 @@ def validate(cfg: DictConfig) -> None:
 
         require(cfg, "model.backbone", timm.is_model, "unknown timm model (timm.list_models('*name*') lists them)")
         require(cfg, "model.pretrained_path", lambda v: v is None or Path(v).is_file(), "weights file not found")
+        if OmegaConf.select(cfg, "model.pretrained") is not None:
+            require(cfg, "model.pretrained", lambda v: isinstance(v, bool), "must be true or false")
+    if OmegaConf.select(cfg, "teacher") is not None:
+        require(cfg, "teacher.kind", lambda v: v in TEACHER_KINDS, f"must be one of {', '.join(TEACHER_KINDS)}")
+        if cfg.teacher.kind != "cnn":
+            require(cfg, "teacher.external.backend", lambda v: v in ("birdnet", "onnx"), "must be birdnet or onnx")
+            require(cfg, "teacher.external.path", lambda v: v is None or Path(v).is_file(), "model file not found")
+            require(cfg, "teacher.external.threads", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1")
     if cfg.round > 0:
         require(cfg, "pseudo.student_init", lambda v: v in ("teacher", "scratch"), "must be 'teacher' or 'scratch'")
         from birdrounds.infer import SCORED_CHUNK_S  # imported here: it loads numpy and soundfile

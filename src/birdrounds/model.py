@@ -20,7 +20,7 @@ import torchaudio
 from torch import nn
 
 from birdrounds.artifacts import atomic_open
-from birdrounds.config import redact_secrets
+from birdrounds.config import ConfigError, redact_secrets
 
 CHECKPOINT_FORMAT_VERSION = 1
 NORM_MODES = ("standard", "minmax", "standard_minmax")
@@ -198,6 +198,8 @@ class BirdModel(nn.Module):
     pool, gem_p: clip head pooling ("avg" | "gem", GeM's initial exponent); the SED head ignores them.
     drop_rate: dropout before the head's classifier; drop_path_rate: the backbone's stochastic depth.
     pretrained_path: local timm weights file for the backbone, or None for random init.
+    pretrained: timm's pretrained weights for `backbone` from the Hugging Face hub (its local cache first,
+    so offline once fetched; `birdrounds fetch-weights`); `pretrained_path` wins when both are set.
     """
 
     def __init__(
@@ -219,6 +221,7 @@ class BirdModel(nn.Module):
         drop_rate: float = 0.2,
         drop_path_rate: float = 0.0,
         pretrained_path: str | None = None,
+        pretrained: bool = False,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -229,13 +232,13 @@ class BirdModel(nn.Module):
             n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, f_min_hz=f_min_hz, f_max_hz=f_max_hz,
             top_db=top_db, norm=norm, spec_augment=dict(spec_augment) if spec_augment else None,
             pool=pool, gem_p=gem_p, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-            pretrained_path=pretrained_path,
+            pretrained_path=pretrained_path, pretrained=bool(pretrained),
         )
         self.num_classes = num_classes
         self.sample_rate_hz = sample_rate_hz
         self.frontend = MelFrontend(sample_rate_hz, n_fft, hop_length, n_mels, f_min_hz, f_max_hz, top_db, norm)
         self.spec_augment = SpecAugment(**spec_augment) if spec_augment else None
-        self.backbone = build_backbone(backbone, drop_path_rate, pretrained_path)
+        self.backbone = build_backbone(backbone, drop_path_rate, pretrained_path, pretrained)
         in_features = self.backbone.num_features
         if head == "sed":
             self.head: nn.Module = SEDHead(in_features, num_classes, drop_rate)
@@ -257,20 +260,49 @@ class BirdModel(nn.Module):
         return self.backbone.forward_features(spec)
 
 
-def build_backbone(name: str, drop_path_rate: float = 0.0, pretrained_path: str | None = None) -> nn.Module:
+def build_backbone(name: str, drop_path_rate: float = 0.0, pretrained_path: str | None = None,
+                   pretrained: bool = False) -> nn.Module:
     """timm backbone by name with one input channel and no classifier or pooling (feature map out).
 
-    Pretrained weights come only from a local file (`pretrained_path`); timm adapts the first
-    convolution to one channel and drops a classifier of another size. None -> random init.
+    Pretrained weights come from a local file (`pretrained_path`), else with `pretrained` from the Hugging
+    Face hub through its cache (`hub_weights`); timm adapts the first convolution to one channel and drops
+    a classifier of another size. Neither -> random init.
     """
     kwargs: dict[str, Any] = dict(in_chans=1, num_classes=0, global_pool="", drop_path_rate=drop_path_rate)
     if pretrained_path is None:
-        return timm.create_model(name, pretrained=False, **kwargs)
+        return hub_weights(name, **kwargs) if pretrained else timm.create_model(name, pretrained=False, **kwargs)
     if not Path(pretrained_path).is_file():
         # Checked here because a missing file must never fall back to a network download.
         raise FileNotFoundError(f"pretrained weights not found: {pretrained_path}")
     overlay = dict(file=str(pretrained_path))
     return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+def hub_id(name: str) -> str:
+    """The Hugging Face repository of timm's default pretrained weights for `name` (ConfigError if none)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = cfg.hf_hub_id if cfg is not None else None
+    if not repo:
+        raise ConfigError(f"model.pretrained: timm has no pretrained weights on the Hugging Face hub for {name!r}")
+    return repo
+
+
+def hub_weights(name: str, **kwargs: Any) -> nn.Module:
+    """timm model `name` with its pretrained weights: the Hugging Face cache first, the hub when not there
+    (HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE=1 are honoured). Any failure is one ConfigError line."""
+    repo = hub_id(name)
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as err:  # network, cache, HTTP and file errors of several libraries: one line for all
+        from huggingface_hub import constants
+
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        raise ConfigError(
+            f"model.pretrained: timm weights for {name} ({repo}) are not in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} and could not be downloaded{offline}: {type(err).__name__}: {reason} "
+            f"Fetch them ahead of time where there is network with `birdrounds fetch-weights model.backbone={name}` "
+            f"(HF_HOME picks the folder), or set model.pretrained=false") from err
 
 
 def save_checkpoint(
@@ -301,12 +333,12 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[BirdModel, dict[str, Any]]:
-    """Rebuild the model from the file alone (random init, no pretrained file, no network); eval mode."""
+    """Rebuild the model from the file alone (random init, no pretrained weights, no network); eval mode."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     version = ckpt.get("format_version")
     if version != CHECKPOINT_FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format_version {version}, this code reads {CHECKPOINT_FORMAT_VERSION}")
-    kwargs = {**ckpt["model_kwargs"], "pretrained_path": None}
+    kwargs = {**ckpt["model_kwargs"], "pretrained_path": None, "pretrained": False}
     model = BirdModel(**kwargs)
     model.load_state_dict(ckpt["state_dict"])
     model.to(map_location)

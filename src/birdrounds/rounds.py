@@ -44,6 +44,7 @@ from birdrounds.artifacts import (
     MODEL_FILE,
     PSEUDO_FILE,
     ROUND_CONFIG_FILE,
+    TEACHER_CHUNKS_FILE,
     atomic_open,
     write_json_atomic,
 )
@@ -81,6 +82,7 @@ from birdrounds.pseudo import (
     write_pseudo_labels,
 )
 from birdrounds.report import write_report
+from birdrounds.teachers import external_teacher_round, is_external
 from birdrounds.train import epoch_seed, fit
 
 log = logging.getLogger(__name__)
@@ -212,6 +214,10 @@ def filter_external(cfg: DictConfig, prepared: PreparedData, model_path: Path, o
     external = prepared.folds == EXTERNAL_FOLD
     if threshold is None or not external.any() or not cfg.data.external.get("in_students", True):
         return None
+    if not is_checkpoint(model_path):
+        log.warning("data.external.filter_min_prob: not applied after an external teacher (no model to score "
+                    "the external recordings with); every external recording is kept")
+        return None
     table = prepared.data.train[external]
     paths, labels = table["path"].astype(str).tolist(), table["primary_label"].astype(str).tolist()
     record_path = out_dir / EXTERNAL_SCORES_FILE
@@ -242,9 +248,29 @@ def filter_external(cfg: DictConfig, prepared: PreparedData, model_path: Path, o
     return dropped
 
 
+def round_output(round_dir: Path) -> Path:
+    """What a completed round hands on: its model.pt, or an external teacher's chunk table (round 0)."""
+    chunks = round_dir / TEACHER_CHUNKS_FILE
+    return chunks if chunks.is_file() and not (round_dir / MODEL_FILE).is_file() else round_dir / MODEL_FILE
+
+
+def is_checkpoint(path: Path | None) -> bool:
+    """Whether a round's output is a model checkpoint (not an external teacher's chunk table)."""
+    return path is not None and path.name != TEACHER_CHUNKS_FILE
+
+
 def teacher_paths(cfg: DictConfig, run_dir: Path, round_idx: int) -> list[Path]:
-    """The previous round's model plus `pseudo.extra_teachers` (an ensemble whose mean labels the chunks)."""
-    paths = [run_dir / f"round_{round_idx - 1}" / MODEL_FILE]
+    """The previous round's model plus `pseudo.extra_teachers` (an ensemble whose mean labels the chunks).
+
+    After an external teacher (`teacher.kind` probe or zero_shot), round 1's teacher is round 0's chunk table.
+    """
+    previous = run_dir / f"round_{round_idx - 1}"
+    if round_idx == 1 and is_external(cfg):
+        if cfg.pseudo.get("extra_teachers"):
+            raise ConfigError("pseudo.extra_teachers: not supported with an external teacher "
+                              f"(teacher.kind={cfg.teacher.kind}); leave it empty")
+        return [previous / TEACHER_CHUNKS_FILE]
+    paths = [previous / MODEL_FILE]
     for extra in cfg.pseudo.get("extra_teachers") or []:
         extra = Path(extra)
         if not extra.is_file():
@@ -269,6 +295,11 @@ def pseudo_label(cfg: DictConfig, prepared: PreparedData, teachers: list[Path], 
         return path
     chunks = SoundscapeChunks(prepared.data.soundscapes, prepared.audio, window_s=cfg.pseudo.window_s,
                               stride_s=cfg.pseudo.stride_s)
+    if not is_checkpoint(teachers[0]):
+        if accelerator.is_main_process:
+            write_external_labels(cfg, prepared.data.classes, teachers[0], round_idx, path)
+        accelerator.wait_for_everyone()
+        return path
     if cfg.pseudo.get("truth"):
         if accelerator.is_main_process:
             write_truth_labels(cfg, chunks, prepared.data.classes, round_idx, path,
@@ -342,6 +373,24 @@ def write_truth_labels(cfg: DictConfig, chunks: SoundscapeChunks, classes: list[
     write_pseudo_labels(path, rows[keep].reset_index(drop=True), probs[keep], classes, provenance)
 
 
+def write_external_labels(cfg: DictConfig, classes: list[str], teacher_table: Path, round_idx: int, path: Path) -> None:
+    """Round 1 after an external teacher: round 0's chunk probabilities, de-noised like a teacher's."""
+    table, teacher_provenance = read_pseudo_labels(teacher_table)
+    if teacher_provenance.get("classes") != list(classes):
+        raise ConfigError(f"recompute_from: {teacher_table} holds other classes than the data's; "
+                          f"{_recompute_hint(0)}")
+    rows, probs = split_table(table, classes)
+    transform = instantiate(cfg.pseudo.transform)
+    probs, keep = transform(probs, round_idx=round_idx, files=rows["file"].to_numpy())
+    provenance = {"round": round_idx, "teacher": str(teacher_table), "teacher_hash": checkpoint_hash(teacher_table),
+                  "teachers": [{"path": str(teacher_table), "hash": checkpoint_hash(teacher_table)}],
+                  "external_teacher": teacher_provenance.get("teacher"),
+                  "transform": transform.describe(round_idx), "window_s": SCORED_CHUNK_S,
+                  "stride_s": SCORED_CHUNK_S, "kept_chunks": int(keep.sum()), "processes": 1}
+    log.info("pseudo-labels from the external teacher's %d chunks (%s)", len(rows), teacher_table)
+    write_pseudo_labels(path, rows[keep].reset_index(drop=True), probs[keep], classes, provenance)
+
+
 def student_parts(cfg: DictConfig, prepared: PreparedData, pseudo_path: Path, parts: RoundParts) -> RoundParts:
     """Swap the labeled training set for labeled + pseudo-labeled data, as `cfg.pseudo.mixing` says."""
     table, _ = read_pseudo_labels(pseudo_path)
@@ -375,10 +424,12 @@ def build_model(cfg: DictConfig, num_classes: int, round_idx: int) -> torch.nn.M
 def initial_model(cfg: DictConfig, num_classes: int, round_idx: int, start: Path | None) -> torch.nn.Module:
     """The weights round `round_idx` starts from: seeded init, or `start`'s for `student_init=teacher`.
 
-    `start` is the round k-1 model for the student, the round k-1 control for the control.
+    `start` is the round k-1 model for the student, the round k-1 control for the control. After an
+    external teacher there is no model to start from: round 1's student and control both start from the
+    seeded init (`model.pretrained` weights where set).
     """
     model = build_model(cfg, num_classes, round_idx)
-    if round_idx > 0 and cfg.pseudo.student_init == "teacher":
+    if round_idx > 0 and cfg.pseudo.student_init == "teacher" and is_checkpoint(start):
         model.load_state_dict(load_checkpoint(start)[0].state_dict())
     return model
 
@@ -399,7 +450,7 @@ def control_start(run_dir: Path, round_idx: int) -> Path:
     from exactly the student's weights, and every control has had the same compute as its student.
     """
     previous = run_dir / f"round_{round_idx - 1}"
-    return (previous / CONTROL_DIR if round_idx > 1 else previous) / MODEL_FILE
+    return round_output(previous / CONTROL_DIR if round_idx > 1 else previous)
 
 
 def student_data_config(cfg: DictConfig) -> DictConfig:
@@ -418,9 +469,12 @@ def student_data_config(cfg: DictConfig) -> DictConfig:
 
 
 def round_train_config(cfg: DictConfig, round_idx: int) -> DictConfig:
-    """`train` for the teacher; for students and their controls, `train` with `pseudo.student_train`'s values."""
+    """`train` for the teacher; for students and their controls, `train` with `pseudo.student_train`'s values
+    (except round 1 after an external teacher, which starts from the seeded init)."""
     train = cfg.train.copy()
-    student = cfg.pseudo.get("student_train") if round_idx > 0 else None
+    # After an external teacher, round 1's student (and control) learn from the seeded init: `train`'s schedule.
+    from_scratch = round_idx == 1 and is_external(cfg)
+    student = cfg.pseudo.get("student_train") if round_idx > 0 and not from_scratch else None
     if student:
         for key, target in (("epochs", "epochs"), ("lr", "optimizer.lr"), ("warmup_epochs", "scheduler.warmup_epochs")):
             if student.get(key) is not None:
@@ -430,7 +484,8 @@ def round_train_config(cfg: DictConfig, round_idx: int) -> DictConfig:
 
 def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerator, round_dir: Path,
                 round_idx: int = 0, teachers: list[Path] | None = None, control: bool = False) -> dict[str, Any]:
-    """Round 0: the teacher on the labeled clips; round k: pseudo-label with the teacher, train the student.
+    """Round 0: the teacher on the labeled clips (or an external model's, `teacher.kind`); round k: pseudo-label
+    with the teacher, train the student.
 
     `control=True` trains round k's control instead, in `round_dir/control/`: started from
     `teachers[0]` (see `control_start`), with the student's schedule and seed, on the labeled data alone.
@@ -440,6 +495,12 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
     dropped = filter_external(cfg, prepared, teachers[0], out_dir, accelerator) if round_idx > 0 and teachers else None
     parts = build_datasets(prepared, student_data_config(cfg) if student else cfg.data, cfg.seed, round_idx,
                            drop_external=dropped or ())
+    if round_idx == 0 and is_external(cfg):
+        val_table = prepared.data.train[prepared.folds == cfg.data.fold].reset_index(drop=True)
+        info = {"round": 0, "arm": "teacher", "external_clips": parts.n_external,
+                "labeled_audio_s": round(parts.labeled_s, 1)}
+        return external_teacher_round(cfg, prepared, accelerator, out_dir, parts.train_table, val_table,
+                                      parts.val_mixed, info)
     if student:
         parts = student_parts(cfg, prepared, pseudo_label(cfg, prepared, teachers, round_idx, round_dir,
                                                          accelerator), parts)
@@ -449,7 +510,7 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
     round_info = {"round": round_idx, "arm": arm, "init_weights_hash": weights_hash(model),
                   "external_clips": parts.n_external, "clips_per_epoch": parts.clips_per_epoch,
                   "labeled_audio_s": round(parts.labeled_s, 1),
-                  **({"start": start_record(teachers[0], fine_tuned=round_idx > 0 and (
+                  **({"start": start_record(teachers[0], fine_tuned=round_idx > 0 and is_checkpoint(teachers[0]) and (
                       control or cfg.pseudo.student_init == "teacher"))} if teachers else {}),
                   **({"external_filtered": len(dropped)} if dropped is not None else {}),
                   **({"pseudo": parts.pseudo_stats} if parts.pseudo_stats is not None else {})}
@@ -667,7 +728,7 @@ def write_round_record(round_dir: Path, cfg: DictConfig, round_idx: int, metrics
         "code_version": code_version(),
         "seconds": round(time.time() - started, 1),
         "teachers": [{"path": str(t), "hash": checkpoint_hash(t)} for t in teachers or []],
-        "model_hash": checkpoint_hash(round_dir / MODEL_FILE),
+        "model_hash": checkpoint_hash(round_output(round_dir)),
         "inputs": inputs,
         "data": prepared.summary(), "final_metrics": {k: v for k, v in metrics.items() if k != "history"},
         "schedule": {"epochs": len(metrics.get("history", [])), "clips_per_epoch": metrics.get("clips_per_epoch"),

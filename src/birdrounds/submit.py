@@ -54,6 +54,9 @@ def export_checkpoints(cfg: DictConfig) -> list[Path]:
     k = pick_round(run_dir) if cfg.export.round is None else cfg.export.round
     if k not in done:
         raise ConfigError(f"export.round: round {k} is not complete in {run_dir} (completed: {sorted(done)})")
+    if not (done[k] / MODEL_FILE).is_file():
+        raise ConfigError(f"export.round: round {k} in {run_dir} is an external teacher, which has no model to "
+                          f"export; export a student round (export.round=1 or later)")
     checks = round_checks(json.loads((done[k] / METRICS_FILE).read_text()))
     if not checks.usable:
         if not cfg.export.get("force", False):
@@ -65,7 +68,9 @@ def export_checkpoints(cfg: DictConfig) -> list[Path]:
 
 def pick_round(run_dir: Path) -> int:
     """The round `export.round: null` takes: the best by the score every round's model was kept by, else the last."""
-    rows = round_rows(run_dir)
+    # An external teacher's round 0 has no model to export: it is not a candidate.
+    exportable = {idx for idx, folder in completed_rounds(run_dir) if (folder / MODEL_FILE).is_file()}
+    rows = [r for r in round_rows(run_dir) if r["round"] in exportable] or round_rows(run_dir)
     best = best_round(rows)
     if best is None:
         log.info("exporting the last completed round %d (export.round=K picks another)", rows[-1]["round"])
