@@ -59,14 +59,18 @@ def fits(run_dir: Path, rounds: int) -> dict[str, dict]:
                          *[(f"{arm}_{k}", run_dir / f"round_{k}" / ("control" if arm == "control" else ""))
                            for k in range(1, rounds + 1) for arm in ("student", "control")]]:
         path = folder / METRICS_FILE
-        if not path.is_file():
+        if path.is_file():
+            found[name] = json.loads(path.read_text())
+        elif not name.startswith("control"):  # an arm may have been run without controls
             sys.exit(f"{path} is missing: that run has not finished (run without --report-only)")
-        found[name] = json.loads(path.read_text())
     return found
 
 
-def mean_std(values: list[float]) -> dict:
+def mean_std(values: list[float | None]) -> dict | None:
+    """Mean, sample std and the values (None where nothing was measured)."""
     arr = np.array([v for v in values if v is not None], dtype=float)
+    if not len(arr):
+        return None
     return {"mean": round(float(arr.mean()), 4), "std": round(float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, 4),
             "n": int(len(arr)), "per_seed": [round(float(v), 4) for v in arr]}
 
@@ -87,16 +91,20 @@ def summarise(runs: dict[str, dict[int, dict[str, dict]]], rounds: int) -> dict:
         entry = {"teacher": mean_std([f["teacher"][KEY] for f in seeds.values()])}
         for k in range(1, rounds + 1):
             student = [f[f"student_{k}"][KEY] for f in seeds.values()]
-            control = [f[f"control_{k}"][KEY] for f in seeds.values()]
+            control = [f[f"control_{k}"][KEY] if f"control_{k}" in f else None for f in seeds.values()]
             teacher = [f["teacher"][KEY] for f in seeds.values()]
             entry[f"round_{k}"] = {"student": mean_std(student), "control": mean_std(control),
-                                   "gain_vs_control": mean_std([s - c for s, c in zip(student, control)]),
+                                   "gain_vs_control": mean_std([None if c is None else s - c
+                                                                for s, c in zip(student, control)]),
                                    "student_minus_teacher": mean_std([s - t for s, t in zip(student, teacher)])}
         arms[arm] = entry
     # The selection signal: every model's val_mixed_auc against its test soundscape AUC.
     points = [(arm, seed, name, f[SIGNAL], f[KEY]) for arm, seeds in runs.items() for seed, fs in seeds.items()
               for name, f in fs.items() if f.get(SIGNAL) is not None and f.get(KEY) is not None]
     rho = spearmanr([p[3] for p in points], [p[4] for p in points]).statistic if len(points) >= 3 else None
+    # The choices val_mixed_auc makes in a run are among CNNs (epochs, rounds): its ranking of those alone.
+    cnns = [p for p in points if p[2] != "teacher" or p[0] == "cnn"]
+    rho_cnn = spearmanr([p[3] for p in cnns], [p[4] for p in cnns]).statistic if len(cnns) >= 3 else None
     per_seed = {}
     for seed in sorted({p[1] for p in points}):
         xs = [p for p in points if p[1] == seed]
@@ -111,6 +119,7 @@ def summarise(runs: dict[str, dict[int, dict[str, dict]]], rounds: int) -> dict:
             round_regrets.append(max(f[KEY] for f in students) - picked[KEY])
     return {"arms": arms, "selection_signal": {
         "models": len(points), "spearman_pooled": None if rho is None else round(float(rho), 3),
+        "cnn_models": len(cnns), "spearman_cnn_models": None if rho_cnn is None else round(float(rho_cnn), 3),
         "spearman_per_seed": per_seed,
         "epoch_choice_regret": mean_std(epoch_regrets), "round_choice_regret": mean_std(round_regrets),
         "points": [{"arm": a, "seed": s, "model": n, SIGNAL: round(x, 4), KEY: round(y, 4)} for a, s, n, x, y in points]}}
@@ -141,7 +150,9 @@ def time_features(root: Path, n: int, backend: str, threads: int) -> dict:
 
 
 def print_report(summary: dict, rounds: int) -> None:
-    def fmt(s: dict, signed: bool = False) -> str:
+    def fmt(s: dict | None, signed: bool = False) -> str:
+        if s is None:
+            return "-"
         return f"{s['mean']:+.3f} +- {s['std']:.3f}" if signed else f"{s['mean']:.3f} +- {s['std']:.3f}"
 
     print(f"\ntest soundscape AUC ({KEY}), mean +- std over seeds; every choice by {SIGNAL}")
@@ -153,14 +164,16 @@ def print_report(summary: dict, rounds: int) -> None:
                   f"gain {fmt(r['gain_vs_control'], True)}, student - teacher {fmt(r['student_minus_teacher'], True)}")
     sel = summary["selection_signal"]
     print(f"\n{SIGNAL} vs test soundscapes over {sel['models']} models: Spearman {sel['spearman_pooled']} pooled, "
-          f"per seed {sel['spearman_per_seed']}")
+          f"per seed {sel['spearman_per_seed']}; over the {sel['cnn_models']} CNNs alone {sel['spearman_cnn_models']}")
     print(f"  epoch chosen by {SIGNAL}: {fmt(sel['epoch_choice_regret'])} below the fit's best epoch (test AUC)")
     print(f"  round chosen by {SIGNAL}: {fmt(sel['round_choice_regret'])} below the best student round (test AUC)")
 
 
 def table_record(summary: dict, rounds: int, timing: dict | None) -> list[dict]:
     """The summary as the results page's plain tables."""
-    def ms(s: dict, signed: bool = False) -> str:
+    def ms(s: dict | None, signed: bool = False) -> str:
+        if s is None:
+            return "–"
         return (f"{s['mean']:+.3f} ± {s['std']:.3f}" if signed else f"{s['mean']:.3f} ± {s['std']:.3f}") + f" (n={s['n']})"
 
     rows = []
@@ -174,9 +187,10 @@ def table_record(summary: dict, rounds: int, timing: dict | None) -> list[dict]:
     tables = [{"caption": "Test soundscape AUC, every epoch and round chosen by val_mixed_auc",
                "columns": ["teacher", "model", "test AUC", "control", "gain vs control", "vs its teacher"], "rows": rows},
               {"caption": "How val_mixed_auc chooses, against the test soundscapes",
-               "columns": ["models", "Spearman (pooled)", "per seed", "epoch choice: below the best epoch",
-                           "round choice: below the best student round"],
-               "rows": [[sel["models"], sel["spearman_pooled"], json.dumps(sel["spearman_per_seed"]),
+               "columns": ["models", "Spearman (all)", "per seed", "CNNs", "Spearman (CNNs)",
+                           "epoch choice: below the best epoch", "round choice: below the best student round"],
+               "rows": [[sel["models"], sel["spearman_pooled"], json.dumps(sel["spearman_per_seed"]), sel["cnn_models"],
+                         sel["spearman_cnn_models"],
                          ms(sel["epoch_choice_regret"]), ms(sel["round_choice_regret"])]]}]
     if timing:
         tables.append({"caption": "External model features, cold cache, one process",

@@ -26,7 +26,7 @@ from birdrounds.external import (
 )
 from birdrounds.infer import decode_audio
 from birdrounds.pseudo import read_pseudo_labels
-from birdrounds.teachers import zero_shot_map, zero_shot_probs
+from birdrounds.teachers import zero_shot_columns, zero_shot_map, zero_shot_probs
 from conftest import REPO, copy_smoke_data, entry_env, run_entry
 
 FIXTURE = Path(__file__).parent / "fixtures" / "real_audio" / "birds_10s.wav"
@@ -93,9 +93,10 @@ def test_feature_cache_keys_on_model_and_content(tiny, tmp_path):
     first = cache.get(wave, 32_000, [0.0], compute)
     second = cache.get(wave.copy(), 32_000, [0.0], compute)
     assert len(calls) == 1 and np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])
+    np.testing.assert_allclose(first[1], compute()[1], rtol=1e-3)  # probabilities kept as float16
     wave = tone(3000, 5.0)  # other audio: computed again
     cache.get(wave, 32_000, [0.0], compute)
-    assert len(calls) == 2
+    assert len(calls) == 3
     # Another model file (same card) does not reuse the entries.
     other = tiny_audio_model.build(tmp_path / "other", LABELS, seed=1)
     assert FeatureCache(tmp_path / "features", load_external("onnx", str(other)), 5.0).key(wave, 32_000, [0.0]) \
@@ -104,7 +105,7 @@ def test_feature_cache_keys_on_model_and_content(tiny, tmp_path):
     entry = cache.path(cache.key(wave, 32_000, [0.0]))
     entry.write_bytes(b"garbage")
     cache.get(wave, 32_000, [0.0], compute)
-    assert len(calls) == 3
+    assert len(calls) == 4
 
 
 def test_onnx_card_errors_name_the_problem(tiny, tmp_path):
@@ -134,7 +135,8 @@ def test_zero_shot_matches_scientific_names_case_and_spacing_blind(tiny):
     assert index.tolist() == [0, -1, 1]
     assert record["matched"] == {"blackbird": "Turdus merula", "greti1": "Parus  major"}
     assert record["unmatched"] == {"frog1": "Rana temporaria"}
-    probs = zero_shot_probs(np.array([[0.9, 0.2, 0.5]], np.float32), index)
+    external = np.array([[0.9, 0.2, 0.5]], np.float32)
+    probs = zero_shot_probs(external[:, zero_shot_columns(index)], index)
     assert probs.tolist() == [[pytest.approx(0.9), 0.0, pytest.approx(0.2)]]  # unknown classes score 0
     with pytest.raises(ConfigError, match="matched none"):
         zero_shot_map(model, taxonomy.assign(scientific_name=["a b", "c d", "e f"]), ["blackbird", "frog1", "greti1"])
@@ -182,8 +184,8 @@ def _commands(home: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_probe_teacher_rounds_export_and_predict(external_home):
     home, model = external_home
-    teacher = ["teacher=probe", "teacher.external.backend=onnx", f"teacher.external.path={model}"]
-    done = run_entry(home, "logger=none", "round=1", "control=true", *teacher)
+    teacher = ["teacher=probe", "teacher.external.backend=onnx", f"teacher.external.path={model}", "teacher.blend=0.5"]
+    done = run_entry(home, "logger=none", "round=2", "control=true", *teacher)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = home / "runs" / "smoke"
     round0 = run_dir / "round_0"
@@ -204,16 +206,22 @@ def test_probe_teacher_rounds_export_and_predict(external_home):
     control = json.loads((run_dir / "round_1" / "control" / "metrics.json").read_text())
     assert student["init_weights_hash"] == control["init_weights_hash"]
     assert student["start"]["steps_since_init"] == control["start"]["steps_since_init"] == 0
+    # Round 2 fine-tunes round 1's student on labels blended half and half from it and the external teacher.
+    table2, provenance2 = read_pseudo_labels(run_dir / "round_2" / "pseudo_labels.parquet")
+    assert provenance2["external_blend"] == 0.5
+    assert [Path(t["path"]).name for t in provenance2["teachers"]] == ["model.pt", "teacher_chunks.parquet"]
+    assert Path(provenance2["teachers"][0]["path"]).parent.name == "round_1"
+    assert json.loads((run_dir / "round_2" / "metrics.json").read_text())["start"]["steps_since_init"] > 0
     report = (run_dir / "report.md").read_text()
-    assert "| 0 |" in report and "| 1 |" in report
-    # A second call reuses both rounds (the features come from the cache, nothing is recomputed).
-    again = run_entry(home, "logger=none", "round=1", "control=true", *teacher)
+    assert "| 0 |" in report and "| 1 |" in report and "| 2 |" in report
+    # A second call reuses every round (the features come from the cache, nothing is recomputed).
+    again = run_entry(home, "logger=none", "round=2", "control=true", *teacher)
     assert again.returncode == 0 and "round 0 already complete" in again.stdout + again.stderr
 
     # Export takes a student round (round 0 has no model), predict writes the submission.
     exported = _commands(home, "export")
     assert exported.returncode == 0, exported.stderr[-3000:]
-    assert "exporting round 1" in exported.stdout + exported.stderr
+    assert "exporting round " in exported.stdout + exported.stderr and "exporting round 0" not in exported.stdout + exported.stderr
     refused = _commands(home, "export", "export.round=0")
     assert refused.returncode == 2 and "external teacher" in refused.stderr
     predicted = _commands(home, "predict")
@@ -259,3 +267,68 @@ def test_bad_teacher_config_stops_the_run_with_one_line(home):
     assert proc.returncode == 2
     assert "teacher.external.path: model file not found" in proc.stdout + proc.stderr
     assert not (home / "data").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_features_and_match_one(external_home, tmp_path):
+    """`accelerate launch` over 2 CPU processes: each computes its share of the features; round 0 scores the
+    same as a one-process run on its own copy of the data (its own, empty feature cache)."""
+    import os
+
+    home, model = external_home
+    single_home = tmp_path / "single"
+    import shutil
+    shutil.copytree(home, single_home)
+    teacher = ["teacher=probe", "teacher.external.backend=onnx", f"teacher.external.path={model}", "logger=none"]
+    env = {**entry_env(home), "ACCELERATE_USE_CPU": "1"}
+    launcher = Path(sys.executable).parent / "accelerate"
+    proc = subprocess.run([str(launcher), "launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
+                           str(REPO / "rounds/run.py"), "experiment=smoke", *teacher],
+                          capture_output=True, text=True, env=env, cwd=home, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "on process 0 of 2" in output and "on process 1 of 2" in output
+    single = run_entry(single_home, *teacher)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two, one = (json.loads((h / "runs" / "smoke" / "round_0" / "metrics.json").read_text()) for h in (home, single_home))
+    assert two["num_processes"] == 2 and one["num_processes"] == 1
+    for key in ("val_soundscape_auc", "val_clip_auc", "val_mixed_auc"):
+        assert two[key] == pytest.approx(one[key], abs=1e-6)
+    tables = [read_pseudo_labels(h / "runs" / "smoke" / "round_0" / "teacher_chunks.parquet")[0] for h in (home, single_home)]
+    pd.testing.assert_frame_equal(*(t.drop(columns="file") for t in tables), atol=1e-6)  # the homes differ
+
+
+def test_probe_learns_background_from_unlabeled_chunks():
+    # Labeled chunks: class c is a bump on feature c. Unlabeled soundscape chunks: background only (a shift on
+    # feature 5 the labeled chunks never have). Without them the head calls background a bird.
+    from omegaconf import OmegaConf
+
+    from birdrounds.teachers import ChunkSet, train_probe
+
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c"]
+    paths = [f"rec{i}.ogg" for i in range(6)]
+    table = pd.DataFrame({"path": paths, "primary_label": [classes[i % 3] for i in range(6)],
+                          "secondary_labels": [[] for _ in range(6)]})
+    owner = np.repeat(np.arange(6), 10)
+    labeled = rng.normal(0, 0.3, (60, 8)).astype(np.float32)
+    labeled[np.arange(60), owner % 3] += 3.0
+    background = rng.normal(0, 0.3, (80, 8)).astype(np.float32)
+    background[:, 5] += 3.0
+    train = ChunkSet(paths, [[0.0]] * 6, embeddings=labeled, owner=owner)
+    unlabeled = ChunkSet(["s.ogg"], [[0.0]] * 80, embeddings=background, owner=np.zeros(80, np.int64))
+
+    class NoScores:
+        def arrays(self, probs):
+            return {}
+
+    def background_prob(weight: float) -> float:
+        settings = OmegaConf.create({"hidden": 0, "dropout": 0.0, "epochs": 30, "batch_size": 32, "lr": 0.01,
+                                     "weight_decay": 0.0, "balance": 1.0, "eval_every": 10, "unlabeled_weight": weight})
+        head, history, chosen, steps = train_probe(settings, {"train": train, "train_soundscapes": unlabeled}, table,
+                                                   classes, 0.5, NoScores(), "last", seed=0)
+        assert len(history) == 3 and chosen == 2 and steps > 0
+        assert (head.probs(labeled).argmax(axis=1) == owner % 3).mean() > 0.9  # still knows the birds
+        return float(head.probs(background).max(axis=1).mean())
+
+    assert background_prob(1.0) < 0.1 < background_prob(0.0)

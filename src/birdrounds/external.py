@@ -46,7 +46,7 @@ BIRDNET_RELPATH = "models/analyzer/BirdNET_GLOBAL_6K_V2.4_Model_FP32.tflite"
 BIRDNET_LABELS_RELPATH = "models/analyzer/BirdNET_GLOBAL_6K_V2.4_Labels.txt"
 BIRDNET_EMBEDDING_TENSOR = "GLOBAL_AVG_POOL/Mean"
 # Bump when what a cache entry holds for the same model and audio would change (windowing, pooling).
-FEATURE_FORMAT_VERSION = 1
+FEATURE_FORMAT_VERSION = 2  # 2: probabilities stored as float16
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
@@ -331,14 +331,15 @@ class FeatureCache:
         if entry.is_file():
             try:
                 with np.load(entry) as saved:
-                    return saved["embeddings"], (saved["probs"] if saved["probs"].size else None)
+                    return saved["embeddings"], (saved["probs"].astype(np.float32) if saved["probs"].size else None)
             except (OSError, ValueError, KeyError) as err:
                 log.warning("feature cache entry %s unreadable (%s); computing it again", entry, err)
-        if compute is None:
-            emb, probs = chunk_features(self.model, wave, sample_rate_hz, starts_s, self.chunk_s)
-        else:
-            emb, probs = compute()
+        emb, probs = compute() if compute is not None else chunk_features(self.model, wave, sample_rate_hz,
+                                                                           starts_s, self.chunk_s)
+        if probs is not None:
+            probs = probs.astype(np.float16).astype(np.float32)  # as a later read gives them
         entry.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(entry, "wb", fsync=False) as f:
-            np.savez(f, embeddings=emb, probs=np.zeros((0,), np.float32) if probs is None else probs)
+            # Probabilities as float16: a 6,522-class model's rows are most of an entry's size.
+            np.savez(f, embeddings=emb, probs=np.zeros((0,), np.float16) if probs is None else probs.astype(np.float16))
         return emb, probs

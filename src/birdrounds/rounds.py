@@ -254,6 +254,11 @@ def round_output(round_dir: Path) -> Path:
     return chunks if chunks.is_file() and not (round_dir / MODEL_FILE).is_file() else round_dir / MODEL_FILE
 
 
+def external_blend(cfg: DictConfig) -> float:
+    """`teacher.blend`: the external teacher's weight in the pseudo-labels of rounds >= 2 (0 without one)."""
+    return float(cfg.teacher.get("blend", 0.0)) if is_external(cfg) else 0.0
+
+
 def is_checkpoint(path: Path | None) -> bool:
     """Whether a round's output is a model checkpoint (not an external teacher's chunk table)."""
     return path is not None and path.name != TEACHER_CHUNKS_FILE
@@ -262,14 +267,19 @@ def is_checkpoint(path: Path | None) -> bool:
 def teacher_paths(cfg: DictConfig, run_dir: Path, round_idx: int) -> list[Path]:
     """The previous round's model plus `pseudo.extra_teachers` (an ensemble whose mean labels the chunks).
 
-    After an external teacher (`teacher.kind` probe or zero_shot), round 1's teacher is round 0's chunk table.
+    After an external teacher (`teacher.kind` probe or zero_shot), round 1's teacher is round 0's chunk table;
+    later rounds' are the previous round's model and, with `teacher.blend` > 0, that table again.
     """
     previous = run_dir / f"round_{round_idx - 1}"
-    if round_idx == 1 and is_external(cfg):
+    if is_external(cfg):
         if cfg.pseudo.get("extra_teachers"):
             raise ConfigError("pseudo.extra_teachers: not supported with an external teacher "
                               f"(teacher.kind={cfg.teacher.kind}); leave it empty")
-        return [previous / TEACHER_CHUNKS_FILE]
+        if round_idx == 1:
+            return [previous / TEACHER_CHUNKS_FILE]
+        # Later rounds: the previous round's model (the student's start), blended with the external teacher's labels.
+        chunks = run_dir / "round_0" / TEACHER_CHUNKS_FILE
+        return [previous / MODEL_FILE, *([chunks] if external_blend(cfg) > 0 else [])]
     paths = [previous / MODEL_FILE]
     for extra in cfg.pseudo.get("extra_teachers") or []:
         extra = Path(extra)
@@ -295,11 +305,14 @@ def pseudo_label(cfg: DictConfig, prepared: PreparedData, teachers: list[Path], 
         return path
     chunks = SoundscapeChunks(prepared.data.soundscapes, prepared.audio, window_s=cfg.pseudo.window_s,
                               stride_s=cfg.pseudo.stride_s)
-    if not is_checkpoint(teachers[0]):
+    tables = [t for t in teachers if not is_checkpoint(t)]
+    if tables and (not is_checkpoint(teachers[0]) or external_blend(cfg) >= 1.0):
+        # Round 1 after an external teacher, or a later round whose labels are the external teacher's alone.
         if accelerator.is_main_process:
-            write_external_labels(cfg, prepared.data.classes, teachers[0], round_idx, path)
+            write_external_labels(cfg, prepared.data.classes, tables[0], round_idx, path, teachers)
         accelerator.wait_for_everyone()
         return path
+    checkpoints = [t for t in teachers if is_checkpoint(t)]
     if cfg.pseudo.get("truth"):
         if accelerator.is_main_process:
             write_truth_labels(cfg, chunks, prepared.data.classes, round_idx, path,
@@ -311,7 +324,7 @@ def pseudo_label(cfg: DictConfig, prepared: PreparedData, teachers: list[Path], 
     partial = round_dir / "pseudo_partial"
     share = partial / f"share_{rank}of{world}.npy"
     if not share.is_file():
-        models = [load_checkpoint(p)[0] for p in teachers]
+        models = [load_checkpoint(p)[0] for p in checkpoints]
         indices = shard_range(len(chunks), rank, world)
         log.info("pseudo-labeling %d of %d windows (process %d of %d, %d teacher(s))",
                  len(indices), len(chunks), rank, world, len(models))
@@ -326,9 +339,12 @@ def pseudo_label(cfg: DictConfig, prepared: PreparedData, teachers: list[Path], 
         outputs = np.concatenate([s for s in shares if s.size]) if any(s.size for s in shares) else shares[0]
         probs = windows_to_chunks(outputs, chunks, SCORED_CHUNK_S)
         rows = chunk_rows(chunks, SCORED_CHUNK_S)
+        if tables:
+            weight = external_blend(cfg)
+            probs = (1.0 - weight) * probs + weight * external_chunk_probs(tables[0], rows, prepared.data.classes)
         transform = instantiate(cfg.pseudo.transform)
         probs, keep = transform(probs, round_idx=round_idx, files=rows["file"].to_numpy())
-        provenance = {"round": round_idx, "teacher": str(teachers[0]), "teacher_hash": checkpoint_hash(teachers[0]),
+        provenance = {"round": round_idx, **({"external_blend": external_blend(cfg)} if tables else {}), "teacher": str(teachers[0]), "teacher_hash": checkpoint_hash(teachers[0]),
                       "teachers": [{"path": str(p), "hash": checkpoint_hash(p)} for p in teachers],
                       "transform": transform.describe(round_idx), "window_s": cfg.pseudo.window_s,
                       "stride_s": cfg.pseudo.stride_s, "kept_chunks": int(keep.sum()), "processes": world}
@@ -373,8 +389,20 @@ def write_truth_labels(cfg: DictConfig, chunks: SoundscapeChunks, classes: list[
     write_pseudo_labels(path, rows[keep].reset_index(drop=True), probs[keep], classes, provenance)
 
 
-def write_external_labels(cfg: DictConfig, classes: list[str], teacher_table: Path, round_idx: int, path: Path) -> None:
-    """Round 1 after an external teacher: round 0's chunk probabilities, de-noised like a teacher's."""
+def external_chunk_probs(teacher_table: Path, rows: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    """Round 0's external chunk probabilities for `rows` (by row_id; chunks it lacks get 0)."""
+    table, provenance = read_pseudo_labels(teacher_table)
+    if provenance.get("classes") != list(classes):
+        raise ConfigError(f"recompute_from: {teacher_table} holds other classes than the data's; {_recompute_hint(0)}")
+    index = pd.Index(table["row_id"]).get_indexer(rows["row_id"])
+    probs = table[list(classes)].to_numpy(dtype=np.float32)
+    return np.where((index >= 0)[:, None], probs[np.maximum(index, 0)], 0.0).astype(np.float32)
+
+
+def write_external_labels(cfg: DictConfig, classes: list[str], teacher_table: Path, round_idx: int, path: Path,
+                          teachers: list[Path]) -> None:
+    """Round 0's external chunk probabilities, de-noised like a teacher's: round 1's labels after an external
+    teacher, and later rounds' with `teacher.blend: 1`."""
     table, teacher_provenance = read_pseudo_labels(teacher_table)
     if teacher_provenance.get("classes") != list(classes):
         raise ConfigError(f"recompute_from: {teacher_table} holds other classes than the data's; "
@@ -382,8 +410,9 @@ def write_external_labels(cfg: DictConfig, classes: list[str], teacher_table: Pa
     rows, probs = split_table(table, classes)
     transform = instantiate(cfg.pseudo.transform)
     probs, keep = transform(probs, round_idx=round_idx, files=rows["file"].to_numpy())
-    provenance = {"round": round_idx, "teacher": str(teacher_table), "teacher_hash": checkpoint_hash(teacher_table),
-                  "teachers": [{"path": str(teacher_table), "hash": checkpoint_hash(teacher_table)}],
+    provenance = {"round": round_idx, "teacher": str(teachers[0]), "teacher_hash": checkpoint_hash(teachers[0]),
+                  "teachers": [{"path": str(p), "hash": checkpoint_hash(p)} for p in teachers],
+                  "external_blend": 1.0,
                   "external_teacher": teacher_provenance.get("teacher"),
                   "transform": transform.describe(round_idx), "window_s": SCORED_CHUNK_S,
                   "stride_s": SCORED_CHUNK_S, "kept_chunks": int(keep.sum()), "processes": 1}
@@ -536,6 +565,8 @@ NON_RESULT_KEYS = ("round", "recompute_from", "control", "logger", "paths", "xc"
                    "experiment_name", "data.mixed_val", "train.channels_last")
 # And those the teacher (round 0) never reads: the pseudo-labeling settings, whether students keep external rows.
 TEACHER_IGNORED_KEYS = ("pseudo", "data.external.in_students", "data.external.filter_min_prob")
+# And those rounds 0 and 1 never read: how rounds >= 2 blend an external teacher's labels.
+EARLY_IGNORED_KEYS = ("teacher.blend",)
 
 
 def _drop_key(plain: dict[str, Any], dotted: str) -> None:
@@ -551,7 +582,8 @@ def _drop_key(plain: dict[str, Any], dotted: str) -> None:
 def result_config(plain: dict[str, Any], round_idx: int) -> dict[str, Any]:
     """A copy of a resolved plain config with only what decides round `round_idx`'s result (see the keys above)."""
     plain = copy.deepcopy(plain)
-    for key in (*NON_RESULT_KEYS, *(TEACHER_IGNORED_KEYS if round_idx == 0 else ())):
+    for key in (*NON_RESULT_KEYS, *(TEACHER_IGNORED_KEYS if round_idx == 0 else ()),
+                *(EARLY_IGNORED_KEYS if round_idx <= 1 else ())):
         _drop_key(plain, key)
     # Keys added after rounds were recorded stay out of the hash while they hold the value that does what the
     # code did before them (absent counts as it), so finished rounds stay reusable after an upgrade.

@@ -83,8 +83,14 @@ def recording_starts(n_samples: int, sample_rate_hz: int, max_chunks: int | None
 
 
 def compute_features(sets: dict[str, ChunkSet], cache: FeatureCache, prepared: PreparedData,
-                     accelerator: Accelerator, mixed: Any = None) -> dict[str, ChunkSet]:
-    """Fill every set's embeddings and probabilities from the cache, each process computing its share first."""
+                     accelerator: Accelerator, mixed: Any = None,
+                     prob_columns: np.ndarray | None = None) -> dict[str, ChunkSet] | None:
+    """Every set with its embeddings and probabilities, each process computing its share of the files into the
+    cache first; the main process then reads them all (the others get None).
+
+    Only the external model's class columns `prob_columns` are kept in memory (None: no probabilities), so a
+    6,522-class model over BirdCLEF's ~117,000 soundscape chunks stays small.
+    """
     audio, sr = prepared.audio, prepared.audio.sample_rate_hz
     jobs = [(name, i) for name, s in sets.items() for i in range(len(s.paths))]
     n_mixed = len(mixed) if mixed is not None else 0
@@ -110,6 +116,8 @@ def compute_features(sets: dict[str, ChunkSet], cache: FeatureCache, prepared: P
             continue
         cache.get(wave, sr, starts)
     accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
     out: dict[str, ChunkSet] = {}
     for name, chunk_set in [*sets.items(), *([("mixed", ChunkSet([""] * n_mixed, [[0.0]] * n_mixed))] if n_mixed else [])]:
         embeddings, probs, owner, keep = [], [], [], []
@@ -121,7 +129,7 @@ def compute_features(sets: dict[str, ChunkSet], cache: FeatureCache, prepared: P
             e, p = cache.get(wave, sr, starts)
             keep.append(i)
             embeddings.append(e)
-            probs.append(p)
+            probs.append(None if p is None or prob_columns is None else p[:, prob_columns].astype(np.float32))
             owner.extend([len(keep) - 1] * len(e))
         chunk_set = copy.copy(chunk_set)
         chunk_set.rows_of(keep)
@@ -219,13 +227,24 @@ def train_probe(settings: DictConfig, feats: dict[str, ChunkSet], train_table: p
     by_path = {str(p): i for i, p in enumerate(train_table["path"].astype(str))}
     rec_targets = targets_of(train_table.iloc[[by_path[p] for p in train.paths]], classes, secondary_weight)
     x, y = train.embeddings, rec_targets[train.owner]
+    labeled_x = x
     primary = np.asarray(train_table.iloc[[by_path[p] for p in train.paths]]["primary_label"].astype(str))[train.owner]
     counts = pd.Series(primary).value_counts()
     weights = (1.0 / counts.reindex(primary).to_numpy()) ** float(settings.balance)
     weights = weights / weights.mean()
+    unlabeled = feats.get("train_soundscapes")
+    share = float(settings.unlabeled_weight)
+    if share > 0 and unlabeled is not None and len(unlabeled.embeddings):
+        # Unlabeled soundscape chunks as negatives of every class: each class is absent from nearly every chunk
+        # (positive-unlabeled learning's simplest form). Without them the head never sees background sound and
+        # gives it high probabilities, which make poor pseudo-labels.
+        n = len(unlabeled.embeddings)
+        x = np.concatenate([x, unlabeled.embeddings])
+        y = np.concatenate([y, np.zeros((n, y.shape[1]), dtype=y.dtype)])
+        weights = np.concatenate([weights, np.full(n, share * len(weights) / n)])
     torch.manual_seed(seed)
     head = ProbeHead(x.shape[1], len(classes), int(settings.hidden), float(settings.dropout),
-                     x.mean(axis=0), x.std(axis=0) + 1e-6)
+                     labeled_x.mean(axis=0), labeled_x.std(axis=0) + 1e-6)
     optimizer = torch.optim.AdamW(head.parameters(), lr=float(settings.lr), weight_decay=float(settings.weight_decay))
     xt, yt, wt = (torch.as_tensor(a, dtype=torch.float32) for a in (x, y, weights))
     generator = torch.Generator().manual_seed(seed)
@@ -277,11 +296,14 @@ def zero_shot_map(model: ExternalModel, taxonomy: pd.DataFrame, classes: list[st
     return index, record
 
 
-def zero_shot_probs(external_probs: np.ndarray, index: np.ndarray) -> np.ndarray:
-    out = np.zeros((len(external_probs), len(index)), dtype=np.float32)
-    known = index >= 0
-    out[:, known] = external_probs[:, index[known]]
-    return out
+def zero_shot_columns(index: np.ndarray) -> np.ndarray:
+    """The external model's columns to keep for `zero_shot_map`'s index (one per class; unknown classes read 0)."""
+    return np.maximum(index, 0)
+
+
+def zero_shot_probs(selected: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Class probabilities from the external columns `zero_shot_columns(index)`: unknown classes score 0."""
+    return np.where(index >= 0, selected, 0.0).astype(np.float32)
 
 
 def external_teacher_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerator, round_dir: Path,
@@ -325,11 +347,13 @@ def external_teacher_round(cfg: DictConfig, prepared: PreparedData, accelerator:
     if data.val_solution is not None and data.val_soundscapes:
         sets["val_soundscapes"], _ = soundscapes(data.val_soundscapes)
     sets["train_soundscapes"], pseudo_rows = soundscapes(data.soundscapes)
-    feats = compute_features(sets, cache, prepared, accelerator, mixed=val_mixed)
-    if not accelerator.is_main_process:
+    classes = list(data.classes)
+    index, record = zero_shot_map(model, data.taxonomy, classes) if kind == "zero_shot" else (None, None)
+    feats = compute_features(sets, cache, prepared, accelerator, mixed=val_mixed,
+                             prob_columns=None if index is None else zero_shot_columns(index))
+    if feats is None:
         accelerator.wait_for_everyone()
         return {}
-    classes = list(data.classes)
     scorer = Scorer(feats, val_table, classes, data.val_solution if "val_soundscapes" in feats else None,
                     val_mixed)
     select_by = cfg.train.select_by
@@ -343,7 +367,6 @@ def external_teacher_round(cfg: DictConfig, prepared: PreparedData, accelerator:
                     "settings": OmegaConf.to_container(teacher.probe, resolve=True)}, round_dir / PROBE_FILE)
         info.update(train_chunks=len(feats["train"].embeddings), embedding_dim=int(feats["train"].embeddings.shape[1]))
     else:
-        index, record = zero_shot_map(model, data.taxonomy, classes)
         write_json_atomic(round_dir / ZERO_SHOT_FILE, record)
         log.info("zero-shot: %d of %d classes matched to %s by scientific name (%s)", record["matched_count"],
                  len(classes), model.name, round_dir / ZERO_SHOT_FILE)

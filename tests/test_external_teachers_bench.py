@@ -1,0 +1,55 @@
+"""bench/external_teachers.py --report-only: its arithmetic and its record, on run folders written here."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fit(folder: Path, test: float, mixed: float, history: list[tuple[float, float]] | None = None) -> None:
+    """A fit's metrics.json: test AUC (val_soundscape_auc) and val_mixed_auc, kept at the last of `history`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    history = history or [(test, mixed)]
+    (folder / "metrics.json").write_text(json.dumps({
+        "val_soundscape_auc": test, "val_mixed_auc": mixed, "selected_epoch": len(history) - 1,
+        "history": [{"epoch": i, "val_soundscape_auc": t, "val_mixed_auc": m} for i, (t, m) in enumerate(history)]}))
+
+
+def run_folder(home: Path, arm: str, seed: int, teacher: float, students: list[float], controls: list[float] | None):
+    run = home / "runs" / f"{arm}_s{seed}"
+    fit(run / "round_0", teacher, teacher)
+    for k, student in enumerate(students, start=1):
+        # the epoch chosen (the last) is 0.02 below the fit's best by the test soundscapes
+        fit(run / f"round_{k}", student, student, history=[(student + 0.02, student - 0.1), (student, student)])
+        if controls is not None:
+            fit(run / f"round_{k}" / "control", controls[k - 1], controls[k - 1])
+
+
+def test_report_and_record(tmp_path):
+    home, results = tmp_path / "home", tmp_path / "results"
+    results.mkdir()
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        run_folder(home, "cnn", seed, 0.60 + shift, [0.65 + shift, 0.70 + shift], [0.62 + shift, 0.63 + shift])
+        run_folder(home, "zero_shot", seed, 0.95, [0.75 + shift, 0.72 + shift], None)  # run without controls
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "external_teachers.py"), "--home", str(home),
+                           "--data-root", str(tmp_path), "--seeds", "0", "1", "--arms", "cnn", "zero_shot",
+                           "--report-only", "--record", "--data-name", "fabricated"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "BIRDROUNDS_RESULTS_DIR": str(results)})
+    assert proc.returncode == 0, proc.stderr
+    assert "cnn        teacher 0.610 +- 0.014" in proc.stdout
+    assert "round 2: student 0.710 +- 0.014, control 0.640 +- 0.014, gain +0.070 +- 0.000" in proc.stdout
+    assert "round 1: student 0.760 +- 0.014, control -, gain -, student - teacher -0.190 +- 0.014" in proc.stdout
+    record = json.loads(next(results.glob("external-teachers-*.json")).read_text())
+    summary = record["results"]["summary"]
+    selection = summary["selection_signal"]
+    # every student fit chose an epoch 0.02 below its best; export would take round 2 for cnn, round 1 for zero_shot
+    assert selection["epoch_choice_regret"]["mean"] == pytest.approx(0.02)
+    assert selection["round_choice_regret"]["mean"] == pytest.approx(0.0)
+    assert selection["models"] == 16 and selection["cnn_models"] == 14
+    assert record["benchmark"] == "external_teachers" and record["data"] == "fabricated"
+    assert [t["caption"] for t in record["results"]["tables"]][0].startswith("Test soundscape AUC")
