@@ -213,6 +213,7 @@ def main() -> int:
     parser.add_argument("--backend", default="birdnet", help="external model backend for --time-features")
     parser.add_argument("--record", action="store_true", help="write results/external-teachers-<date>.json")
     parser.add_argument("--data-name", default=None, help="how the record names the data set")
+    parser.add_argument("--note", default=None, help="a sentence the record keeps about how the runs were made")
     args, overrides = parser.parse_known_args()
     timing = None
     if args.time_features:
@@ -231,7 +232,8 @@ def main() -> int:
         path = write_record("external_teachers", "external-teachers", {"tables": table_record(summary, args.rounds, timing),
                             "summary": summary, "timing": timing}, overrides=overrides,
                             title=f"External teachers on {args.data_name or args.data_root.name}",
-                            data=args.data_name or str(args.data_root.name), seeds=args.seeds)
+                            data=args.data_name or str(args.data_root.name), seeds=args.seeds,
+                            **({"note": args.note} if args.note else {}))
         print(f"record: {path}")
     return 0
 

@@ -154,8 +154,11 @@ def render_mixed_val(name: str, record: dict[str, Any]) -> list[str]:
 
 
 def render_tables(name: str, record: dict[str, Any]) -> list[str]:
-    """A record of plain tables (cells as text), each under its caption."""
+    """A record of plain tables (cells as text), each under its caption, after its data set and note if any."""
     lines = [f"### {record.get('title') or name}", "", provenance(name, record), ""]
+    for key, label in (("data", "Data"), ("note", "How the runs were made")):
+        if record.get(key):
+            lines += [f"{label}: {record[key]}.", ""]
     for table in record["results"]["tables"]:
         lines += [table["caption"] + ":", "", "| " + " | ".join(map(cell, table["columns"])) + " |",
                   "| " + " | ".join("---" for _ in table["columns"]) + " |"]
