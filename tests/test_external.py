@@ -219,7 +219,7 @@ def test_probe_teacher_rounds_export_and_predict(external_home):
     assert again.returncode == 0 and "round 0 already complete" in again.stdout + again.stderr
 
     # Export takes a student round (round 0 has no model), predict writes the submission.
-    exported = _commands(home, "export")
+    exported = _commands(home, "export", "export.kinds=[spectrogram]")  # the waveform graph: the shared smoke run's
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "exporting round " in exported.stdout + exported.stderr and "exporting round 0" not in exported.stdout + exported.stderr
     refused = _commands(home, "export", "export.round=0")
