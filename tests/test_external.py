@@ -235,6 +235,10 @@ def test_probe_teacher_rounds_export_and_predict(external_home):
     (["teacher=probe", "teacher.external.path=/no/such/model.onnx"], "teacher.external.path: model file not found"),
     (["teacher=zero_shot", "teacher.external.backend=perch"], "teacher.external.backend: must be birdnet or onnx"),
     (["teacher=probe", "teacher.external.threads=0"], "teacher.external.threads: must be an integer >= 1"),
+    (["teacher=probe", "teacher.probe.epochs=0"], "teacher.probe.epochs: must be an integer >= 1"),
+    (["teacher=probe", "teacher.probe.lr=-1"], "teacher.probe.lr: must be a number > 0"),
+    (["teacher=probe", "teacher.probe.dropout=1.0"], "teacher.probe.dropout: must be a number in [0, 1)"),
+    (["teacher=probe", "teacher.probe.unlabeled_weight=abc"], "teacher.probe.unlabeled_weight: must be a number >= 0"),
 ])
 def test_bad_teacher_config_is_refused_before_any_work(overrides, message):
     from birdrounds.config import compose, error_line, validate

@@ -391,6 +391,20 @@ def validate(cfg: DictConfig) -> None:
             require(cfg, "teacher.external.backend", lambda v: v in ("birdnet", "onnx"), "must be birdnet or onnx")
             require(cfg, "teacher.external.path", lambda v: v is None or Path(v).is_file(), "model file not found")
             require(cfg, "teacher.external.threads", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1")
+        if cfg.teacher.kind == "probe":
+            from birdrounds.checks import COUNT
+
+            for key in ("epochs", "batch_size", "eval_every"):
+                require(cfg, f"teacher.probe.{key}", COUNT.ok, COUNT.text)
+
+            def number(low: float) -> Callable[[Any], bool]:
+                return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= low
+
+            require(cfg, "teacher.probe.hidden", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0")
+            require(cfg, "teacher.probe.lr", lambda v: number(0)(v) and v > 0, "must be a number > 0")
+            for key in ("weight_decay", "unlabeled_weight", "balance"):
+                require(cfg, f"teacher.probe.{key}", number(0), "must be a number >= 0")
+            require(cfg, "teacher.probe.dropout", lambda v: number(0)(v) and v < 1, "must be a number in [0, 1)")
     if cfg.round > 0:
         require(cfg, "pseudo.student_init", lambda v: v in ("teacher", "scratch"), "must be 'teacher' or 'scratch'")
         from birdrounds.infer import SCORED_CHUNK_S  # imported here: it loads numpy and soundfile
