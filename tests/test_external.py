@@ -69,7 +69,7 @@ def test_chunk_features_resample_window_and_pool(tiny):
     assert abs(bands[emb[0].argmax()] - 1000) < 200 and abs(bands[emb[1].argmax()] - 5000) < 1000
     # Probabilities are the max over the chunk's windows; embeddings their mean.
     offsets = window_offsets(5.0, model.window_s)
-    from birdrounds.external import resample
+    from birdrounds.infer import resample
     audio = resample(wave[: 5 * 32_000], 32_000, 16_000)
     windows = np.stack([audio[int(o * 16_000): int(o * 16_000) + model.window_samples] for o in offsets])
     e, p = model.run(windows)

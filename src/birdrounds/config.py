@@ -44,8 +44,10 @@ class Rule:
 # rounds stay reusable after an upgrade (a real setting still counts); `mixed_val.mixed_validation_from_config`
 # rebuilds an older run's validation set with it, the set that run was scored on, not today's default.
 # Read-only: readers copy the lists.
-# `teacher.kind`'s values (birdrounds.teachers, which loads torch, keeps them too).
+# `teacher.kind`'s values, here so that `validate` checks them without loading torch (birdrounds.teachers).
 TEACHER_KINDS = ("cnn", "probe", "zero_shot")
+# `teacher.external.backend`'s values (birdrounds.external's models).
+EXTERNAL_BACKENDS = ("birdnet", "onnx")
 
 LEGACY: Mapping[str, Any] = MappingProxyType({
     "data.external.filter_min_prob": None,
@@ -388,7 +390,8 @@ def validate(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "teacher") is not None:
         require(cfg, "teacher.kind", lambda v: v in TEACHER_KINDS, f"must be one of {', '.join(TEACHER_KINDS)}")
         if cfg.teacher.kind != "cnn":
-            require(cfg, "teacher.external.backend", lambda v: v in ("birdnet", "onnx"), "must be birdnet or onnx")
+            require(cfg, "teacher.external.backend", lambda v: v in EXTERNAL_BACKENDS,
+                    f"must be {' or '.join(EXTERNAL_BACKENDS)}")
             require(cfg, "teacher.external.path", lambda v: v is None or Path(v).is_file(), "model file not found")
             require(cfg, "teacher.external.threads", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1")
         if cfg.teacher.kind == "probe":

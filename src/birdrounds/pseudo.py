@@ -361,6 +361,12 @@ def read_pseudo_labels(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str,
     return arrow.to_pandas(), provenance
 
 
+def probs_for_rows(row_ids: Sequence[str], probs: np.ndarray, wanted: Sequence[str]) -> np.ndarray:
+    """`probs` (one row per id of `row_ids`) in the order of the ids `wanted`; an id it lacks gets zeros."""
+    index = pd.Index(row_ids).get_indexer(wanted)
+    return np.where((index >= 0)[:, None], probs[np.maximum(index, 0)], 0.0).astype(np.float32)
+
+
 def split_table(table: pd.DataFrame, classes: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray]:
     """(rows, probs float32 [n, C]) from a pseudo-label table."""
     return table[ROW_KEYS].copy(), table[list(classes)].to_numpy(dtype=np.float32)

@@ -73,6 +73,7 @@ from birdrounds.pseudo import (
     detection_scores,
     is_framewise,
     predict_windows,
+    probs_for_rows,
     pseudo_stats,
     read_pseudo_labels,
     read_truth,
@@ -344,7 +345,8 @@ def pseudo_label(cfg: DictConfig, prepared: PreparedData, teachers: list[Path], 
             probs = (1.0 - weight) * probs + weight * external_chunk_probs(tables[0], rows, prepared.data.classes)
         transform = instantiate(cfg.pseudo.transform)
         probs, keep = transform(probs, round_idx=round_idx, files=rows["file"].to_numpy())
-        provenance = {"round": round_idx, **({"external_blend": external_blend(cfg)} if tables else {}), "teacher": str(teachers[0]), "teacher_hash": checkpoint_hash(teachers[0]),
+        provenance = {"round": round_idx, **({"external_blend": external_blend(cfg)} if tables else {}),
+                      "teacher": str(teachers[0]), "teacher_hash": checkpoint_hash(teachers[0]),
                       "teachers": [{"path": str(p), "hash": checkpoint_hash(p)} for p in teachers],
                       "transform": transform.describe(round_idx), "window_s": cfg.pseudo.window_s,
                       "stride_s": cfg.pseudo.stride_s, "kept_chunks": int(keep.sum()), "processes": world}
@@ -389,24 +391,25 @@ def write_truth_labels(cfg: DictConfig, chunks: SoundscapeChunks, classes: list[
     write_pseudo_labels(path, rows[keep].reset_index(drop=True), probs[keep], classes, provenance)
 
 
-def external_chunk_probs(teacher_table: Path, rows: pd.DataFrame, classes: list[str]) -> np.ndarray:
-    """Round 0's external chunk probabilities for `rows` (by row_id; chunks it lacks get 0)."""
+def read_teacher_table(teacher_table: Path, classes: list[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Round 0's external chunk table and its provenance, refused in one line when it holds other classes."""
     table, provenance = read_pseudo_labels(teacher_table)
     if provenance.get("classes") != list(classes):
         raise ConfigError(f"recompute_from: {teacher_table} holds other classes than the data's; {_recompute_hint(0)}")
-    index = pd.Index(table["row_id"]).get_indexer(rows["row_id"])
-    probs = table[list(classes)].to_numpy(dtype=np.float32)
-    return np.where((index >= 0)[:, None], probs[np.maximum(index, 0)], 0.0).astype(np.float32)
+    return table, provenance
+
+
+def external_chunk_probs(teacher_table: Path, rows: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    """Round 0's external chunk probabilities for `rows` (by row_id; chunks it lacks get 0)."""
+    table, _ = read_teacher_table(teacher_table, classes)
+    return probs_for_rows(table["row_id"], table[list(classes)].to_numpy(dtype=np.float32), rows["row_id"])
 
 
 def write_external_labels(cfg: DictConfig, classes: list[str], teacher_table: Path, round_idx: int, path: Path,
                           teachers: list[Path]) -> None:
     """Round 0's external chunk probabilities, de-noised like a teacher's: round 1's labels after an external
     teacher, and later rounds' with `teacher.blend: 1`."""
-    table, teacher_provenance = read_pseudo_labels(teacher_table)
-    if teacher_provenance.get("classes") != list(classes):
-        raise ConfigError(f"recompute_from: {teacher_table} holds other classes than the data's; "
-                          f"{_recompute_hint(0)}")
+    table, teacher_provenance = read_teacher_table(teacher_table, classes)
     rows, probs = split_table(table, classes)
     transform = instantiate(cfg.pseudo.transform)
     probs, keep = transform(probs, round_idx=round_idx, files=rows["file"].to_numpy())

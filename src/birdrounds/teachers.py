@@ -31,19 +31,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from birdrounds.artifacts import METRICS_FILE, TEACHER_CHUNKS_FILE, write_json_atomic
-from birdrounds.config import TEACHER_KINDS, ConfigError
+from birdrounds.config import ConfigError
 from birdrounds.data.audio import AudioDecodeError
 from birdrounds.data.prepare import EXTERNAL_FOLD, PreparedData
 from birdrounds.data.soundscapes import SoundscapeChunks, window_starts
 from birdrounds.external import ExternalModel, FeatureCache, load_external, normalise_name
 from birdrounds.infer import SCORED_CHUNK_S, row_id
 from birdrounds.metrics import bootstrap_auc_interval, clip_arrays, scored_auc, soundscape_arrays
-from birdrounds.pseudo import ROW_KEYS, shard_range, write_pseudo_labels
+from birdrounds.pseudo import ROW_KEYS, probs_for_rows, shard_range, write_pseudo_labels
 from birdrounds.train import selected_index, selection_metric
 
 log = logging.getLogger(__name__)
 
-EXTERNAL_KINDS = tuple(k for k in TEACHER_KINDS if k != "cnn")
 PROBE_FILE = "probe.pt"
 ZERO_SHOT_FILE = "zero_shot_classes.json"
 
@@ -102,7 +101,11 @@ def compute_features(sets: dict[str, ChunkSet], cache: FeatureCache, prepared: P
             return mixed.render(i), [0.0]
         return np.asarray(audio.load(sets[name].paths[i]), dtype=np.float32), sets[name].starts[i]
 
-    failed: set[tuple[str, int]] = set()
+    kept: dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]] = {}  # this process's share, as it will be used
+
+    def columns(p: np.ndarray | None) -> np.ndarray | None:
+        return None if p is None or prob_columns is None else p[:, prob_columns].astype(np.float32)
+
     mine = shard_range(len(jobs), rank, world)
     log.info("external model %s: features of %d files and chunks (%d on process %d of %d)",
              cache.model.name, len(jobs), len(mine), rank, world)
@@ -112,9 +115,10 @@ def compute_features(sets: dict[str, ChunkSet], cache: FeatureCache, prepared: P
             wave, starts = wave_and_starts(name, i)
         except AudioDecodeError as err:
             log.warning("external teacher: skipping %s (%s)", sets[name].paths[i], err)
-            failed.add((name, i))
             continue
-        cache.get(wave, sr, starts)
+        e, p = cache.get(wave, sr, starts)
+        if accelerator.is_main_process:
+            kept[name, i] = e, columns(p)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
@@ -122,14 +126,18 @@ def compute_features(sets: dict[str, ChunkSet], cache: FeatureCache, prepared: P
     for name, chunk_set in [*sets.items(), *([("mixed", ChunkSet([""] * n_mixed, [[0.0]] * n_mixed))] if n_mixed else [])]:
         embeddings, probs, owner, keep = [], [], [], []
         for i in range(len(chunk_set.paths)):
-            try:
-                wave, starts = wave_and_starts(name, i)
-            except AudioDecodeError:
-                continue  # warned above, by the process that owned it
-            e, p = cache.get(wave, sr, starts)
+            if (name, i) in kept:
+                e, p = kept[name, i]
+            else:  # another process's share: read from the cache (its key needs the audio)
+                try:
+                    wave, starts = wave_and_starts(name, i)
+                except AudioDecodeError:
+                    continue  # warned above, by the process that owned it
+                e, p = cache.get(wave, sr, starts)
+                p = columns(p)
             keep.append(i)
             embeddings.append(e)
-            probs.append(None if p is None or prob_columns is None else p[:, prob_columns].astype(np.float32))
+            probs.append(p)
             owner.extend([len(keep) - 1] * len(e))
         chunk_set = copy.copy(chunk_set)
         chunk_set.rows_of(keep)
@@ -334,10 +342,8 @@ def external_teacher_round(cfg: DictConfig, prepared: PreparedData, accelerator:
 
     def soundscapes(files: list) -> tuple[ChunkSet, pd.DataFrame]:
         chunks = SoundscapeChunks(files, audio, window_s=SCORED_CHUNK_S, stride_s=SCORED_CHUNK_S)
-        rows = chunks.rows
-        files_in_order = list(dict.fromkeys(rows["file"]))
-        starts = [rows.loc[rows["file"] == f, "start_s"].tolist() for f in files_in_order]
-        return ChunkSet([str(f) for f in files_in_order], starts), rows[ROW_KEYS].reset_index(drop=True)
+        starts = chunks.rows.groupby("file", sort=False)["start_s"].agg(list)  # files in their row order
+        return ChunkSet([str(f) for f in starts.index], starts.tolist()), chunks.rows[ROW_KEYS].reset_index(drop=True)
 
     sets: dict[str, ChunkSet] = {}
     if kind == "probe":
@@ -362,7 +368,10 @@ def external_teacher_round(cfg: DictConfig, prepared: PreparedData, accelerator:
     if kind == "probe":
         head, history, chosen, steps = train_probe(teacher.probe, feats, train_table, classes,
                                                    float(cfg.data.clips.secondary_weight), scorer, select_by, cfg.seed)
-        predict = head.probs
+
+        def predict(chunk_set: ChunkSet) -> np.ndarray:
+            return head.probs(chunk_set.embeddings)
+
         torch.save({"state_dict": head.state_dict(), "classes": classes, "external": info,
                     "settings": OmegaConf.to_container(teacher.probe, resolve=True)}, round_dir / PROBE_FILE)
         info.update(train_chunks=len(feats["train"].embeddings), embedding_dim=int(feats["train"].embeddings.shape[1]))
@@ -371,13 +380,12 @@ def external_teacher_round(cfg: DictConfig, prepared: PreparedData, accelerator:
         log.info("zero-shot: %d of %d classes matched to %s by scientific name (%s)", record["matched_count"],
                  len(classes), model.name, round_dir / ZERO_SHOT_FILE)
 
-        def predict(_: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
-            return zero_shot_probs(probs, index)
+        def predict(chunk_set: ChunkSet) -> np.ndarray:
+            return zero_shot_probs(chunk_set.probs, index)
 
         history, chosen, steps = [], 0, None
         info.update(matched_classes=record["matched_count"])
-    chunk_probs = {name: (predict(s.embeddings) if kind == "probe" else predict(s.embeddings, s.probs))
-                   for name, s in feats.items() if name != "train" and len(s.embeddings)}
+    chunk_probs = {name: predict(s) for name, s in feats.items() if name != "train" and len(s.embeddings)}
     arrays = scorer.arrays(chunk_probs)
     if kind == "zero_shot":
         history = [{"epoch": 0, **{k: scored_auc(*v) for k, v in arrays.items()}}]
@@ -404,11 +412,6 @@ def external_teacher_round(cfg: DictConfig, prepared: PreparedData, accelerator:
 
 def _aligned(chunk_set: ChunkSet, rows: pd.DataFrame, probs: np.ndarray | None, classes: list[str]) -> np.ndarray:
     """The train-soundscape chunk probabilities in `rows`' order (every row present, unreadable files at 0)."""
-    out = np.zeros((len(rows), len(classes)), dtype=np.float32)
     if probs is None or not len(probs):
-        return out
-    index = {rid: i for i, rid in enumerate(_row_ids(chunk_set))}
-    for r, rid in enumerate(rows["row_id"]):
-        if rid in index:
-            out[r] = probs[index[rid]]
-    return out
+        return np.zeros((len(rows), len(classes)), dtype=np.float32)
+    return probs_for_rows(_row_ids(chunk_set), probs, rows["row_id"])
