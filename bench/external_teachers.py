@@ -1,4 +1,4 @@
-"""External teachers on real sound: own CNN vs BirdNET probe vs BirdNET zero-shot, students vs controls.
+"""External teachers on real sound: own CNN vs BirdNET probe, zero-shot and ensemble, students vs controls.
 
 For each teacher arm and seed, one run folder `--home/runs/<arm>_s<seed>`: `rounds/run.py teacher=<arm>
 round=R control=true` on a BirdCLEF-layout folder whose labeled test soundscapes are passed as validation
@@ -8,8 +8,11 @@ seeds) of the teacher and of each round's student and equal-compute control; the
 ranks every model against the test soundscapes (Spearman), and how far the choices made by it (each fit's
 epoch, export's round) fall from the best by the test soundscapes. `--time-features N` times the external
 model on N soundscapes with an empty cache and projects it to BirdCLEF's 9,726 one-minute soundscapes.
+`--oracle-truth CSV --oracle-arms zero_shot` adds, per listed arm, `oracle_<arm>`: the same teacher, but every
+student round trains on the true labels of the train soundscapes (`pseudo.truth`; no controls, which would
+be the arm's own): what perfect pseudo-labels would give the student.
 
-    python bench/external_teachers.py --home DIR --data-root DIR/dev0 [--seeds 0 1 2] [--arms cnn probe zero_shot]
+    python bench/external_teachers.py --home DIR --data-root DIR/dev0 [--seeds 0 1 2] [--arms cnn probe zero_shot ensemble]
     python bench/external_teachers.py --home DIR --data-root DIR/dev0 --report-only --record --data-name "dev0 ..."
     python bench/external_teachers.py --home DIR --data-root DIR/dev0 --time-features 10
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,13 +42,24 @@ KEY, SIGNAL = "val_soundscape_auc", "val_mixed_auc"  # scored on the test sounds
 BIRDCLEF_SOUNDSCAPE_S = 9_726 * 60.0  # BirdCLEF 2025's train_soundscapes: 9,726 one-minute files
 
 
-def run_arm(home: Path, root: Path, arm: str, seed: int, rounds: int, overrides: list[str]) -> Path:
+ORACLE = "oracle_"  # arm-name prefix: the arm's teacher, students on the true labels
+
+
+def run_arm(home: Path, root: Path, arm: str, seed: int, rounds: int, overrides: list[str],
+            truth: Path | None = None) -> Path:
     run_dir = home / "runs" / f"{arm}_s{seed}"
+    teacher = arm.removeprefix(ORACLE)
+    if arm.startswith(ORACLE):
+        # The teacher is the arm's own (round 0 ignores pseudo.*): reuse it rather than train it again.
+        own = home / "runs" / f"{teacher}_s{seed}" / "round_0"
+        if not (run_dir / "round_0").exists() and (own / "DONE").is_file():
+            shutil.copytree(own, run_dir / "round_0")
+        overrides = [f"pseudo.truth={truth}", *overrides]
     env = {**os.environ, "BIRDROUNDS_HOME": str(home), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     cmd = [sys.executable, str(REPO / "rounds" / "run.py"), "data=birdclef2025", f"data.root={root}",
            f"data.val_soundscapes_dir={root / 'test_soundscapes'}", f"data.val_solution={root / 'solution.csv'}",
-           f"train.select_by={SIGNAL}", "logger=none", f"seed={seed}", f"teacher={arm}", f"round={rounds}",
-           "control=true", f"run_dir={run_dir}", *overrides]
+           f"train.select_by={SIGNAL}", "logger=none", f"seed={seed}", f"teacher={teacher}", f"round={rounds}",
+           f"control={str(not arm.startswith(ORACLE)).lower()}", f"run_dir={run_dir}", *overrides]
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
@@ -100,7 +115,8 @@ def summarise(runs: dict[str, dict[int, dict[str, dict]]], rounds: int) -> dict:
         arms[arm] = entry
     # The selection signal: every model's val_mixed_auc against its test soundscape AUC.
     points = [(arm, seed, name, f[SIGNAL], f[KEY]) for arm, seeds in runs.items() for seed, fs in seeds.items()
-              for name, f in fs.items() if f.get(SIGNAL) is not None and f.get(KEY) is not None]
+              for name, f in fs.items() if f.get(SIGNAL) is not None and f.get(KEY) is not None
+              and not (arm.startswith(ORACLE) and name == "teacher")]  # an oracle's teacher is its arm's
     rho = spearmanr([p[3] for p in points], [p[4] for p in points]).statistic if len(points) >= 3 else None
     # The choices val_mixed_auc makes in a run are among CNNs (epochs, rounds): its ranking of those alone.
     cnns = [p for p in points if p[2] != "teacher" or p[0] == "cnn"]
@@ -206,7 +222,9 @@ def main() -> int:
     parser.add_argument("--home", type=Path, required=True, help="BIRDROUNDS_HOME of the runs (runs/<arm>_s<seed>)")
     parser.add_argument("--data-root", type=Path, required=True, help="BirdCLEF-layout folder with test_soundscapes/ and solution.csv")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", default=["cnn", "probe", "zero_shot"], help="teacher= options")
+    parser.add_argument("--arms", nargs="+", default=["cnn", "probe", "zero_shot", "ensemble"], help="teacher= options")
+    parser.add_argument("--oracle-arms", nargs="*", default=[], help="arms to add an oracle_<arm> for")
+    parser.add_argument("--oracle-truth", type=Path, default=None, help="true labels of the train soundscapes (CSV)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="read finished runs, train nothing")
     parser.add_argument("--time-features", type=int, default=0, metavar="N", help="time the external model on N soundscapes")
@@ -220,11 +238,14 @@ def main() -> int:
         timing = time_features(args.data_root.resolve(), args.time_features, args.backend, threads=1)
         print(json.dumps(timing, indent=1))
     runs: dict[str, dict[int, dict[str, dict]]] = {}
-    for arm in args.arms:
+    if args.oracle_arms and args.oracle_truth is None:
+        parser.error("--oracle-arms needs --oracle-truth")
+    for arm in [*args.arms, *(ORACLE + a for a in args.oracle_arms)]:
         for seed in args.seeds:
             run_dir = args.home / "runs" / f"{arm}_s{seed}"
             if not args.report_only:
-                run_arm(args.home.resolve(), args.data_root.resolve(), arm, seed, args.rounds, overrides)
+                run_arm(args.home.resolve(), args.data_root.resolve(), arm, seed, args.rounds, overrides,
+                        truth=args.oracle_truth.resolve() if args.oracle_truth else None)
             runs.setdefault(arm, {})[seed] = fits(run_dir, args.rounds)
     summary = summarise(runs, args.rounds)
     print_report(summary, args.rounds)

@@ -265,3 +265,22 @@ def test_oracle_ignores_the_truth_rows_of_a_soundscape_found_unreadable_when_pre
     write_truth_labels(cfg, readable, classes, 1, tmp_path / "pseudo.parquet", unreadable=[str(scapes[0])])
     table, _ = read_pseudo_labels(tmp_path / "pseudo.parquet")
     assert len(table) == len(readable) and scapes[0].stem not in set(table["file"].map(lambda f: Path(f).stem))
+
+
+def test_oracle_labels_win_over_an_external_teachers_chunk_table(smoke_data, tmp_path):
+    """After an external teacher, round 1's teacher is round 0's chunk table; `pseudo.truth` still gives the
+    true labels (the table is not read: an empty file stands for it)."""
+    from accelerate import Accelerator
+
+    from birdrounds.data.prepare import prepare_data
+    from birdrounds.rounds import pseudo_label
+
+    truth = smoke_data / "data" / "synthetic_smoke" / "truth" / "train_soundscape_labels.csv"
+    cfg = compose(["experiment=smoke", "teacher=zero_shot", f"pseudo.truth={truth}", "round=1"])
+    prepared = prepare_data(cfg.data, progress=False)
+    table = tmp_path / "round_0" / "teacher_chunks.parquet"
+    table.parent.mkdir()
+    table.touch()
+    path = pseudo_label(cfg, prepared, [table], 1, tmp_path / "round_1", Accelerator(cpu=True))
+    labels, provenance = read_pseudo_labels(path)
+    assert provenance["truth"] == str(truth) and len(labels) == len(pd.read_csv(truth))

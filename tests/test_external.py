@@ -230,8 +230,58 @@ def test_probe_teacher_rounds_export_and_predict(external_home):
     assert len(submission) > 0 and list(submission.columns[1:]) == list(teacher_table.columns[4:])
 
 
+@pytest.mark.slow
+def test_ensemble_teacher_blends_our_cnn_and_the_external_model(external_home):
+    """teacher=ensemble: our own CNN trained first (round_0/cnn/), then every chunk's probabilities are
+    `weight` x zero-shot + (1 - weight) x CNN for the 4 classes the tiny model knows, the CNN's alone for the
+    others; round 1 learns from that table."""
+    from birdrounds.data.audio import DirectAudio
+    from birdrounds.data.soundscapes import SoundscapeChunks
+    from birdrounds.model import load_checkpoint
+    from birdrounds.pseudo import chunk_rows, predict_windows, windows_to_chunks
+
+    home, model = external_home
+    teacher = ["teacher=ensemble", "teacher.external.backend=onnx", f"teacher.external.path={model}", "teacher.weight=0.75"]
+    done = run_entry(home, "logger=none", "round=1", *teacher)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = home / "runs" / "smoke"
+    round0 = run_dir / "round_0"
+    assert not (round0 / "model.pt").exists() and (round0 / "cnn" / "model.pt").is_file()
+    metrics = json.loads((round0 / "metrics.json").read_text())
+    info = metrics["external_teacher"]
+    assert (info["kind"], info["member"], info["weight"], info["member_knows"]) == ("ensemble", "zero_shot", 0.75, 4)
+    cnn_metrics = json.loads((round0 / "cnn" / "metrics.json").read_text())
+    assert info["members"]["cnn"]["val_soundscape_auc"] == cnn_metrics["val_soundscape_auc"]
+    assert 0.0 <= info["members"]["zero_shot"]["val_soundscape_auc"] <= 1.0
+    for key in ("val_soundscape_auc", "val_clip_auc", "val_mixed_auc"):
+        assert 0.0 <= metrics[key] <= 1.0
+
+    # The CNN's part, recomputed by the pseudo-labeling path over the same 5-s chunks.
+    table, _ = read_pseudo_labels(round0 / "teacher_chunks.parquet")
+    record = json.loads((round0 / "zero_shot_classes.json").read_text())
+    matched, unmatched = list(record["matched"]), list(record["unmatched"])
+    files = sorted(table["file"].unique())
+    chunks = SoundscapeChunks(files, DirectAudio(32000), window_s=5.0, stride_s=5.0)
+    cnn = load_checkpoint(round0 / "cnn" / "model.pt")[0]
+    own = pd.DataFrame(windows_to_chunks(predict_windows([cnn], chunks, framewise=False), chunks),
+                       columns=table.columns[4:])
+    own.insert(0, "row_id", chunk_rows(chunks)["row_id"])
+    own = own.set_index("row_id").loc[table["row_id"]]
+    np.testing.assert_allclose(table[unmatched].to_numpy(), own[unmatched].to_numpy(), atol=2e-3)
+    external = (table[matched].to_numpy() - 0.25 * own[matched].to_numpy()) / 0.75  # the zero-shot part
+    assert external.min() > -5e-3 and external.max() < 1 + 5e-3
+    assert np.abs(table[matched].to_numpy() - own[matched].to_numpy()).max() > 0.05  # not the CNN alone
+
+    # Round 1: its student and control start from the seeded init and learn from that table.
+    pseudo, provenance = read_pseudo_labels(run_dir / "round_1" / "pseudo_labels.parquet")
+    assert provenance["external_teacher"]["kind"] == "ensemble" and len(pseudo) > 0
+
+
 @pytest.mark.parametrize("overrides, message", [
-    (["teacher.kind=ensemble"], "teacher.kind: must be one of cnn, probe, zero_shot"),
+    (["teacher.kind=ensembles"], "teacher.kind: must be one of cnn, probe, zero_shot, ensemble"),
+    (["teacher=ensemble", "teacher.member=cnn"], "teacher.member: must be zero_shot or probe"),
+    (["teacher=ensemble", "teacher.weight=1.5"], "teacher.weight: must be a number in [0, 1]"),
+    (["teacher=ensemble", "teacher.member=probe", "teacher.probe.lr=0"], "teacher.probe.lr: must be a number > 0"),
     (["teacher=probe", "teacher.external.path=/no/such/model.onnx"], "teacher.external.path: model file not found"),
     (["teacher=zero_shot", "teacher.external.backend=perch"], "teacher.external.backend: must be birdnet or onnx"),
     (["teacher=probe", "teacher.external.threads=0"], "teacher.external.threads: must be an integer >= 1"),

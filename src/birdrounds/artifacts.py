@@ -24,6 +24,7 @@ PSEUDO_FILE = "pseudo_labels.parquet"     # a student's pseudo-labels (birdround
 TEACHER_CHUNKS_FILE = "teacher_chunks.parquet"
 EXTERNAL_SCORES_FILE = "external_scores.json"  # data.external.filter_min_prob: each external clip's detection score
 CONTROL_DIR = "control"                   # round_k/control/: the round's equal-compute control
+ENSEMBLE_CNN_DIR = "cnn"                  # round_0/cnn/: teacher=ensemble's own CNN (birdrounds.rounds)
 # run_dir/ itself (birdrounds.report, birdrounds.submit)
 REPORT_FILE = "report.md"
 REPORT_PLOT_FILE = "report.png"

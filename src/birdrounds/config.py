@@ -45,7 +45,9 @@ class Rule:
 # rebuilds an older run's validation set with it, the set that run was scored on, not today's default.
 # Read-only: readers copy the lists.
 # `teacher.kind`'s values, here so that `validate` checks them without loading torch (birdrounds.teachers).
-TEACHER_KINDS = ("cnn", "probe", "zero_shot")
+TEACHER_KINDS = ("cnn", "probe", "zero_shot", "ensemble")
+# `teacher.member`'s values: the external member of teacher=ensemble.
+ENSEMBLE_MEMBERS = ("zero_shot", "probe")
 # `teacher.external.backend`'s values (birdrounds.external's models).
 EXTERNAL_BACKENDS = ("birdnet", "onnx")
 
@@ -394,7 +396,11 @@ def validate(cfg: DictConfig) -> None:
                     f"must be {' or '.join(EXTERNAL_BACKENDS)}")
             require(cfg, "teacher.external.path", lambda v: v is None or Path(v).is_file(), "model file not found")
             require(cfg, "teacher.external.threads", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1")
-        if cfg.teacher.kind == "probe":
+        if cfg.teacher.kind == "ensemble":
+            require(cfg, "teacher.member", lambda v: v in ENSEMBLE_MEMBERS, f"must be {' or '.join(ENSEMBLE_MEMBERS)}")
+            require(cfg, "teacher.weight", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and 0 <= v <= 1, "must be a number in [0, 1]")
+        if cfg.teacher.kind == "probe" or cfg.teacher.get("member") == "probe":
             from birdrounds.checks import COUNT
 
             for key in ("epochs", "batch_size", "eval_every"):

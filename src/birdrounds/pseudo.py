@@ -190,7 +190,7 @@ def chunk_rows(dataset: SoundscapeChunks, chunk_s: float = SCORED_CHUNK_S) -> pd
     return chunks.rows[ROW_KEYS].reset_index(drop=True)
 
 
-def _model_probs(models: Sequence[nn.Module], audio: torch.Tensor, framewise: bool) -> np.ndarray:
+def model_probs(models: Sequence[nn.Module], audio: torch.Tensor, framewise: bool) -> np.ndarray:
     """Mean sigmoid over the ensemble: clip probs [B, C], or framewise probs [B, T', C]."""
     key = "framewise_logits" if framewise else "logits"
     total = None
@@ -268,7 +268,7 @@ def predict_windows(
     with torch.inference_mode(), bar:
         for batch_idx, batch in enumerate(loader, start=1):
             bar.update(len(batch["audio"]))
-            pending.append(_model_probs(models, batch["audio"].to(device), framewise))
+            pending.append(model_probs(models, batch["audio"].to(device), framewise))
             if folder is not None and (batch_idx % save_every == 0 or done + sum(map(len, pending)) == len(indices)):
                 block = np.concatenate(pending)
                 _save_part(folder, done, block)

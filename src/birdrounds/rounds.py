@@ -38,6 +38,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 from birdrounds.artifacts import (
     CONTROL_DIR,
     DONE_FILE,
+    ENSEMBLE_CNN_DIR,
     EXTERNAL_SCORES_FILE,
     MANIFEST_FILE,
     METRICS_FILE,
@@ -306,6 +307,12 @@ def pseudo_label(cfg: DictConfig, prepared: PreparedData, teachers: list[Path], 
         return path
     chunks = SoundscapeChunks(prepared.data.soundscapes, prepared.audio, window_s=cfg.pseudo.window_s,
                               stride_s=cfg.pseudo.stride_s)
+    if cfg.pseudo.get("truth"):  # the oracle: true labels, whatever the teacher
+        if accelerator.is_main_process:
+            write_truth_labels(cfg, chunks, prepared.data.classes, round_idx, path,
+                               unreadable=[p for p, _ in prepared.skipped])
+        accelerator.wait_for_everyone()
+        return path
     tables = [t for t in teachers if not is_checkpoint(t)]
     if tables and (not is_checkpoint(teachers[0]) or external_blend(cfg) >= 1.0):
         # Round 1 after an external teacher, or a later round whose labels are the external teacher's alone.
@@ -314,12 +321,6 @@ def pseudo_label(cfg: DictConfig, prepared: PreparedData, teachers: list[Path], 
         accelerator.wait_for_everyone()
         return path
     checkpoints = [t for t in teachers if is_checkpoint(t)]
-    if cfg.pseudo.get("truth"):
-        if accelerator.is_main_process:
-            write_truth_labels(cfg, chunks, prepared.data.classes, round_idx, path,
-                               unreadable=[p for p, _ in prepared.skipped])
-        accelerator.wait_for_everyone()
-        return path
     framewise = is_framewise(chunks, SCORED_CHUNK_S)
     rank, world = accelerator.process_index, accelerator.num_processes
     partial = round_dir / "pseudo_partial"
@@ -531,11 +532,25 @@ def train_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerato
         val_table = prepared.data.train[prepared.folds == cfg.data.fold].reset_index(drop=True)
         info = {"round": 0, "arm": "teacher", "external_clips": parts.n_external,
                 "labeled_audio_s": round(parts.labeled_s, 1)}
+        cnn, cnn_metrics = None, None
+        if cfg.teacher.kind == "ensemble":
+            # Our own CNN first, trained as teacher=cnn's round 0 is, in its own folder (resumed like any round).
+            cnn_dir = out_dir / ENSEMBLE_CNN_DIR
+            if not (cnn_dir / MODEL_FILE).is_file():
+                fit_round(cfg, prepared, accelerator, cnn_dir, 0, parts, teachers=None, control=False, dropped=None)
+            cnn = load_checkpoint(cnn_dir / MODEL_FILE)[0]
+            cnn_metrics = json.loads((cnn_dir / METRICS_FILE).read_text())
         return external_teacher_round(cfg, prepared, accelerator, out_dir, parts.train_table, val_table,
-                                      parts.val_mixed, info)
+                                      parts.val_mixed, info, cnn=cnn, cnn_metrics=cnn_metrics)
     if student:
         parts = student_parts(cfg, prepared, pseudo_label(cfg, prepared, teachers, round_idx, round_dir,
                                                          accelerator), parts)
+    return fit_round(cfg, prepared, accelerator, out_dir, round_idx, parts, teachers, control, dropped)
+
+
+def fit_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerator, out_dir: Path, round_idx: int,
+              parts: RoundParts, teachers: list[Path] | None, control: bool, dropped: list[str] | None) -> dict[str, Any]:
+    """Train one round's own CNN (teacher, student or control) on `parts` into `out_dir`."""
     parts = with_background_windows(parts, prepared, cfg.seed)
     model = initial_model(cfg, len(prepared.data.classes), round_idx, teachers[0] if teachers else None)
     arm = "control" if control else ("teacher" if round_idx == 0 else "student")

@@ -1,4 +1,4 @@
-"""Round 0 taught by a pretrained bird model (`teacher=probe` or `teacher=zero_shot`) instead of our own CNN.
+"""Round 0 taught by a pretrained bird model (`teacher=probe`, `zero_shot` or `ensemble`) instead of our own CNN alone.
 
 - **probe**: a small head (linear, or one hidden layer) trained on the external model's embeddings of the
   labeled recordings' 5-s chunks (Xeno-canto rows included), class-balanced, validated every few epochs
@@ -6,6 +6,9 @@
 - **zero_shot**: the external model's own class scores, matched to `taxonomy.csv` by scientific name (case
   and spacing ignored); the matched and unmatched classes are written to the round folder. Classes it
   does not know score 0 everywhere.
+- **ensemble**: our own CNN (trained first, like teacher=cnn) and one of the above, averaged class by class:
+  `teacher.weight` x the external member + (1 - weight) x the CNN where the member knows the class, the CNN
+  alone where it does not.
 
 Either way the round is scored like any other (val_clip_auc on held-out recordings, val_soundscape_auc on
 labeled soundscapes, val_mixed_auc on the mixed set) and writes its probabilities for every 5-s chunk of
@@ -20,7 +23,7 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -38,7 +41,7 @@ from birdrounds.data.soundscapes import SoundscapeChunks, window_starts
 from birdrounds.external import ExternalModel, FeatureCache, load_external, normalise_name
 from birdrounds.infer import SCORED_CHUNK_S, row_id
 from birdrounds.metrics import bootstrap_auc_interval, clip_arrays, scored_auc, soundscape_arrays
-from birdrounds.pseudo import ROW_KEYS, probs_for_rows, shard_range, write_pseudo_labels
+from birdrounds.pseudo import ROW_KEYS, model_probs, probs_for_rows, shard_range, write_pseudo_labels
 from birdrounds.train import selected_index, selection_metric
 
 log = logging.getLogger(__name__)
@@ -314,12 +317,45 @@ def zero_shot_probs(selected: np.ndarray, index: np.ndarray) -> np.ndarray:
     return np.where(index >= 0, selected, 0.0).astype(np.float32)
 
 
+def model_chunk_probs(model: nn.Module, chunk_set: ChunkSet, wave_of: Callable[[int], np.ndarray], sample_rate_hz: int,
+                      batch_size: int, device: Any) -> np.ndarray:
+    """Our own model's probabilities [rows, C] for a chunk set's 5-s chunks, in its row order (`wave_of(i)`: the
+    audio of `chunk_set.paths[i]`); a chunk that runs past the end is zero-padded, as soundscape chunks are."""
+    window = int(round(SCORED_CHUNK_S * sample_rate_hz))
+    model.eval().to(device)
+    out, batch = [], []
+
+    def flush() -> None:
+        if batch:
+            out.append(model_probs([model], torch.as_tensor(np.stack(batch)).to(device), framewise=False))
+            batch.clear()
+
+    with torch.inference_mode():
+        for i, starts in enumerate(chunk_set.starts):
+            wave = wave_of(i)
+            for start in starts:
+                first = int(round(start * sample_rate_hz))
+                piece = np.zeros(window, dtype=np.float32)
+                part = wave[first : first + window]
+                piece[: len(part)] = part
+                batch.append(piece)
+                if len(batch) == batch_size:
+                    flush()
+        flush()
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
 def external_teacher_round(cfg: DictConfig, prepared: PreparedData, accelerator: Accelerator, round_dir: Path,
                            train_table: pd.DataFrame, val_table: pd.DataFrame, val_mixed: Any,
-                           extra_metrics: dict[str, Any]) -> dict[str, Any]:
-    """Round 0 by an external model: features, the probe or the zero-shot mapping, scores, the chunk table."""
+                           extra_metrics: dict[str, Any], cnn: nn.Module | None = None,
+                           cnn_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Round 0 by an external model: features, the probe or the zero-shot mapping, scores, the chunk table.
+
+    With `cnn` (teacher=ensemble: our own round-0 CNN, already trained, and its `cnn_metrics`), every chunk's
+    probabilities are the class-by-class blend of the external member (`teacher.member`) and the CNN.
+    """
     teacher = cfg.teacher
-    kind = teacher.kind
+    kind = teacher.member if teacher.kind == "ensemble" else teacher.kind
     ext = OmegaConf.to_container(teacher.external, resolve=True)
     model = load_external(ext["backend"], ext.get("path"), card=ext.get("card"), labels=ext.get("labels"),
                           threads=int(ext.get("threads") or 1))
@@ -386,9 +422,28 @@ def external_teacher_round(cfg: DictConfig, prepared: PreparedData, accelerator:
         history, chosen, steps = [], 0, None
         info.update(matched_classes=record["matched_count"])
     chunk_probs = {name: predict(s) for name, s in feats.items() if name != "train" and len(s.embeddings)}
-    arrays = scorer.arrays(chunk_probs)
     if kind == "zero_shot":
-        history = [{"epoch": 0, **{k: scored_auc(*v) for k, v in arrays.items()}}]
+        history = [{"epoch": 0, **{k: scored_auc(*v) for k, v in scorer.arrays(chunk_probs).items()}}]
+    if cnn is not None:
+        # The ensemble: the member's probabilities (at its selected epoch) blended with the CNN's on every chunk.
+        known = index >= 0 if index is not None else np.ones(len(classes), dtype=bool)
+        weight = np.where(known, float(teacher.weight), 0.0).astype(np.float32)
+
+        def wave_of(name: str) -> Callable[[int], np.ndarray]:
+            if name == "mixed":
+                return val_mixed.render
+            return lambda i: np.asarray(audio.load(feats[name].paths[i]), dtype=np.float32)
+
+        member = {**dict(history[chosen]), "kind": kind}
+        for name in chunk_probs:
+            own = model_chunk_probs(cnn, feats[name], wave_of(name), sr, int(cfg.train.batch_size), accelerator.device)
+            chunk_probs[name] = weight * chunk_probs[name] + (1.0 - weight) * own
+        history = [{"epoch": 0, **{k: scored_auc(*v) for k, v in scorer.arrays(chunk_probs).items()}}]
+        chosen, steps = 0, None
+        info.update(kind="ensemble", member=kind, weight=float(teacher.weight), member_knows=int(known.sum()),
+                    members={"cnn": {k: v for k, v in (cnn_metrics or {}).items() if k.startswith("val_")},
+                             kind: {k: v for k, v in member.items() if k.startswith("val_") or k == "epoch"}})
+    arrays = scorer.arrays(chunk_probs)
     final = dict(history[chosen])
     key = selection_metric(select_by, final)
     selection: dict[str, Any] = {"selected_by": key, "mode": "last" if select_by == "last" else "best",
@@ -404,7 +459,7 @@ def external_teacher_round(cfg: DictConfig, prepared: PreparedData, accelerator:
                "selected_by": key, "selected_epoch": final["epoch"], "selection": selection, "history": history,
                "external_teacher": info, **extra_metrics}
     write_json_atomic(round_dir / METRICS_FILE, metrics)
-    log.info("external teacher (%s, %s): %s", kind, model.name,
+    log.info("external teacher (%s, %s): %s", teacher.kind, model.name,
              {k: round(v, 4) for k, v in final.items() if k.startswith("val_") and v is not None})
     accelerator.wait_for_everyone()
     return metrics

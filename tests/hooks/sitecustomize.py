@@ -16,7 +16,7 @@ _collate_delay = float(os.environ.get("BIRDROUNDS_TEST_COLLATE_DELAY_S", "0"))
 if _pseudo_delay > 0:
     import birdrounds.pseudo as _pseudo
 
-    _model_probs = _pseudo._model_probs
+    _model_probs = _pseudo.model_probs
 
     def _slow_model_probs(models, audio, framewise):
         time.sleep(_pseudo_delay)
@@ -24,7 +24,7 @@ if _pseudo_delay > 0:
             f.write(f"{len(audio)}\n")
         return _model_probs(models, audio, framewise)
 
-    _pseudo._model_probs = _slow_model_probs
+    _pseudo.model_probs = _slow_model_probs
 
 if _collate_delay > 0:
     import birdrounds.data.clips as _clips
