@@ -104,9 +104,11 @@ def summarise(runs: dict[str, dict[int, dict[str, dict]]], rounds: int) -> dict:
     arms = {}
     for arm, seeds in runs.items():
         entry = {"teacher": mean_std([f["teacher"][KEY] for f in seeds.values()])}
+        # An oracle's controls are its arm's (same teacher, init, schedule and seed: labeled data only).
+        own = runs.get(arm.removeprefix(ORACLE), {}) if arm.startswith(ORACLE) else seeds
         for k in range(1, rounds + 1):
             student = [f[f"student_{k}"][KEY] for f in seeds.values()]
-            control = [f[f"control_{k}"][KEY] if f"control_{k}" in f else None for f in seeds.values()]
+            control = [own.get(seed, {}).get(f"control_{k}", {}).get(KEY) for seed in seeds]
             teacher = [f["teacher"][KEY] for f in seeds.values()]
             entry[f"round_{k}"] = {"student": mean_std(student), "control": mean_std(control),
                                    "gain_vs_control": mean_std([None if c is None else s - c

@@ -30,6 +30,8 @@ REPORT_FILE = "report.md"
 REPORT_PLOT_FILE = "report.png"
 SUMMARY_FILE = METRICS_FILE               # run_dir/metrics.json: every round's AUCs and gains
 PREDICT_RECORD = "predict.json"           # the last `birdrounds predict` run
+LOCK_FILE = ".lock"                       # the OS lock of the command writing into the folder (birdrounds.lock)
+LOCK_HOLDER_FILE = ".lock.json"           # who holds it: pid, host, start time, command
 # an export package (birdrounds.export)
 EXPORT_REPORT_FILE = "export.json"
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from birdrounds.config import ConfigError, compose, config_dir, error_line, validate
 from birdrounds.data.layout import LayoutError
+from birdrounds.lock import run_folder_lock
 
 log = logging.getLogger("birdrounds")
 
@@ -96,6 +97,10 @@ COMMANDS: dict[str, tuple[Callable[[DictConfig], int | None], str]] = {
 }
 
 
+# Commands that write into an existing run folder: they hold its lock (birdrounds.lock) while they run.
+LOCKING_COMMANDS = ("export", "predict")
+
+
 def config_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad config or bad input tables: reported in one line, no traceback."""
     from hydra.errors import HydraException
@@ -104,22 +109,24 @@ def config_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, LayoutError, HydraException, OmegaConfBaseException)
 
 
-def exit_on_bad_overrides(prog: str, argv: Sequence[str]) -> None:
-    """Compose the overrides of a @hydra.main command line (`birdrounds run`, `rounds/run.py`) first and,
-    where one names an unknown key or option or adds a key nothing reads, exit 2 with one line on stderr
-    instead of Hydra's multi-line report (exit 1). Hydra's own requests (--help, --multirun, another
-    primary config folder) pass."""
+def exit_on_bad_overrides(prog: str, argv: Sequence[str]) -> DictConfig | None:
+    """Compose and check the overrides of a @hydra.main command line (`birdrounds run`, `rounds/run.py`) first
+    and, where one names an unknown key or option, adds a key nothing reads or sets a bad value, exit 2 with one
+    line on stderr instead of Hydra's multi-line report (exit 1), before anything is written. Returns the
+    config; None for Hydra's own requests (--help, --multirun, another primary config folder), which pass."""
     from hydra._internal.utils import get_args_parser
 
     args, _ = get_args_parser().parse_known_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or args.multirun or args.config_path:
-        return
+        return None
     try:
-        compose(args.overrides, config_name=args.config_name or "config",
-                user_dirs=[args.config_dir] if args.config_dir else ())
+        cfg = compose(args.overrides, config_name=args.config_name or "config",
+                      user_dirs=[args.config_dir] if args.config_dir else ())
+        validate(cfg)
     except config_errors() as err:
         print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
         sys.exit(2)
+    return cfg
 
 
 def rounds_task(cfg: DictConfig) -> None:
@@ -140,9 +147,19 @@ def run_rounds(argv: Sequence[str], prog: str = "birdrounds run") -> None:
     job's log to `<run_dir>/run.log` (hydra.job.name in config.yaml)."""
     import hydra
 
-    exit_on_bad_overrides(prog, argv)
+    cfg = exit_on_bad_overrides(prog, argv)
     sys.argv = [prog, *argv]  # hydra.main reads its command line from sys.argv
-    hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(rounds_task)()
+    task = hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(rounds_task)
+    if cfg is None:
+        task()
+        return
+    # One writer per run folder, held from before Hydra opens the folder's run.log until the last round.
+    try:
+        with run_folder_lock(cfg.run_dir):
+            task()
+    except config_errors() as err:
+        print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -169,7 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = compose(args.overrides, user_dirs=args.config_dir)
         validate(cfg)
-        status = COMMANDS[args.command][0](cfg)
+        command = COMMANDS[args.command][0]
+        if args.command in LOCKING_COMMANDS and Path(cfg.run_dir).is_dir():
+            with run_folder_lock(cfg.run_dir):
+                status = command(cfg)
+        else:
+            status = command(cfg)
     except config_errors() as err:
         print(f"birdrounds {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
