@@ -93,7 +93,8 @@ def test_bad_config_stops_before_work_with_one_line(home):
     proc = run_rounds(home, "data.fold=5")
     assert proc.returncode == 2
     assert "data.fold: must be in [0, data.n_folds=3)" in proc.stdout + proc.stderr
-    assert not (home / "data").exists()
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (home / "data").exists() and not (home / "runs").exists()  # not even the run folder or its run.log
 
 
 def add_external_rows(home: Path, n: int = 3, root: Path | None = None) -> Path:
