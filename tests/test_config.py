@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from birdrounds import cli
-from birdrounds.config import ConfigError, compose, config_dir, validate
+from birdrounds.config import ConfigError, compose, config_dir, error_line, validate
 from birdrounds.data.clips import ClipDataset
 from birdrounds.data.synthetic import SynthSpec
 from birdrounds.mixing import STRATEGIES, PseudoChunkDataset
@@ -387,6 +387,53 @@ def test_both_entry_points_answer_a_bad_key_in_one_line_with_exit_2(entry, overr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert list(tmp_path.iterdir()) == []  # refused before any data or run folder
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.optimizer.lr=-1", "train.optimizer.lr: must be a number > 0, got -1"),
+    ("train.optimizer.lr=abc", "train.optimizer.lr: must be a number > 0, got 'abc'"),
+    ("train.optimizer.lr=null", "train.optimizer.lr: must be a number > 0, got None"),
+    ("seed=abc", "seed: must be an integer >= 0, got 'abc'"),
+    ("seed=1.5", "seed: must be an integer >= 0, got 1.5"),
+    ("train.optimizer.weight_decay=-0.1", "train.optimizer.weight_decay: must be a number >= 0, got -0.1"),
+    ("data.augment.gain_p=1.5", "data.augment.gain_p: must be a number in [0, 1] or null, got 1.5"),
+    ("data.mixup.prob=true", "data.mixup.prob: must be a number in [0, 1], got True"),
+    ("model.drop_rate=1.0", "model.drop_rate: must be a number in [0, 1) or null, got 1.0"),
+    ("train.scheduler.min_lr=-1e-6", "train.scheduler.min_lr: must be a number >= 0, got -1e-06"),
+    ("train.num_workers=-1", "train.num_workers: must be an integer >= 0 or null, got -1"),
+    ("pseudo.student_train.lr=0", "pseudo.student_train.lr: must be a number > 0 or null, got 0"),
+    ("data.mixed_val.seed=x", "data.mixed_val.seed: must be an integer >= 0 or null, got 'x'"),
+])
+def test_a_bad_number_is_one_line_before_any_work(override, message):
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["experiment=smoke", "data.root=/data", override]))
+    assert error_line(info.value) == message
+
+
+def test_every_shipped_option_passes_the_value_rules():
+    from birdrounds.config import check_values
+
+    for group, option in CASES:
+        check_values(compose(["data.root=/data", f"{group}={option}"]))
+
+
+@pytest.mark.slow
+def test_a_bad_value_on_an_existing_run_names_the_value_and_renames_nothing(smoke_run, tmp_path):
+    """`recompute_from=0` with a bad learning rate on a finished run: one line naming the value, exit 2, every
+    file of the run folder as it was (no round renamed to *.replaced-*)."""
+    import hashlib
+    import shutil
+
+    run_dir = Path(shutil.copytree(smoke_run.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("wandb")))
+    before = {p.relative_to(run_dir): hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "rounds" / "run.py"),
+                           "experiment=smoke", f"run_dir={run_dir}", "recompute_from=0", "train.optimizer.lr=-1"],
+                          capture_output=True, text=True, env={**__import__("os").environ,
+                                                               "BIRDROUNDS_HOME": str(smoke_run.home)}, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["rounds/run.py: error: train.optimizer.lr: must be a number > 0, got -1"]
+    after = {p.relative_to(run_dir): hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before
 
 
 # ---------------------------------------------------------------- the user's own config folder (--config-dir)

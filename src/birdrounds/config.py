@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import os
 import re
 import sys
@@ -44,13 +45,6 @@ class Rule:
 # rounds stay reusable after an upgrade (a real setting still counts); `mixed_val.mixed_validation_from_config`
 # rebuilds an older run's validation set with it, the set that run was scored on, not today's default.
 # Read-only: readers copy the lists.
-# `teacher.kind`'s values, here so that `validate` checks them without loading torch (birdrounds.teachers).
-TEACHER_KINDS = ("cnn", "probe", "zero_shot", "ensemble")
-# `teacher.member`'s values: the external member of teacher=ensemble.
-ENSEMBLE_MEMBERS = ("zero_shot", "probe")
-# `teacher.external.backend`'s values (birdrounds.external's models).
-EXTERNAL_BACKENDS = ("birdnet", "onnx")
-
 LEGACY: Mapping[str, Any] = MappingProxyType({
     "data.external.filter_min_prob": None,
     "data.augment_on": "workers",
@@ -66,6 +60,85 @@ LEGACY: Mapping[str, Any] = MappingProxyType({
     # Runs made before external teachers had our own CNN as round 0.
     "teacher": {"kind": "cnn"},
 })
+
+
+# `teacher.kind`'s values, here so that `validate` checks them without loading torch (birdrounds.teachers).
+TEACHER_KINDS = ("cnn", "probe", "zero_shot", "ensemble")
+# `teacher.member`'s values: the external member of teacher=ensemble.
+ENSEMBLE_MEMBERS = ("zero_shot", "probe")
+# `teacher.external.backend`'s values (birdrounds.external's models).
+EXTERNAL_BACKENDS = ("birdnet", "onnx")
+
+
+def _number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
+            integer: bool = False, nullable: bool = False) -> Rule:
+    """A Rule for a number (never a bool or a string) within [low, high] (open ends where asked), or null."""
+    def ok(v: Any) -> bool:
+        if v is None:
+            return nullable
+        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or v != v:
+            return False
+        return ((low is None or (v > low if low_open else v >= low))
+                and (high is None or (v < high if high_open else v <= high)))
+
+    kind = "an integer" if integer else "a number"
+    if low is not None and high is not None:
+        text = f"{kind} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        text = f"{kind} {'>' if low_open else '>='} {low:g}"
+    else:
+        text = kind
+    return Rule(ok, f"must be {text}{' or null' if nullable else ''}")
+
+
+# The numbers a run reads, by key pattern (fnmatch, the first that matches): `validate` checks every key of
+# the composed tree that matches, so a value with a typo or out of range stops the run before any work in
+# one line, instead of a traceback from deep inside (a learning rate of -1 or "abc", a seed "abc").
+VALUE_RULES: tuple[tuple[str, Rule], ...] = (
+    ("seed", _number(0, integer=True)),
+    ("*.seed", _number(0, integer=True, nullable=True)),
+    ("model.gem_p", _number(0, low_open=True)),  # GeM's exponent, not a probability
+    ("*_p", _number(0, 1, nullable=True)),
+    ("*.p", _number(0, 1)),
+    ("*.prob", _number(0, 1)),
+    ("*drop_rate", _number(0, 1, high_open=True, nullable=True)),
+    ("*drop_path_rate", _number(0, 1, high_open=True, nullable=True)),
+    ("*.min_lr", _number(0)),
+    ("train.optimizer.lr", _number(0, low_open=True)),
+    ("*.lr", _number(0, low_open=True, nullable=True)),  # pseudo.student_train.lr: null = train's
+    ("*.weight_decay", _number(0)),
+    ("*.warmup_epochs", _number(0, nullable=True)),
+    ("*.restart_epochs", _number(0, low_open=True, nullable=True)),
+    ("*num_workers", _number(0, integer=True, nullable=True)),
+    ("train.prefetch_factor", _number(1, integer=True, nullable=True)),
+    ("train.max_grad_norm", _number(0, low_open=True, nullable=True)),
+    ("train.ema_decay", _number(0, 1, high_open=True, nullable=True)),
+    ("train.val_batch_size", _number(1, integer=True, nullable=True)),
+    ("train.max_steps_per_epoch", _number(1, integer=True, nullable=True)),
+    ("pseudo.student_train.epochs", _number(1, integer=True, nullable=True)),
+    ("pseudo.stride_s", _number(0, low_open=True)),
+    ("pseudo.mixing.mix_weight", _number(0, 1)),
+    ("data.clips.secondary_weight", _number(0, 1)),
+    ("data.clips.label_smoothing", _number(0, 1, high_open=True)),
+    ("data.mixup.weight", _number(0, 1)),
+    ("data.sampler.temperature", _number(0)),
+)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Every key of `cfg` that a VALUE_RULES pattern matches, checked by its first matching rule."""
+    def leaves(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from leaves(value, f"{prefix}.{key}" if prefix else str(key))
+        elif not isinstance(node, list):
+            yield prefix, node
+
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    for key, value in leaves({k: v for k, v in plain.items() if k != "hydra"}, ""):
+        rule = next((rule for pattern, rule in VALUE_RULES if fnmatch.fnmatchcase(key, pattern)), None)
+        if rule is not None:
+            rule.check(key, value)
 
 
 def legacy_under(prefix: str) -> dict[str, Any]:
@@ -348,6 +421,7 @@ def error_line(err: BaseException) -> str:
 
 def validate(cfg: DictConfig) -> None:
     """Check the values that would otherwise fail deep inside a long run."""
+    check_values(cfg)
     require(cfg, "data.root", lambda v: bool(v), "set the data folder, e.g. data.root=/path/to/birdclef-2025")
     require(cfg, "data.sample_rate_hz", lambda v: isinstance(v, int) and v > 0, "must be a positive integer")
     require(cfg, "data.window_s", lambda v: isinstance(v, (int, float)) and v > 0, "must be a positive number of seconds")
