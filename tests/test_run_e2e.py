@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from birdrounds import cli
+from birdrounds.config import REDACTED
 from birdrounds.model import checkpoint_hash, load_checkpoint
 from birdrounds.pseudo import read_pseudo_labels
 from birdrounds.train import COMPLETE_MARKER
@@ -336,3 +337,26 @@ def test_two_process_launch_trains_the_teacher_and_splits_pseudo_labeling(smoke_
     metrics = json.loads((run_dir / "round_1" / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["round"] == 1 and (run_dir / "round_1" / "DONE").is_file()
     assert "| 1 |" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, code, expected", [
+    ("RuntimeError", 1, f"the run failed (overrides: experiment=smoke logger=none xc.api_key={REDACTED} run_dir="),
+    ("KeyboardInterrupt", 130, "interrupted: run the same command again to resume where it stopped"),
+])
+def test_a_crash_or_ctrl_c_prints_no_secret(fault, code, expected, smoke_data, tmp_path):
+    """A crash is reported with its traceback but without Hydra's list of overrides (it would echo the API
+    key); Ctrl-C is one line, no traceback."""
+    env = {**os.environ, "BIRDROUNDS_HOME": str(smoke_data), "WANDB_MODE": "offline", "PYTHONPATH": str(HOOKS),
+           "BIRDROUNDS_TEST_RAISE": fault}
+    proc = subprocess.run([sys.executable, str(REPO / "rounds" / "run.py"), "experiment=smoke", "logger=none",
+                           "xc.api_key=hunter2", f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == code and expected in output, output[-3000:]
+    assert "hunter2" not in output and "Error executing job" not in output
+    assert "hunter2" not in "".join(p.read_text(errors="replace") for p in (tmp_path / "run").rglob("*") if p.is_file())
+    if fault == "KeyboardInterrupt":
+        assert "Traceback" not in output
+    else:
+        assert "RuntimeError: raised by tests/hooks for the test" in output

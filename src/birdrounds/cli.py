@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from omegaconf import DictConfig
 
-from birdrounds.config import ConfigError, compose, config_dir, error_line, validate
+from birdrounds.config import ConfigError, compose, config_dir, error_line, redact_argv, validate
 from birdrounds.data.layout import LayoutError
 from birdrounds.lock import run_folder_lock
 
@@ -138,6 +138,13 @@ def rounds_task(cfg: DictConfig) -> None:
     except config_errors() as err:
         log.error("%s", error_line(err))  # Hydra's job log (run.log) keeps it too
         sys.exit(2)
+    except KeyboardInterrupt:
+        log.error("interrupted: run the same command again to resume where it stopped")
+        sys.exit(130)
+    except Exception:
+        # Hydra's own report of a crash lists every override, secrets included; this one redacts them.
+        log.exception("the run failed (overrides: %s)", " ".join(redact_argv(sys.argv[1:])))
+        sys.exit(1)
 
 
 def run_rounds(argv: Sequence[str], prog: str = "birdrounds run") -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from birdrounds.artifacts import LOCK_FILE, LOCK_HOLDER_FILE, write_json_atomic
-from birdrounds.config import ConfigError
+from birdrounds.config import ConfigError, redact_argv
 
 
 class RunFolderBusy(ConfigError):
@@ -97,7 +97,7 @@ def run_folder_lock(run_dir: str | os.PathLike, key: str = "run_dir") -> Iterato
     try:
         write_json_atomic(run_dir / LOCK_HOLDER_FILE, {
             "pid": os.getpid(), "host": socket.gethostname(),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": sys.argv})
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": redact_argv(sys.argv)})
         yield
     finally:
         with contextlib.suppress(OSError):

@@ -4,7 +4,9 @@ Python imports `sitecustomize` at start-up, so a subprocess started with this fo
 runs the unmodified code with two wrappers, giving a test time to kill it mid-step:
   BIRDROUNDS_TEST_PSEUDO_DELAY_S  sleep before each teacher inference batch, and append the batch
                                   size to the file BIRDROUNDS_TEST_PSEUDO_LOG (one line per batch);
-  BIRDROUNDS_TEST_COLLATE_DELAY_S sleep in each training batch's collate.
+  BIRDROUNDS_TEST_COLLATE_DELAY_S sleep in each training batch's collate;
+and one fault: BIRDROUNDS_TEST_RAISE=NAME makes the run's data preparation raise the builtin exception NAME
+(RuntimeError: a crash, KeyboardInterrupt: a Ctrl-C).
 """
 
 import os
@@ -36,3 +38,14 @@ if _collate_delay > 0:
         return _call(self, batch)
 
     _clips.MixUpCollate.__call__ = _slow_call
+
+_raise = os.environ.get("BIRDROUNDS_TEST_RAISE")
+if _raise:
+    import builtins
+
+    import birdrounds.rounds as _rounds
+
+    def _failing_prepare(*args, **kwargs):
+        raise getattr(builtins, _raise)("raised by tests/hooks for the test")
+
+    _rounds.prepare_data = _failing_prepare
