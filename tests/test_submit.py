@@ -243,7 +243,7 @@ def test_package_readme_command_writes_what_predict_writes(home, tmp_path, caplo
     assert any("other predict settings" in r.getMessage() and "smoothing" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("problem", ["corrupt model", "unwritable output", "columns"])
+@pytest.mark.parametrize("problem", ["corrupt model", "unwritable output", "columns", "no audio"])
 def test_predict_input_errors_are_one_line_before_the_run(home, tmp_path, capsys, monkeypatch, problem):
     model = tiny_onnx(tmp_path / "m.onnx")
     sounds = tmp_path / "soundscapes"
@@ -258,9 +258,16 @@ def test_predict_input_errors_are_one_line_before_the_run(home, tmp_path, capsys
     elif problem == "unwritable output":
         (tmp_path / "out").write_text("a file where the output folder should be")
         expected = f"predict.output: cannot write {output}"
-    else:
+    elif problem == "columns":
         sample.write_text("row_id,amerob,blujay,zzz\n")
         expected = f"predict.sample_submission: {sample}: sample submission columns do not match"
+    else:  # the audio one level down: the folder named holds none
+        (sounds / "site1").mkdir()
+        (sounds / "a.wav").rename(sounds / "site1" / "a.wav")
+        output.parent.mkdir()
+        output.write_text("row_id,amerob\nprevious,1\n")  # the previous submission stays as it was
+        expected = (f"predict.input_dir: no audio files in {sounds}; there is audio in its subfolder "
+                    f"{sounds / 'site1'}: point predict.input_dir there (nothing was written)")
 
     def never(*args, **kwargs):
         raise AssertionError("predicted before checking its inputs")
@@ -270,3 +277,5 @@ def test_predict_input_errors_are_one_line_before_the_run(home, tmp_path, capsys
                      f"predict.output={output}", f"predict.sample_submission={sample}"])
     line = one_line_error(capsys)
     assert code == 2 and line.startswith(f"birdrounds predict: error: {expected}"), line
+    if problem == "no audio":
+        assert output.read_text() == "row_id,amerob\nprevious,1\n"

@@ -190,6 +190,11 @@ def run_predict(cfg: DictConfig) -> dict[str, Any]:
     sample = _data_path(cfg, "sample_submission") if sample_cfg == "data" else Path(sample_cfg) if sample_cfg else None
     if sample is not None and not sample.is_file():
         raise ConfigError(f"predict.sample_submission: not found: {sample}")
+    files = infer.list_audio_files(input_dir)
+    if not files:  # (the exported infer.py, which Kaggle runs on an empty test folder, writes a header-only file)
+        nested = next((p for p in input_dir.rglob("*") if p.suffix.lower() in infer.AUDIO_EXTENSIONS), None)
+        where = f"; there is audio in its subfolder {nested.parent}: point predict.input_dir there" if nested else ""
+        raise ConfigError(f"predict.input_dir: no audio files in {input_dir}{where} (nothing was written)")
     settings = inference_settings(cfg)
     loaded = _load_models(models, settings)
     _check_sample_submission(sample, loaded[0].info.classes)
@@ -197,7 +202,7 @@ def run_predict(cfg: DictConfig) -> dict[str, Any]:
         infer.check_output(cfg.predict.output)
     except infer.OutputError as err:
         raise ConfigError(f"predict.output: {err}") from None
-    preds = infer.predict_files(loaded, infer.list_audio_files(input_dir), settings)
+    preds = infer.predict_files(loaded, files, settings)
     infer.write_submission(cfg.predict.output, preds.row_ids, preds.classes, preds.probs, sample_submission=sample)
     record: dict[str, Any] = {
         "models": [str(m) for m in models], "input_dir": str(input_dir), "output": str(cfg.predict.output),
