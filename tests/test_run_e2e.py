@@ -116,7 +116,8 @@ def add_external_rows(home: Path, n: int = 3, root: Path | None = None) -> Path:
 def test_round0_data_picks_up_external_rows_in_training_folds_only(home):
     """Rows under external_data/xeno_canto (xc-download's layout) join training, never validation."""
     from birdrounds.config import compose
-    from birdrounds.data.prepare import EXTERNAL_FOLD, prepare_data
+    from birdrounds.data.prepare import prepare_data
+    from birdrounds.data.split import ALWAYS_TRAIN
 
     cfg = compose(["experiment=smoke"])
     assert cli.main(["synth", "experiment=smoke"]) == 0
@@ -126,7 +127,8 @@ def test_round0_data_picks_up_external_rows_in_training_folds_only(home):
     prepared = prepare_data(cfg.data, progress=False)
     assert prepared.summary()["external_clips"] == 3 and len(prepared.data.train) == n_train + 3
     is_external = prepared.data.train["path"].str.startswith(str(ext))
-    assert is_external.sum() == 3 and (prepared.folds[is_external.to_numpy()] == EXTERNAL_FOLD).all()
+    assert is_external.sum() == 3 and (prepared.folds[is_external.to_numpy()] == ALWAYS_TRAIN).all()
+    assert (prepared.external == is_external.to_numpy()).all()
 
     cfg.data.external.enabled = False
     assert prepare_data(cfg.data, progress=False).summary()["external_clips"] == 0
@@ -164,6 +166,32 @@ def test_external_rows_loss_and_sample_weights_and_student_switch(home):
     assert student.n_external == 0 and not student.train_table["path"].str.startswith(ext).any()
     assert len(student.train_table) == len(plain.train_table) - 3
     assert build_datasets(prepared, cfg.data, cfg.seed, round_idx=0).n_external == 3
+
+
+def test_a_single_recording_class_without_external_data_is_an_ordinary_labeled_row(home):
+    """Fold -1 holds a class found in one recording (always trained on); it is not an external row: no
+    external count, no external weights, and in_students=false keeps it in the students' training."""
+    from birdrounds.config import compose
+    from birdrounds.data.prepare import prepare_data
+    from birdrounds.data.split import ALWAYS_TRAIN
+    from birdrounds.rounds import build_datasets
+
+    assert cli.main(["synth", "experiment=smoke"]) == 0
+    csv = home / "data" / "synthetic_smoke" / "train.csv"
+    train = pd.read_csv(csv)
+    rare = train["primary_label"].value_counts().index[-1]
+    train = pd.concat([train[train["primary_label"] != rare], train[train["primary_label"] == rare].iloc[:1]])
+    train.to_csv(csv, index=False)
+    cfg = compose(["experiment=smoke", "data.external.loss_weight=0.25", "data.external.sample_weight=3.0",
+                   "data.external.in_students=false"])
+    prepared = prepare_data(cfg.data, progress=False)
+    is_rare = (prepared.data.train["primary_label"] == rare).to_numpy()
+    assert is_rare.sum() == 1 and (prepared.folds[is_rare] == ALWAYS_TRAIN).all()
+    assert prepared.summary()["external_clips"] == 0 and not prepared.external.any()
+    for round_idx in (0, 1):
+        parts = build_datasets(prepared, cfg.data, cfg.seed, round_idx=round_idx)
+        assert parts.n_external == 0 and (parts.train_table["primary_label"] == rare).sum() == 1
+        assert np.allclose(parts.train_set.weights, 1.0)  # no external loss weight on it
 
 
 @pytest.mark.slow

@@ -64,7 +64,7 @@ from birdrounds.data.clips import (
 from birdrounds.data.device_augment import BackgroundWindows, BatchAugment
 from birdrounds.data.layout import DEFAULT_PATHS
 from birdrounds.data.mixed_val import MixedValidation, mixed_validation_from_config
-from birdrounds.data.prepare import EXTERNAL_FOLD, PreparedData, prepare_data
+from birdrounds.data.prepare import PreparedData, prepare_data
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.infer import SCORED_CHUNK_S
 from birdrounds.mixing import ConcatPseudoDataset, PseudoChunkDataset
@@ -131,7 +131,7 @@ class RoundParts:
 def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, round_idx: int = 0,
                    drop_external: Collection[str] = ()) -> RoundParts:
     """Training clips (held-out fold removed), validation clips, labeled validation soundscapes and the
-    mixed validation (held-out clips only; external rows, fold -1, are never held out).
+    mixed validation (held-out clips only; external rows are never held out).
 
     External rows (`data.external`) get `loss_weight` on their loss and `sample_weight` on their draw
     probability; with `in_students: false` only the teacher (round 0) trains on them, and round k's
@@ -141,7 +141,7 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, roun
     data, audio = prepared.data, prepared.audio
     ext_cfg = data_cfg.external
     held_out = prepared.folds == data_cfg.fold
-    external = prepared.folds == EXTERNAL_FOLD
+    external = prepared.external
     in_training = ~held_out
     if round_idx > 0 and not ext_cfg.get("in_students", True):
         in_training &= ~external
@@ -213,7 +213,7 @@ def filter_external(cfg: DictConfig, prepared: PreparedData, model_path: Path, o
     and kept in `out_dir/external_scores.json` under the model's hash, so a resumed round reads them.
     """
     threshold = cfg.data.external.get("filter_min_prob")
-    external = prepared.folds == EXTERNAL_FOLD
+    external = prepared.external
     if threshold is None or not external.any() or not cfg.data.external.get("in_students", True):
         return None
     if not is_checkpoint(model_path):

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from birdrounds.artifacts import METRICS_FILE, TEACHER_CHUNKS_FILE, write_json_atomic
 from birdrounds.config import ConfigError
 from birdrounds.data.audio import AudioDecodeError
-from birdrounds.data.prepare import EXTERNAL_FOLD, PreparedData
+from birdrounds.data.prepare import PreparedData
 from birdrounds.data.soundscapes import SoundscapeChunks, window_starts
 from birdrounds.external import ExternalModel, FeatureCache, load_external, normalise_name
 from birdrounds.infer import SCORED_CHUNK_S, row_id

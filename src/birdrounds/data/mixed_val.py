@@ -29,7 +29,7 @@ Construction (`build_mixed_validation`), a pure function of its inputs and `seed
   background raises both and cancels. `MixedValidation.score` computes the AUC either way.
 
 Only the held-out clips are mixed in: the caller passes the held-out fold's table (`prepared.folds ==
-data.fold`, never external fold -1 rows). Background audio comes from train soundscapes, which
+data.fold`, never external rows). Background audio comes from train soundscapes, which
 students also see (with pseudo-labels); no held-out clip reaches training.
 """
 

@@ -14,11 +14,13 @@ from omegaconf import DictConfig
 from birdrounds.config import ConfigError
 from birdrounds.data.audio import AudioCache, CacheBuildSummary
 from birdrounds.data.layout import BirdCLEFData, load_birdclef, load_external
-from birdrounds.data.split import assign_folds
+from birdrounds.data.split import ALWAYS_TRAIN, assign_folds
 
 log = logging.getLogger(__name__)
 
-EXTERNAL_FOLD = -1  # external rows are never held out: validation stays on the competition's own clips
+# The train table's marker of rows appended from data.external (Xeno-canto): True there, False for the
+# competition's own rows. Not a fold id: fold -1 (split.ALWAYS_TRAIN) also holds single-recording classes.
+EXTERNAL_COLUMN = "is_external"
 
 
 @dataclass
@@ -27,10 +29,16 @@ class PreparedData:
 
     data: BirdCLEFData
     audio: AudioCache
-    folds: np.ndarray  # one fold id per train row; -1 = always in training
+    folds: np.ndarray  # one fold id per train row; -1 = always in training (external rows, single-group classes)
     cache_summary: CacheBuildSummary
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    n_external: int = 0  # rows appended from data.external folders (fold -1)
+    n_external: int = 0  # rows appended from data.external folders (EXTERNAL_COLUMN)
+
+    @property
+    def external(self) -> np.ndarray:
+        """Per train row: appended from data.external (never held out, weighted by data.external.*)."""
+        column = self.data.train.get(EXTERNAL_COLUMN)
+        return np.zeros(len(self.data.train), dtype=bool) if column is None else column.to_numpy(dtype=bool)
 
     def summary(self) -> dict:
         """Counts for a run's summary: rows, files, and what was skipped and why."""
@@ -97,7 +105,9 @@ def prepare_data(data_cfg: DictConfig, seed: int = 0, progress: bool = True) -> 
     if external is not None and len(external):
         external = external[~external["path"].isin(bad)]
         n_external = len(external)
-        data.train = pd.concat([data.train, external], ignore_index=True)
-        folds = np.concatenate([folds, np.full(n_external, EXTERNAL_FOLD)])
+        data.train = pd.concat([data.train.assign(**{EXTERNAL_COLUMN: False}),
+                                external.assign(**{EXTERNAL_COLUMN: True})], ignore_index=True)
+        # External rows are never held out: validation stays on the competition's own clips.
+        folds = np.concatenate([folds, np.full(n_external, ALWAYS_TRAIN)])
     return PreparedData(data=data, audio=audio, folds=folds, cache_summary=summary,
                         skipped=list(summary.skipped), n_external=n_external)

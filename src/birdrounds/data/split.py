@@ -111,6 +111,9 @@ def _content_matches(table: pd.DataFrame, audio: Any) -> list[tuple[int, int]]:
     return pairs
 
 
+ALWAYS_TRAIN = -1  # the fold id of rows never held out (their class has one recording group)
+
+
 def assign_folds(table: pd.DataFrame, n_folds: int = 5, seed: int = 0, audio: Any = None) -> np.ndarray:
     """Fold id per row (0..n_folds-1, or -1 = always in training), deterministic for a seed.
 
@@ -129,7 +132,7 @@ def assign_folds(table: pd.DataFrame, n_folds: int = 5, seed: int = 0, audio: An
     group_fold = np.full(groups.max() + 1 if len(groups) else 0, -2)  # -2 = not yet assigned
     for members in class_groups.values():
         if len(members) == 1:
-            group_fold[members[0]] = -1
+            group_fold[members[0]] = ALWAYS_TRAIN
     _deal_groups(group_fold, class_groups, class_rows, np.bincount(groups), n_folds, seed)
     _keep_classes_in_training(group_fold, class_groups, class_rows)
     return group_fold[groups]
