@@ -236,6 +236,20 @@ def test_real_data_config_needs_a_root(override):
         validate(compose([override]))
 
 
+def test_synthetic_data_is_generated_by_a_run_only_inside_the_project_home(tmp_path, monkeypatch):
+    """A missing data.root outside the home is a typo (one line), not a place to generate a data set; inside
+    the home (the default) or through `birdrounds synth` it is generated."""
+    monkeypatch.setenv("BIRDROUNDS_HOME", str(tmp_path / "home"))
+    typo = tmp_path / "elsewhere" / "synthetic_smok"
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["experiment=smoke", f"data.root={typo}"]))
+    assert error_line(info.value).startswith(f"data.root: no data at {typo}, which is outside the project home")
+    assert not typo.exists()
+    validate(compose(["experiment=smoke", f"data.root={typo}"]), may_generate=True)  # birdrounds synth
+    validate(compose(["experiment=smoke"]))  # the default, inside the home
+    validate(compose(["experiment=smoke", f"data.root={tmp_path / 'home' / 'data' / 'mine'}"]))
+
+
 def test_cli_synth_writes_dataset_and_is_idempotent(home):
     assert cli.main(["synth", "experiment=smoke"]) == 0
     root = home / "data" / "synthetic_smoke"

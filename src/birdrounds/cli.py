@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s %(levelname)s] %(message)s")
     try:
         cfg = compose(args.overrides, user_dirs=args.config_dir)
-        validate(cfg)
+        validate(cfg, may_generate=args.command == "synth")
         command = COMMANDS[args.command][0]
         if args.command in LOCKING_COMMANDS and Path(cfg.run_dir).is_dir():
             with run_folder_lock(cfg.run_dir):

@@ -419,10 +419,11 @@ def error_line(err: BaseException) -> str:
     return lines[0]
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check the values that would otherwise fail deep inside a long run."""
-    check_values(cfg)
+def validate(cfg: DictConfig, may_generate: bool = False) -> None:
+    """Check the values that would otherwise fail deep inside a long run. `may_generate`: the command is
+    `birdrounds synth`, which generates the synthetic data wherever `data.root` says."""
     require(cfg, "data.root", lambda v: bool(v), "set the data folder, e.g. data.root=/path/to/birdclef-2025")
+    check_values(cfg)
     require(cfg, "data.sample_rate_hz", lambda v: isinstance(v, int) and v > 0, "must be a positive integer")
     require(cfg, "data.window_s", lambda v: isinstance(v, (int, float)) and v > 0, "must be a positive number of seconds")
     require(cfg, "data.n_folds", lambda v: isinstance(v, int) and v >= 2, "must be an integer >= 2")
@@ -494,6 +495,25 @@ def validate(cfg: DictConfig) -> None:
 
         require(cfg, "pseudo.window_s", lambda v: isinstance(v, (int, float)) and v >= SCORED_CHUNK_S,
                 f"must be at least the {SCORED_CHUNK_S:g}-s scored chunk")
+    if not may_generate:
+        check_generated_root(cfg)
+
+
+def check_generated_root(cfg: DictConfig) -> None:
+    """A run generates the synthetic data by itself only inside the project home (`paths.root`), where the
+    default `data.root` is: a missing or empty `data.root` elsewhere is taken for a typo, not a place to
+    write a data set (`birdrounds synth` generates it anywhere on purpose)."""
+    if OmegaConf.select(cfg, "data.synth") is None:
+        return
+    root = Path(cfg.data.root)
+    if root.is_dir() and any(root.iterdir()):
+        return  # data already there (generate() checks that it is the configured one)
+    home = Path(cfg.paths.root).resolve()
+    if root.resolve().is_relative_to(home):
+        return
+    raise ConfigError(f"data.root: no data at {root}, which is outside the project home {home} (paths.root); "
+                      f"check the path, or generate the synthetic data there on purpose with "
+                      f"`birdrounds synth data.root={root}`")
 
 
 # ---------------------------------------------------------------- secrets kept out of records
