@@ -388,3 +388,22 @@ def test_a_crash_or_ctrl_c_prints_no_secret(fault, code, expected, smoke_data, t
         assert "Traceback" not in output
     else:
         assert "RuntimeError: raised by tests/hooks for the test" in output
+
+
+@pytest.mark.slow
+def test_a_damaged_teacher_checkpoint_is_named_with_the_round_that_rebuilds_it(smoke_run, tmp_path):
+    """round_0/model.pt truncated: with round 1 still to train, and with round 1 done (whose reuse check then
+    finds its teacher changed), one line names the file and recompute_from=0, exit 2, no traceback."""
+    from conftest import copy_rounds
+
+    home = smoke_run.home
+    for name, rounds in (("fresh", ("round_0",)), ("reused", ("round_0", "round_1"))):
+        run_dir = copy_rounds(smoke_run.run_dir, tmp_path / name, *rounds)
+        model = run_dir / "round_0" / "model.pt"
+        model.write_bytes(model.read_bytes()[:4096])
+        proc = run_entry(home, "logger=none", "round=1", f"run_dir={run_dir}", cwd=tmp_path)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 2, output[-3000:]
+        assert (f"{model}: cannot be read, truncated or corrupt" in output
+                and "rerun with recompute_from=0 to rebuild it, or delete it" in output), output[-3000:]
+        assert "Traceback" not in output

@@ -335,3 +335,34 @@ def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
         assert torch.allclose(value.float(), again[name].float(), rtol=0, atol=1e-6), name
     metrics = [json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "straight", out)]
     assert metrics[0]["train_loss"] == pytest.approx(metrics[1]["train_loss"], rel=1e-6)
+
+
+def test_a_damaged_epoch_checkpoint_marked_complete_falls_back_to_the_one_before(data, tmp_path, caplog):
+    """The newest complete epoch checkpoint's weights truncated on disk: the rerun names it, resumes from the
+    one before, and ends with the weights of the uninterrupted run (every epoch reseeds from (seed, epoch))."""
+    import logging
+
+    out = tmp_path / "run"
+    train_script.train(data, out, Accelerator(), train_script.settings(epochs=3))
+    reference = _state_dict(out / "model.pt")
+    done = complete_checkpoints(out / "checkpoints")
+    assert [p.name for p in done] == ["epoch_001", "epoch_002"]
+    weights = next(done[-1].glob("pytorch_model*"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (out / "model.pt").unlink()
+    with caplog.at_level(logging.INFO):
+        train_script.train(data, out, Accelerator(), train_script.settings(epochs=3))
+    text = caplog.text
+    assert f"epoch checkpoint {done[-1]} cannot be read" in text and "resumed from" in text and "epoch_001" in text
+    again = _state_dict(out / "model.pt")
+    for name, value in reference.items():
+        assert torch.allclose(value.float(), again[name].float(), rtol=0, atol=1e-6), name
+
+    # Every epoch checkpoint damaged: one line naming the folder, no traceback from deep inside.
+    for folder in complete_checkpoints(out / "checkpoints"):
+        weights = next(folder.glob("pytorch_model*"))
+        weights.write_bytes(b"")
+    from birdrounds.model import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no epoch checkpoint there can be read"):
+        train_script.train(data, out, Accelerator(), train_script.settings(epochs=3))

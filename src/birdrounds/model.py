@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -332,9 +333,28 @@ def save_checkpoint(
         torch.save(ckpt, f)
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be read: one line naming the file and what to do (exit 2, like bad input)."""
+
+
+def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load` of a checkpoint file (weights only); a truncated or corrupt one raises CheckpointError
+    naming it and the `recompute_from` that rebuilds it (the round in its path)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError ... for a damaged file
+        round_dir = next((p for p in Path(path).parents if re.fullmatch(r"round_\d+", p.name)), None)
+        redo = (f"rerun with recompute_from={round_dir.name.removeprefix('round_')} to rebuild it"
+                if round_dir is not None else "replace it")
+        raise CheckpointError(f"{path}: cannot be read, truncated or corrupt ({type(err).__name__}); {redo}, "
+                              "or delete it") from None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[BirdModel, dict[str, Any]]:
     """Rebuild the model from the file alone (random init, no pretrained weights, no network); eval mode."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = read_checkpoint_file(path, map_location)
     version = ckpt.get("format_version")
     if version != CHECKPOINT_FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format_version {version}, this code reads {CHECKPOINT_FORMAT_VERSION}")

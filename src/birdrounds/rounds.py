@@ -68,7 +68,7 @@ from birdrounds.data.prepare import PreparedData, prepare_data
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.infer import SCORED_CHUNK_S
 from birdrounds.mixing import ConcatPseudoDataset, PseudoChunkDataset
-from birdrounds.model import checkpoint_hash, load_checkpoint, weights_hash
+from birdrounds.model import checkpoint_hash, load_checkpoint, read_checkpoint_file, weights_hash
 from birdrounds.pseudo import (
     chunk_rows,
     detection_scores,
@@ -716,6 +716,9 @@ def check_reusable(round_dir: Path, round_idx: int, inputs: dict[str, Any], teac
     changed = _changed_inputs(manifest["inputs"], inputs) if "inputs" in manifest else []
     recorded_teachers = [t.get("hash") for t in manifest.get("teachers", [])]
     if teachers is not None and recorded_teachers and recorded_teachers != [checkpoint_hash(t) for t in teachers]:
+        for teacher in teachers:  # a damaged teacher is named with the round that rebuilds it, not this one
+            if is_checkpoint(teacher):
+                read_checkpoint_file(teacher)
         changed.append("teacher checkpoint(s) " + ", ".join(str(t) for t in teachers))
     if changed:
         raise ConfigError(f"recompute_from: round {round_idx} in {round_dir} was computed from other inputs "

@@ -41,7 +41,7 @@ from birdrounds.artifacts import METRICS_FILE, MODEL_FILE, atomic_open, json_saf
 from birdrounds.checks import SELECTION_ORDER, TRAIN_RULES
 from birdrounds.config import redact_secrets, redacted_argv
 from birdrounds.metrics import ROW_ID_COLUMN, bootstrap_auc_interval, clip_arrays, scored_auc, soundscape_arrays
-from birdrounds.model import load_checkpoint, save_checkpoint
+from birdrounds.model import CheckpointError, load_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
     from birdrounds.data.mixed_val import MixedValidation
@@ -576,17 +576,26 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def _resume(run: _Run, root: Path) -> tuple[int, list[dict[str, Any]]]:
     """Load the latest complete checkpoint, if any; return the next epoch and the metric history."""
     done = complete_checkpoints(root)
-    if not done:
-        return 0, []
-    run.accelerator.load_state(str(done[-1]))
-    loop_state = torch.load(done[-1] / LOOP_STATE_FILE, map_location=run.accelerator.device, weights_only=True)
-    run.scheduler.load_state_dict(loop_state["scheduler"])
-    if run.ema is not None:
-        run.ema.load_state_dict(loop_state["ema"])
-    state = json.loads((done[-1] / STATE_FILE).read_text())
-    run.step = state["step"]
-    log.info(f"resumed from {done[-1]} (epoch {state['epoch']}, step {run.step})", main_process_only=True)
-    return state["epoch"] + 1, state["history"]
+    for folder in reversed(done):  # the newest that reads: a damaged one (marked COMPLETE) falls back
+        try:
+            run.accelerator.load_state(str(folder))
+            loop_state = torch.load(folder / LOOP_STATE_FILE, map_location=run.accelerator.device, weights_only=True)
+            run.scheduler.load_state_dict(loop_state["scheduler"])
+            if run.ema is not None:
+                run.ema.load_state_dict(loop_state["ema"])
+            state = json.loads((folder / STATE_FILE).read_text())
+        except Exception as err:  # torch, safetensors and json each raise their own for a damaged file
+            log.warning(f"epoch checkpoint {folder} cannot be read ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); trying the one before it",
+                        main_process_only=True)
+            continue
+        run.step = state["step"]
+        log.info(f"resumed from {folder} (epoch {state['epoch']}, step {run.step})", main_process_only=True)
+        return state["epoch"] + 1, state["history"]
+    if done:
+        raise CheckpointError(f"{root}: no epoch checkpoint there can be read ({', '.join(p.name for p in done)}); "
+                              f"delete the folder to train the round from its start")
+    return 0, []
 
 
 def _save_epoch_checkpoint(run: _Run, root: Path, epoch: int, history: list[dict[str, Any]]) -> None:
