@@ -13,26 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from birdrounds.config import Rule
+from birdrounds.rules import SELECT_BY, SELECTION_ORDER, TRAIN_RULES  # noqa: F401  (re-exported)
 
 # Fewer optimizer updates than this since random initialisation (a student counts its teacher's too):
 # the 64-recording teacher that stayed at chance had ~40; the synthetic demo's teacher has 320.
 MIN_STEPS = 300
 CHANCE_AUC = 0.5
-# `train.select_by: auto` keeps the best epoch by the first of these a fit computes: the most Kaggle-like first.
-SELECTION_ORDER = ("val_soundscape_auc", "val_mixed_auc", "val_clip_auc")
 SCHEDULE_KEYS = "data.sampler.samples_per_epoch or train.epochs"
-SELECT_BY = ("auto", "last", *SELECTION_ORDER)  # `train.select_by`'s values
-
-# The rules of `train`'s values, here rather than in birdrounds.train (which loads torch) so that
-# `config.validate` checks them before a run as `TrainSettings` does where it is built.
-COUNT = Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "must be an integer >= 1")
-TRAIN_RULES = {
-    "epochs": COUNT, "batch_size": COUNT, "grad_accum_steps": COUNT, "keep_checkpoints": COUNT, "log_every_steps": COUNT,
-    "select_by": Rule(lambda v: v in SELECT_BY, f"must be one of {', '.join(SELECT_BY)}"),
-}
-
-
 @dataclass
 class RoundChecks:
     """`problems` make a model not usable (export refuses it unless forced); `notes` are worth a line."""

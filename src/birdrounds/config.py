@@ -9,7 +9,6 @@ import re
 import sys
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -17,26 +16,18 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-
-AUGMENT_ON = ("workers", "device")  # `data.augment_on`: where data.augment and data.mixup run
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message starts with the offending key."""
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What one config value must be, written once: `validate` checks it before a long run starts, and the
-    component that reads the value checks it again where it is built outside a run (a test, a script)."""
-
-    ok: Callable[[Any], bool]
-    text: str  # what the value must be, e.g. "must be an integer >= 1"
-
-    def check(self, key: str, value: Any, error: type[Exception] | None = None) -> None:
-        """Raise `error` (default ConfigError) with the one line "<key>: <text>, got <value>" when `value` fails."""
-        if not self.ok(value):
-            raise (error or ConfigError)(f"{key}: {self.text}, got {value!r}")
+from birdrounds.rules import (  # noqa: F401  (ConfigError and Rule: their home is rules, most modules import them here)
+    AUGMENT_ON,
+    COUNT,
+    ENSEMBLE_MEMBERS,
+    EXTERNAL_BACKENDS,
+    ON_MISSING_FILE,
+    TEACHER_KINDS,
+    TRAIN_RULES,
+    VALUE_RULES,
+    ConfigError,
+    Rule,
+)
 
 
 # Keys added to the config tree after runs were recorded, each with the value that does what the code did
@@ -60,69 +51,6 @@ LEGACY: Mapping[str, Any] = MappingProxyType({
     # Runs made before external teachers had our own CNN as round 0.
     "teacher": {"kind": "cnn"},
 })
-
-
-# `teacher.kind`'s values, here so that `validate` checks them without loading torch (birdrounds.teachers).
-TEACHER_KINDS = ("cnn", "probe", "zero_shot", "ensemble")
-# `teacher.member`'s values: the external member of teacher=ensemble.
-ENSEMBLE_MEMBERS = ("zero_shot", "probe")
-# `teacher.external.backend`'s values (birdrounds.external's models).
-EXTERNAL_BACKENDS = ("birdnet", "onnx")
-
-
-def _number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
-            integer: bool = False, nullable: bool = False) -> Rule:
-    """A Rule for a number (never a bool or a string) within [low, high] (open ends where asked), or null."""
-    def ok(v: Any) -> bool:
-        if v is None:
-            return nullable
-        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or v != v:
-            return False
-        return ((low is None or (v > low if low_open else v >= low))
-                and (high is None or (v < high if high_open else v <= high)))
-
-    kind = "an integer" if integer else "a number"
-    if low is not None and high is not None:
-        text = f"{kind} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    elif low is not None:
-        text = f"{kind} {'>' if low_open else '>='} {low:g}"
-    else:
-        text = kind
-    return Rule(ok, f"must be {text}{' or null' if nullable else ''}")
-
-
-# The numbers a run reads, by key pattern (fnmatch, the first that matches): `validate` checks every key of
-# the composed tree that matches, so a value with a typo or out of range stops the run before any work in
-# one line, instead of a traceback from deep inside (a learning rate of -1 or "abc", a seed "abc").
-VALUE_RULES: tuple[tuple[str, Rule], ...] = (
-    ("seed", _number(0, integer=True)),
-    ("*.seed", _number(0, integer=True, nullable=True)),
-    ("model.gem_p", _number(0, low_open=True)),  # GeM's exponent, not a probability
-    ("*_p", _number(0, 1, nullable=True)),
-    ("*.p", _number(0, 1)),
-    ("*.prob", _number(0, 1)),
-    ("*drop_rate", _number(0, 1, high_open=True, nullable=True)),
-    ("*drop_path_rate", _number(0, 1, high_open=True, nullable=True)),
-    ("*.min_lr", _number(0)),
-    ("train.optimizer.lr", _number(0, low_open=True)),
-    ("*.lr", _number(0, low_open=True, nullable=True)),  # pseudo.student_train.lr: null = train's
-    ("*.weight_decay", _number(0)),
-    ("*.warmup_epochs", _number(0, nullable=True)),
-    ("*.restart_epochs", _number(0, low_open=True, nullable=True)),
-    ("*num_workers", _number(0, integer=True, nullable=True)),
-    ("train.prefetch_factor", _number(1, integer=True, nullable=True)),
-    ("train.max_grad_norm", _number(0, low_open=True, nullable=True)),
-    ("train.ema_decay", _number(0, 1, high_open=True, nullable=True)),
-    ("train.val_batch_size", _number(1, integer=True, nullable=True)),
-    ("train.max_steps_per_epoch", _number(1, integer=True, nullable=True)),
-    ("pseudo.student_train.epochs", _number(1, integer=True, nullable=True)),
-    ("pseudo.stride_s", _number(0, low_open=True)),
-    ("pseudo.mixing.mix_weight", _number(0, 1)),
-    ("data.clips.secondary_weight", _number(0, 1)),
-    ("data.clips.label_smoothing", _number(0, 1, high_open=True)),
-    ("data.mixup.weight", _number(0, 1)),
-    ("data.sampler.temperature", _number(0)),
-)
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -436,8 +364,6 @@ def validate(cfg: DictConfig, may_generate: bool = False) -> None:
             require(cfg, key, lambda v: isinstance(v, bool), "must be true or false")
     if OmegaConf.select(cfg, "data.augment_on") is not None:
         require(cfg, "data.augment_on", lambda v: v in AUGMENT_ON, f"must be one of {AUGMENT_ON}")
-    from birdrounds.data.layout import ON_MISSING_FILE  # the loader's own rule
-
     require(cfg, "data.on_missing_file", ON_MISSING_FILE.ok, ON_MISSING_FILE.text)
     for key in ("data.external.loss_weight", "data.external.sample_weight"):
         if OmegaConf.select(cfg, key) is not None:
@@ -449,8 +375,6 @@ def validate(cfg: DictConfig, may_generate: bool = False) -> None:
     require(cfg, "recompute_from", lambda v: v is None or (isinstance(v, int) and v >= 0),
             "must be null or a round number")
     require(cfg, "control", lambda v: isinstance(v, bool), "must be true or false")
-    from birdrounds.checks import COUNT, TRAIN_RULES  # light: the rules TrainSettings checks too
-
     for name, rule in TRAIN_RULES.items():
         if OmegaConf.select(cfg, f"train.{name}") is not None:
             require(cfg, f"train.{name}", rule.ok, rule.text)
@@ -470,25 +394,9 @@ def validate(cfg: DictConfig, may_generate: bool = False) -> None:
             require(cfg, "teacher.external.backend", lambda v: v in EXTERNAL_BACKENDS,
                     f"must be {' or '.join(EXTERNAL_BACKENDS)}")
             require(cfg, "teacher.external.path", lambda v: v is None or Path(v).is_file(), "model file not found")
-            require(cfg, "teacher.external.threads", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1")
         if cfg.teacher.kind == "ensemble":
             require(cfg, "teacher.member", lambda v: v in ENSEMBLE_MEMBERS, f"must be {' or '.join(ENSEMBLE_MEMBERS)}")
-            require(cfg, "teacher.weight", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-                    and 0 <= v <= 1, "must be a number in [0, 1]")
-        if cfg.teacher.kind == "probe" or cfg.teacher.get("member") == "probe":
-            from birdrounds.checks import COUNT
-
-            for key in ("epochs", "batch_size", "eval_every"):
-                require(cfg, f"teacher.probe.{key}", COUNT.ok, COUNT.text)
-
-            def number(low: float) -> Callable[[Any], bool]:
-                return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= low
-
-            require(cfg, "teacher.probe.hidden", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0")
-            require(cfg, "teacher.probe.lr", lambda v: number(0)(v) and v > 0, "must be a number > 0")
-            for key in ("weight_decay", "unlabeled_weight", "balance"):
-                require(cfg, f"teacher.probe.{key}", number(0), "must be a number >= 0")
-            require(cfg, "teacher.probe.dropout", lambda v: number(0)(v) and v < 1, "must be a number in [0, 1)")
+        # teacher.external.threads, teacher.weight and teacher.probe's numbers: VALUE_RULES (check_values)
     if cfg.round > 0:
         require(cfg, "pseudo.student_init", lambda v: v in ("teacher", "scratch"), "must be 'teacher' or 'scratch'")
         from birdrounds.infer import SCORED_CHUNK_S  # imported here: it loads numpy and soundfile

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from birdrounds.config import Rule
+from birdrounds.rules import ON_MISSING_FILE  # noqa: F401  (the loader reads it; its home is rules)
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,6 @@ TRAIN_REQUIRED = ("primary_label", "filename")
 TAXONOMY_REQUIRED = ("primary_label", "scientific_name")
 AUDIO_SUFFIXES = (".ogg", ".flac", ".wav", ".mp3")
 # `data.on_missing_file`: a listed audio file that does not exist is skipped with a warning, or stops the load.
-ON_MISSING_FILE = Rule(lambda v: v in ("warn", "error"), "must be 'warn' or 'error'")
 
 
 class LayoutError(ValueError):
