@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -248,6 +249,18 @@ def test_synthetic_data_is_generated_by_a_run_only_inside_the_project_home(tmp_p
     validate(compose(["experiment=smoke", f"data.root={typo}"]), may_generate=True)  # birdrounds synth
     validate(compose(["experiment=smoke"]))  # the default, inside the home
     validate(compose(["experiment=smoke", f"data.root={tmp_path / 'home' / 'data' / 'mine'}"]))
+
+
+def test_model_options_share_a_base_and_repeat_none_of_it():
+    """configs/model/*.yaml compose from _base.yaml and hold only their differences (each value once)."""
+    base = yaml.safe_load((config_dir() / "model" / "_base.yaml").read_text())
+    for option in GROUP_OPTIONS["model"]:
+        spec = yaml.safe_load((config_dir() / "model" / f"{option}.yaml").read_text())
+        assert spec["defaults"][0] == "_base", option
+        repeated = [key for key, value in spec.items() if key in base and base[key] == value]
+        assert not repeated, f"model/{option}.yaml repeats _base.yaml's {repeated}"
+        composed = compose(["data.root=/data", f"model={option}"]).model
+        assert all(key in composed for key in base), option
 
 
 def test_cli_synth_writes_dataset_and_is_idempotent(home):
