@@ -17,7 +17,7 @@ import train_script
 from birdrounds.checks import MIN_STEPS, lineage_steps, round_checks
 from birdrounds.cli import main as cli_main
 from birdrounds.config import compose
-from birdrounds.data.clips import AUTO_EPOCH_BOUNDS, epoch_clips
+from birdrounds.data.clips import epoch_clips
 from birdrounds.data.prepare import prepare_data
 from birdrounds.metrics import bootstrap_auc_interval, macro_roc_auc
 from birdrounds.model import load_checkpoint
@@ -31,12 +31,13 @@ from test_layout import row, write_layout
 
 
 def test_auto_epoch_is_one_clip_per_window_of_labeled_audio_within_bounds():
-    assert epoch_clips("auto", n_rows=52, labeled_s=2112.0, window_s=5.0) == AUTO_EPOCH_BOUNDS[0]  # 423 -> 1024
-    assert epoch_clips("auto", n_rows=900, labeled_s=50_000.0, window_s=5.0) == 10_000
-    assert epoch_clips("auto", n_rows=28_564, labeled_s=1e6, window_s=5.0) == AUTO_EPOCH_BOUNDS[1]
+    bounds = list(compose(["data=birdclef2025", "data.root=x"]).data.sampler.auto_bounds)  # [1024, 32768]
+    assert epoch_clips("auto", n_rows=52, labeled_s=2112.0, window_s=5.0, bounds=bounds) == bounds[0]  # 423 -> 1024
+    assert epoch_clips("auto", n_rows=900, labeled_s=50_000.0, window_s=5.0, bounds=bounds) == 10_000
+    assert epoch_clips("auto", n_rows=28_564, labeled_s=1e6, window_s=5.0, bounds=bounds) == bounds[1]
     assert epoch_clips("auto", n_rows=3, labeled_s=101.0, window_s=5.0, bounds=(1, 100)) == 21  # ceil
-    assert epoch_clips(None, n_rows=52, labeled_s=2112.0, window_s=5.0) == 52
-    assert epoch_clips(512, n_rows=52, labeled_s=2112.0, window_s=5.0) == 512
+    assert epoch_clips(None, n_rows=52, labeled_s=2112.0, window_s=5.0, bounds=bounds) == 52
+    assert epoch_clips(512, n_rows=52, labeled_s=2112.0, window_s=5.0, bounds=bounds) == 512
 
 
 def test_a_few_long_recordings_get_hundreds_of_steps_by_default(tmp_path):
@@ -53,7 +54,7 @@ def test_a_few_long_recordings_get_hundreds_of_steps_by_default(tmp_path):
     parts = build_datasets(prepared, cfg.data, seed=0)
     n_train = len(parts.train_table)
     assert parts.labeled_s == pytest.approx(30.0 * n_train, rel=1e-3)
-    assert parts.clips_per_epoch == len(parts.sampler) == AUTO_EPOCH_BOUNDS[0]
+    assert parts.clips_per_epoch == len(parts.sampler) == cfg.data.sampler.auto_bounds[0]
     steps = cfg.train.epochs * (parts.clips_per_epoch // cfg.train.batch_size)
     assert steps >= MIN_STEPS
     assert cfg.train.epochs * math.ceil(n_train / cfg.train.batch_size) < 30  # what one draw per row gave

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from birdrounds.config import LEGACY, compose, shipped
 from birdrounds.data.augment import AugmentSettings
-from birdrounds.data.clips import AUTO_EPOCH_BOUNDS, MixUp
+from birdrounds.data.clips import MixUp
 from birdrounds.data.mixed_val import build_mixed_validation
 from birdrounds.data.synthetic import SynthSpec
 from birdrounds.infer import InferenceSettings
@@ -119,10 +119,6 @@ def test_inference_defaults_equal_the_composed_config():
             differ.append(f"predict.{key}: config {value!r}, Python {defaults[name]!r}")
     assert compared, "nothing compared for predict"
     assert not differ, "defaults written twice disagree: " + "; ".join(differ)
-
-
-def test_auto_epoch_bounds_default_is_the_configs():
-    assert list(AUTO_EPOCH_BOUNDS) == list(compose(["data=birdclef2025", "data.root=x"]).data.sampler.auto_bounds)
 
 
 def test_an_older_runs_mixed_validation_config_builds_the_set_it_was_scored_on(monkeypatch):

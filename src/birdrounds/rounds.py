@@ -53,7 +53,6 @@ from birdrounds.checks import SELECTION_ORDER, lineage_steps, round_checks
 from birdrounds.config import LEGACY, ConfigError, redact_secrets, select_plain, validate
 from birdrounds.data.augment import AugmentSettings
 from birdrounds.data.clips import (
-    AUTO_EPOCH_BOUNDS,
     ClipDataset,
     MixUp,
     MixUpCollate,
@@ -143,7 +142,7 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, roun
     held_out = prepared.folds == data_cfg.fold
     external = prepared.external
     in_training = ~held_out
-    if round_idx > 0 and not ext_cfg.get("in_students", True):
+    if round_idx > 0 and not ext_cfg.in_students:
         in_training &= ~external
     if len(drop_external):
         in_training &= ~(external & data.train["path"].isin(set(drop_external)).to_numpy())
@@ -152,9 +151,9 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, roun
         raise ConfigError(f"data.fold: holding out fold {data_cfg.fold} leaves no training rows "
                           f"({len(data.train)} usable rows, all in that fold)")
     row_external = external[in_training]
-    loss_weights = np.where(row_external, float(ext_cfg.get("loss_weight", 1.0)), 1.0)
-    draw_weights = np.where(row_external, float(ext_cfg.get("sample_weight", 1.0)), 1.0)
-    on_device = data_cfg.get("augment_on", "workers") == "device"
+    loss_weights = np.where(row_external, float(ext_cfg.loss_weight), 1.0)
+    draw_weights = np.where(row_external, float(ext_cfg.sample_weight), 1.0)
+    on_device = data_cfg.augment_on == "device"
     augment = None if on_device else instantiate(data_cfg.augment, background_paths=[str(p) for p in data.soundscapes],
                                                  background_audio=audio)
     clip_args = OmegaConf.to_container(data_cfg.clips, resolve=True)
@@ -168,7 +167,7 @@ def build_datasets(prepared: PreparedData, data_cfg: DictConfig, seed: int, roun
     val_mixed = mixed_validation_from_config(data_cfg.get("mixed_val"), val_table, data.soundscapes, audio, data.classes)
     labeled_s = labeled_seconds(train_table["path"], audio)
     n_clips = epoch_clips(data_cfg.sampler.samples_per_epoch, len(train_table), labeled_s, data_cfg.window_s,
-                          data_cfg.sampler.get("auto_bounds") or AUTO_EPOCH_BOUNDS)
+                          data_cfg.sampler.auto_bounds)
     log.info("data.sampler.samples_per_epoch=%s: %d clips per epoch (%d training rows, %.0f s of labeled audio)",
              data_cfg.sampler.samples_per_epoch, n_clips, len(train_table), labeled_s)
     sampler = make_sampler(train_table, temperature=data_cfg.sampler.temperature, num_samples=n_clips,
@@ -214,7 +213,7 @@ def filter_external(cfg: DictConfig, prepared: PreparedData, model_path: Path, o
     """
     threshold = cfg.data.external.get("filter_min_prob")
     external = prepared.external
-    if threshold is None or not external.any() or not cfg.data.external.get("in_students", True):
+    if threshold is None or not external.any() or not cfg.data.external.in_students:
         return None
     if not is_checkpoint(model_path):
         log.warning("data.external.filter_min_prob: not applied after an external teacher (no model to score "

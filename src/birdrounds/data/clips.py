@@ -361,17 +361,10 @@ def make_sampler(
     )
 
 
-# `data.sampler.samples_per_epoch: auto` draws one clip per window of labeled audio, within these bounds:
-# the lower one keeps a few dozen recordings from training for a few dozen optimizer steps in all (a
-# teacher stayed at chance that way on 64 real recordings), the upper one keeps an epoch of a large set
-# near one draw per BirdCLEF row (28,564 rows in 2025).
-AUTO_EPOCH_BOUNDS = (1024, 32768)
-
-
 def epoch_clips(samples_per_epoch: int | str | None, n_rows: int, labeled_s: float, window_s: float,
-                bounds: Sequence[int] = AUTO_EPOCH_BOUNDS) -> int:
+                bounds: Sequence[int]) -> int:
     """Clips drawn per epoch: an explicit count, one per row (None), or for `auto` one per `window_s` of
-    labeled audio, clamped to `bounds`."""
+    labeled audio, clamped to `bounds` (`data.sampler.auto_bounds`)."""
     if samples_per_epoch is None:
         return n_rows
     if samples_per_epoch == "auto":
