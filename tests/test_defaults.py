@@ -72,6 +72,45 @@ def test_no_python_default_for_a_key_the_config_holds(target, option_overrides, 
     assert not held, f"{target.__name__}: a Python default repeats {node}'s " + ", ".join(held) + " (the YAML is the one source)"
 
 
+def shipped_targets() -> dict[tuple[str, str], set[str]]:
+    """Every birdrounds `_target_` of every option of every config group (and the default tree), with the keys
+    its nodes hold: (target, node path) -> keys."""
+    from birdrounds.config import config_dir
+
+    groups = {p.name: sorted(q.stem for q in p.glob("*.yaml") if not q.stem.startswith("_"))
+              for p in config_dir().iterdir() if p.is_dir() and p.name != "accelerate"}  # accelerate: launcher files
+
+    def walk(node: Any, path: str):
+        if isinstance(node, dict):
+            if "_target_" in node:
+                yield path, node
+            for key, value in node.items():
+                yield from walk(value, f"{path}.{key}" if path else str(key))
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                yield from walk(value, f"{path}[{i}]")
+
+    found: dict[tuple[str, str], set[str]] = {}
+    for overrides in [[], *([f"{g}={o}"] for g, options in groups.items() for o in options)]:
+        tree = OmegaConf.to_container(compose(["data.root=x", *overrides]), resolve=False)
+        tree.pop("hydra", None)
+        for path, node in walk(tree, ""):
+            if node["_target_"].startswith("birdrounds."):
+                found.setdefault((node["_target_"], path), set()).update(k for k in node if not k.startswith("_"))
+    return found
+
+
+def test_every_target_of_every_shipped_option_takes_its_values_from_the_yaml():
+    """No class or function a config node builds (`_target_`) holds a Python default for a key of that node."""
+    from hydra.utils import get_object
+
+    found = shipped_targets()
+    assert len({t for t, _ in found}) >= 15  # models, losses, transforms, mixing, settings classes ...
+    held = [f"{target} ({path}): {sorted(keys & set(python_defaults(get_object(target))))}"
+            for (target, path), keys in sorted(found.items()) if keys & set(python_defaults(get_object(target)))]
+    assert not held, "Python defaults repeat the YAML's: " + "; ".join(held)
+
+
 def test_the_check_catches_a_re_added_default(monkeypatch):
     """The test above would fail on a default written twice again (here: TrainSettings.epochs = 15)."""
     field = next(f for f in dataclasses.fields(TrainSettings) if f.name == "epochs")
@@ -150,3 +189,12 @@ def test_legacy_keys_stay_out_of_the_hash_at_their_legacy_value():
             assert key.rsplit(".", 1)[1] not in result_config(plain_cfg, 0)["data"]["synth"]
     assert "focal_min_s" in result_config(OmegaConf.to_container(compose(["data=synthetic_few_shot"]), resolve=True),
                                           0)["data"]["synth"]  # a real setting still counts
+
+
+def test_the_walk_catches_a_re_added_default(monkeypatch):
+    """A default written back into a built class (here FileScale's alpha = 1.0) fails the walk above."""
+    from birdrounds.pseudo import FileScale
+
+    monkeypatch.setattr(FileScale.__init__, "__defaults__", (1.0,))
+    with pytest.raises(AssertionError, match=r"birdrounds\.pseudo\.FileScale \(pseudo\.transform\.transforms\[1\]\): \['alpha'\]"):
+        test_every_target_of_every_shipped_option_takes_its_values_from_the_yaml()

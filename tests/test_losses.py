@@ -17,6 +17,23 @@ LOGITS = [[0.0, 2.0, -1.0], [-1.0, 0.5, 3.0]]
 TARGET = [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
 
 
+# The losses with neutral settings (no class weighting, the clip term only), given explicitly: the classes
+# take every setting from configs/loss/*.yaml and hold no defaults of their own.
+NEUTRAL = {"class_weight_temperature": 0.0, "framewise_weight": 0.0}
+
+
+def BCE(**kwargs) -> BCELoss:  # noqa: N802 (named like the class it builds)
+    return BCELoss(**{**NEUTRAL, **kwargs})
+
+
+def SoftCE(**kwargs) -> SoftCrossEntropyLoss:  # noqa: N802
+    return SoftCrossEntropyLoss(**{**NEUTRAL, "normalize_targets": True, **kwargs})
+
+
+def Focal(**kwargs) -> FocalBCELoss:  # noqa: N802
+    return FocalBCELoss(**{**NEUTRAL, **kwargs})
+
+
 def sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z))
 
@@ -32,7 +49,7 @@ def outputs(logits=LOGITS) -> dict[str, torch.Tensor]:
 
 def test_bce_matches_hand_computation():
     expected = sum(bce(z, t) for zr, tr in zip(LOGITS, TARGET) for z, t in zip(zr, tr)) / 6
-    terms = BCELoss()(outputs(), torch.tensor(TARGET))
+    terms = BCE()(outputs(), torch.tensor(TARGET))
     assert set(terms) == {"loss", "bce"}
     assert terms["loss"].item() == pytest.approx(expected, rel=1e-6)
     assert terms["bce"].item() == pytest.approx(expected, rel=1e-6)
@@ -45,7 +62,7 @@ def test_bce_with_sample_and_class_weights():
     expected = sum(
         sample_weight[i] * sum(cw[c] * bce(LOGITS[i][c], TARGET[i][c]) for c in range(3)) / 3 for i in range(2)
     ) / 2
-    loss = BCELoss(class_counts=counts, class_weight_temperature=0.5)
+    loss = BCE(class_counts=counts, class_weight_temperature=0.5)
     got = loss(outputs(), torch.tensor(TARGET), torch.tensor(sample_weight))["loss"]
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
@@ -57,17 +74,17 @@ def test_soft_ce_normalises_multi_hot_rows():
         return -sum(qc * (zc - log_norm) for qc, zc in zip(q, z))
 
     expected = (row_ce(LOGITS[0], TARGET[0]) + row_ce(LOGITS[1], TARGET[1])) / 2
-    terms = SoftCrossEntropyLoss()(outputs(), torch.tensor(TARGET))
+    terms = SoftCE()(outputs(), torch.tensor(TARGET))
     assert set(terms) == {"loss", "soft_ce"}
     assert terms["loss"].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_soft_ce_empty_row_contributes_nothing_and_unnormalised_option():
     target = torch.tensor([[0.0, 0.0, 0.0], TARGET[1]])
-    both = SoftCrossEntropyLoss()(outputs(), target)["loss"]
-    second_only = SoftCrossEntropyLoss()(outputs([LOGITS[1]]), target[1:])["loss"]
+    both = SoftCE()(outputs(), target)["loss"]
+    second_only = SoftCE()(outputs([LOGITS[1]]), target[1:])["loss"]
     assert both.item() == pytest.approx(second_only.item() / 2, rel=1e-6)
-    raw = SoftCrossEntropyLoss(normalize_targets=False)(outputs([LOGITS[0]]), torch.tensor([TARGET[0]]))["loss"]
+    raw = SoftCE(normalize_targets=False)(outputs([LOGITS[0]]), torch.tensor([TARGET[0]]))["loss"]
     log_norm = math.log(sum(math.exp(v) for v in LOGITS[0]))
     assert raw.item() == pytest.approx(-(LOGITS[0][0] - log_norm) - (LOGITS[0][2] - log_norm), rel=1e-6)
 
@@ -82,12 +99,12 @@ def test_focal_matches_hand_computation():
         return -alpha_t * (1 - p_t) ** gamma * math.log(p_t)
 
     expected = sum(focal(z, t) for zr, tr in zip(LOGITS, TARGET) for z, t in zip(zr, tr)) / 6
-    terms = FocalBCELoss(gamma=gamma, alpha=alpha)(outputs(), torch.tensor(TARGET))
+    terms = Focal(gamma=gamma, alpha=alpha)(outputs(), torch.tensor(TARGET))
     assert set(terms) == {"loss", "focal"}
     assert terms["loss"].item() == pytest.approx(expected, rel=1e-6)
     # gamma 0 and no alpha is plain BCE.
-    plain = FocalBCELoss(gamma=0.0, alpha=None)(outputs(), torch.tensor(TARGET))["loss"]
-    assert plain.item() == pytest.approx(BCELoss()(outputs(), torch.tensor(TARGET))["loss"].item(), rel=1e-6)
+    plain = Focal(gamma=0.0, alpha=None)(outputs(), torch.tensor(TARGET))["loss"]
+    assert plain.item() == pytest.approx(BCE()(outputs(), torch.tensor(TARGET))["loss"].item(), rel=1e-6)
 
 
 def test_framewise_term_uses_max_over_time():
@@ -96,12 +113,12 @@ def test_framewise_term_uses_max_over_time():
     out = {"logits": torch.tensor([[0.5, 0.0, -0.5]]), "framewise_logits": framewise}
     clip = (bce(0.5, 1) + bce(0.0, 0) + bce(-0.5, 0)) / 3
     frame = (bce(1.0, 1) + bce(3.0, 0) + bce(1.0, 0)) / 3
-    terms = BCELoss(framewise_weight=0.5)(out, target)
+    terms = BCE(framewise_weight=0.5)(out, target)
     assert terms["bce"].item() == pytest.approx(clip, rel=1e-6)
     assert terms["framewise_bce"].item() == pytest.approx(frame, rel=1e-6)
     assert terms["loss"].item() == pytest.approx(clip + 0.5 * frame, rel=1e-6)
     with pytest.raises(ValueError, match="framewise_logits"):
-        BCELoss(framewise_weight=0.5)(outputs(), torch.tensor(TARGET))
+        BCE(framewise_weight=0.5)(outputs(), torch.tensor(TARGET))
 
 
 def test_class_weights_temperature_extremes():
@@ -118,11 +135,11 @@ def test_class_weights_temperature_extremes():
 
 def test_loss_errors_and_gradients():
     with pytest.raises(ValueError, match="shape"):
-        BCELoss()(outputs(), torch.zeros(2, 4))
+        BCE()(outputs(), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="class weights"):
-        BCELoss(class_counts=[1, 2])(outputs(), torch.tensor(TARGET))
+        BCE(class_counts=[1, 2])(outputs(), torch.tensor(TARGET))
     logits = torch.tensor(LOGITS, requires_grad=True)
-    SoftCrossEntropyLoss()({"logits": logits}, torch.tensor(TARGET))["loss"].backward()
+    SoftCE()({"logits": logits}, torch.tensor(TARGET))["loss"].backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 

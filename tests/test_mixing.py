@@ -103,25 +103,25 @@ def test_mixup_max_exact_values_and_reproducible(audio):
 
 def test_file_weighted_draws_skip_zero_weight_files(audio):
     labeled, pseudo = _labeled(audio), _pseudo(audio)
-    data = MixupMaxDataset(labeled, pseudo, seed=0, pseudo_weights=np.array([0.0, 0.0, 1.0]))
+    data = MixupMaxDataset(labeled, pseudo, mix_weight=0.5, seed=0, pseudo_weights=np.array([0.0, 0.0, 1.0]))
     for epoch in range(5):
         data.set_epoch(epoch)
         assert all(abs(float(data[i]["audio"][0]) - 0.8) < 1e-6 for i in range(len(data)))  # always s2 (0.6)
-    weighted = make_mixed_dataset(labeled, pseudo, "mixup_max", file_weighted=True)
+    weighted = make_mixed_dataset(labeled, pseudo, strategy="mixup_max", seed=0, file_weighted=True, mix_weight=0.5)
     np.testing.assert_allclose(weighted.pseudo_weights, [1.6, 1.6, 0.9], rtol=1e-6)
 
 
 def test_replace_same_class_and_probability(audio):
     labeled, pseudo = _labeled(audio), _pseudo(audio)
-    always = ReplaceDataset(labeled, pseudo, replace_prob=1.0, class_threshold=0.5)
+    always = ReplaceDataset(labeled, pseudo, replace_prob=1.0, class_threshold=0.5, seed=0)
     # class a: chunks 0 (0.9) and 2 (0.6); class b: chunk 1 (0.7); class c: none -> labeled kept.
     for i, allowed in [(0, {0.2, 0.6}), (1, {0.4}), (3, {0.2, 0.6})]:
         assert round(float(always[i]["audio"][0]), 4) in allowed
     assert float(always[2]["audio"][0]) == 1.0
     np.testing.assert_allclose(always[2]["target"].numpy(), [0, 0, 1])
-    never = ReplaceDataset(labeled, pseudo, replace_prob=0.0)
+    never = ReplaceDataset(labeled, pseudo, replace_prob=0.0, class_threshold=0.5, seed=0)
     assert all(float(never[i]["audio"][0]) == 1.0 for i in range(4))
-    some = ReplaceDataset(labeled, pseudo, replace_prob=0.4, seed=1)
+    some = ReplaceDataset(labeled, pseudo, replace_prob=0.4, class_threshold=0.5, seed=1)
     replaced = 0
     for epoch in range(100):
         some.set_epoch(epoch)
@@ -149,11 +149,12 @@ def test_presets_build_and_collate(audio, name):
 
 def test_unknown_strategy_rejected(audio):
     with pytest.raises(ValueError, match="strategy"):
-        make_mixed_dataset(_labeled(audio), _pseudo(audio), "blend")
+        make_mixed_dataset(_labeled(audio), _pseudo(audio), strategy="blend", seed=0, file_weighted=False)
 
 
 def test_items_independent_of_worker_count_and_epoch_propagates(audio):
-    data = make_mixed_dataset(_labeled(audio), _pseudo(audio), "mixup_max", seed=5)
+    data = make_mixed_dataset(_labeled(audio), _pseudo(audio), strategy="mixup_max", seed=5, file_weighted=False,
+                              mix_weight=0.5)
     data.set_epoch(3)
     assert data.labeled.epoch == 3
     single = next(iter(DataLoader(data, batch_size=4, num_workers=0)))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import save
 
 from fake_hub import FakeHub
@@ -57,7 +58,11 @@ def test_checkpoints_rebuild_without_the_hub(served_weights, tmp_path, monkeypat
     from birdrounds.model import BirdModel, load_checkpoint, save_checkpoint
 
     monkeypatch.setattr("birdrounds.model.hub_weights", lambda *a, **k: pytest.fail("the hub was asked"))
-    model = BirdModel(num_classes=2, backbone=BACKBONE, n_mels=32, hop_length=2048)
+    from birdrounds.config import shipped_config
+
+    model_kwargs = OmegaConf.to_container(shipped_config("model", "model=tiny", "data.root=x"), resolve=True)
+    model = BirdModel(num_classes=2, **{**{k: v for k, v in model_kwargs.items() if not k.startswith("_")},
+                                        "backbone": BACKBONE})
     model.init_kwargs["pretrained"] = True
     save_checkpoint(tmp_path / "model.pt", model, ["a", "b"])
     rebuilt, ckpt = load_checkpoint(tmp_path / "model.pt")

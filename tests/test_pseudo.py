@@ -88,7 +88,7 @@ def test_threshold_trims_and_drops_weak_chunks():
     out, keep = Compose([Threshold(0.1, keep_threshold=0.5)])(p)
     np.testing.assert_allclose(out, [[0.0, 0.6], [0.2, 0.3], [0.0, 0.1]], rtol=0, atol=1e-7)
     assert keep.tolist() == [True, False, False]
-    _, keep_all = Compose([Threshold(0.1)])(p)
+    _, keep_all = Compose([Threshold(0.1, keep_threshold=None)])(p)
     assert keep_all.all()
 
 
@@ -106,12 +106,12 @@ def test_minmax_per_class_and_constant_column():
 
 def test_drop_lowest_and_composition_order():
     p = np.array([[0.1, 0.1], [0.9, 0.5], [0.3, 0.0], [0.4, 0.4], [0.0, 0.05]], dtype=np.float32)
-    chain = Compose([DropLowest(0.4), Power([2.0]), Threshold(0.1)])
+    chain = Compose([DropLowest(0.4), Power([2.0]), Threshold(0.1, keep_threshold=None)])
     out, keep = chain(p)
     assert keep.tolist() == [False, True, True, True, False]
     np.testing.assert_allclose(out, [[0, 0], [0.81, 0.25], [0, 0], [0.16, 0.16], [0, 0]], atol=1e-6)
     assert chain.describe() == "drop_lowest(0.4) -> power(k=2) -> threshold(t=0.1, keep>=None)"
-    assert Compose().describe() == "identity"
+    assert Compose([]).describe() == "identity"
 
 
 def test_file_scale_multiplies_by_the_class_max_of_its_file():
@@ -125,9 +125,9 @@ def test_file_scale_multiplies_by_the_class_max_of_its_file():
     half, _ = Compose([FileScale(0.5)])(p, files=files)
     np.testing.assert_allclose(half[0], [0.2 * (0.5 + 0.5 * 0.8), 0.1 * (0.5 + 0.5 * 0.1)], atol=1e-6)
     with pytest.raises(ValueError, match="files="):
-        Compose([FileScale()])(p)
+        Compose([FileScale(1.0)])(p)
     with pytest.raises(ValueError, match="contiguous"):
-        Compose([FileScale()])(p, files=np.array(["a.ogg", "b.ogg", "a.ogg"]))
+        Compose([FileScale(1.0)])(p, files=np.array(["a.ogg", "b.ogg", "a.ogg"]))
     with pytest.raises(ValueError, match="alpha"):
         FileScale(1.5)
 

@@ -35,7 +35,8 @@ TONE_HZ = {"a": 600.0, "b": 1400.0, "c": 2600.0}
 # timm's LayerNorm test EfficientNet (0.1M parameters): fast, and per-sample (no batch statistics).
 TINY_MODEL = dict(
     backbone="test_efficientnet_ln.r160_in1k", head="sed", sample_rate_hz=SAMPLE_RATE_HZ, n_fft=256,
-    hop_length=64, n_mels=32, f_min_hz=50.0, f_max_hz=4000.0, drop_rate=0.1,
+    hop_length=64, n_mels=32, f_min_hz=50.0, f_max_hz=4000.0, top_db=80.0, norm="standard", spec_augment=None,
+    pool="avg", gem_p=3.0, drop_rate=0.1, drop_path_rate=0.0, pretrained_path=None, pretrained=False,
 )
 
 
@@ -92,7 +93,8 @@ def train(
     set_seed(train_settings.seed)  # the model's initial weights
     model = BirdModel(len(CLASSES), **{**TINY_MODEL, "drop_rate": drop_rate})
     return fit(
-        accelerator, model, train_set, BCELoss(), CLASSES, out, train_settings,
+        accelerator, model, train_set, BCELoss(class_weight_temperature=0.0, framewise_weight=0.0), CLASSES, out,
+        train_settings,
         sampler=make_sampler(train_rows, temperature=0.5, num_samples=SAMPLES_PER_EPOCH),
         collate_fn=_Slow(collate, delay_s) if delay_s else collate,
         val_clips=val_clips, val_soundscapes=scapes, val_solution=pd.read_csv(data / "solution.csv"),

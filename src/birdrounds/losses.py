@@ -46,8 +46,9 @@ class MultiLabelLoss:
     def __init__(
         self,
         class_counts: Sequence[float] | None = None,
-        class_weight_temperature: float = 0.0,
-        framewise_weight: float = 0.0,
+        *,
+        class_weight_temperature: float,
+        framewise_weight: float,
     ) -> None:
         # Uniform weights unless counts are given; the training loop passes counts at runtime.
         self.class_weight = None if class_counts is None else class_weights(class_counts, class_weight_temperature)
@@ -117,11 +118,13 @@ class SoftCrossEntropyLoss(MultiLabelLoss):
     def __init__(
         self,
         class_counts: Sequence[float] | None = None,
-        class_weight_temperature: float = 0.0,
-        framewise_weight: float = 0.0,
-        normalize_targets: bool = True,
+        *,
+        class_weight_temperature: float,
+        framewise_weight: float,
+        normalize_targets: bool,
     ) -> None:
-        super().__init__(class_counts, class_weight_temperature, framewise_weight)
+        super().__init__(class_counts, class_weight_temperature=class_weight_temperature,
+                         framewise_weight=framewise_weight)
         self.normalize_targets = normalize_targets
 
     def per_class(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -147,12 +150,14 @@ class FocalBCELoss(MultiLabelLoss):
     def __init__(
         self,
         class_counts: Sequence[float] | None = None,
-        class_weight_temperature: float = 0.0,
-        framewise_weight: float = 0.0,
-        gamma: float = 2.0,
-        alpha: float | None = 0.25,
+        *,
+        class_weight_temperature: float,
+        framewise_weight: float,
+        gamma: float,
+        alpha: float | None,
     ) -> None:
-        super().__init__(class_counts, class_weight_temperature, framewise_weight)
+        super().__init__(class_counts, class_weight_temperature=class_weight_temperature,
+                         framewise_weight=framewise_weight)
         self.gamma = float(gamma)
         self.alpha = None if alpha is None else float(alpha)
 

@@ -6,7 +6,7 @@ of DataLoader worker count. Call `set_epoch` before each epoch (it is passed on 
 
 Strategies (`make_mixed_dataset(strategy=...)`):
 - "mixup_max" (1st 2025): every labeled sample is mixed with a random pseudo chunk,
-  audio = w * labeled + (1 - w) * pseudo with fixed w (0.5), target = elementwise max.
+  audio = w * labeled + (1 - w) * pseudo with fixed w (`mix_weight`), target = elementwise max.
 - "replace" (2nd 2025): with probability p a labeled sample is replaced by a pseudo chunk of the same
   class (the labeled target's argmax; a chunk belongs to class c when its prob for c > threshold).
 - "concat": the labeled items followed by round(ratio * n_labeled) pseudo items.
@@ -33,6 +33,7 @@ from birdrounds.pseudo import file_weights
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("mixup_max", "replace", "concat")
+STRATEGY_ARGS = {"mixup_max": ["mix_weight"], "replace": ["replace_prob", "class_threshold"], "concat": ["ratio"]}
 
 
 class PseudoChunkDataset(Dataset):
@@ -79,7 +80,7 @@ class PseudoChunkDataset(Dataset):
 class _Mixed(Dataset):
     """Shared plumbing: epoch, per-item generator, weighted pseudo draws."""
 
-    def __init__(self, labeled: Dataset, pseudo: PseudoChunkDataset, seed: int = 0,
+    def __init__(self, labeled: Dataset, pseudo: PseudoChunkDataset, seed: int,
                  pseudo_weights: np.ndarray | None = None) -> None:
         if len(pseudo) == 0:
             raise ValueError("no pseudo-labeled chunks to mix with")
@@ -115,7 +116,7 @@ class _Mixed(Dataset):
 class MixupMaxDataset(_Mixed):
     """Each labeled item mixed with a random pseudo chunk: w * x + (1 - w) * x', target max, labeled weight."""
 
-    def __init__(self, labeled: Dataset, pseudo: PseudoChunkDataset, mix_weight: float = 0.5, seed: int = 0,
+    def __init__(self, labeled: Dataset, pseudo: PseudoChunkDataset, *, mix_weight: float, seed: int,
                  pseudo_weights: np.ndarray | None = None) -> None:
         super().__init__(labeled, pseudo, seed, pseudo_weights)
         if not 0.0 < mix_weight <= 1.0:
@@ -139,8 +140,8 @@ class MixupMaxDataset(_Mixed):
 class ReplaceDataset(_Mixed):
     """With probability `replace_prob`, a labeled item becomes a pseudo chunk of its class (if any)."""
 
-    def __init__(self, labeled: Dataset, pseudo: PseudoChunkDataset, replace_prob: float = 0.4,
-                 class_threshold: float = 0.5, seed: int = 0, pseudo_weights: np.ndarray | None = None,
+    def __init__(self, labeled: Dataset, pseudo: PseudoChunkDataset, *, replace_prob: float,
+                 class_threshold: float, seed: int, pseudo_weights: np.ndarray | None = None,
                  labeled_classes: Sequence[int] | None = None) -> None:
         super().__init__(labeled, pseudo, seed, pseudo_weights)
         if labeled_classes is None:
@@ -163,7 +164,7 @@ class ReplaceDataset(_Mixed):
 class ConcatPseudoDataset(_Mixed):
     """Labeled items 0..n-1, then round(ratio * n) pseudo items, each a (weighted) random chunk."""
 
-    def __init__(self, labeled: Dataset, pseudo: PseudoChunkDataset, ratio: float = 1.0, seed: int = 0,
+    def __init__(self, labeled: Dataset, pseudo: PseudoChunkDataset, *, ratio: float, seed: int,
                  pseudo_weights: np.ndarray | None = None) -> None:
         super().__init__(labeled, pseudo, seed, pseudo_weights)
         if ratio < 0:
@@ -186,15 +187,17 @@ class ConcatPseudoDataset(_Mixed):
         return np.concatenate([lab, np.full(self.n_pseudo, 1.0 / len(self))])
 
 
-def make_mixed_dataset(labeled: Dataset, pseudo: PseudoChunkDataset, strategy: str = "mixup_max", seed: int = 0,
-                       mix_weight: float = 0.5, replace_prob: float = 0.4, class_threshold: float = 0.5,
-                       ratio: float = 1.0, file_weighted: bool = False) -> Dataset:
-    """The student's training set for `strategy`; `file_weighted` draws chunks by `file_weights` (1st 2025)."""
+def make_mixed_dataset(labeled: Dataset, pseudo: PseudoChunkDataset, *, strategy: str, seed: int,
+                       file_weighted: bool, **strategy_args: Any) -> Dataset:
+    """The student's training set for `strategy`, built with that strategy's own arguments (`pseudo.mixing`:
+    mix_weight; replace_prob and class_threshold; ratio); `file_weighted` draws chunks by `file_weights`
+    (1st 2025)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     weights = file_weights(pseudo.rows, pseudo.probs) if file_weighted else None
-    if strategy == "mixup_max":
-        return MixupMaxDataset(labeled, pseudo, mix_weight, seed, weights)
-    if strategy == "replace":
-        return ReplaceDataset(labeled, pseudo, replace_prob, class_threshold, seed, weights)
-    return ConcatPseudoDataset(labeled, pseudo, ratio, seed, weights)
+    dataset = {"mixup_max": MixupMaxDataset, "replace": ReplaceDataset, "concat": ConcatPseudoDataset}[strategy]
+    try:
+        return dataset(labeled, pseudo, seed=seed, pseudo_weights=weights, **strategy_args)
+    except TypeError as err:  # a missing or foreign argument: name the keys the strategy takes
+        raise ValueError(f"pseudo.mixing: strategy {strategy} takes {STRATEGY_ARGS[strategy]}, "
+                         f"got {sorted(strategy_args)} ({err})") from None

@@ -61,7 +61,7 @@ class Power:
 class Threshold:
     """Probabilities below `threshold` set to 0; optionally drop chunks whose max < `keep_threshold` (2nd 2025)."""
 
-    def __init__(self, threshold: float = 0.1, keep_threshold: float | None = None) -> None:
+    def __init__(self, threshold: float, keep_threshold: float | None) -> None:
         self.threshold = float(threshold)
         self.keep_threshold = None if keep_threshold is None else float(keep_threshold)
 
@@ -111,7 +111,7 @@ class MinMax:
 class DropLowest:
     """Drop the `fraction` of chunks with the smallest label sum (4th 2025: 0.2)."""
 
-    def __init__(self, fraction: float = 0.2) -> None:
+    def __init__(self, fraction: float) -> None:
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"fraction must be in [0, 1), got {fraction}")
         self.fraction = float(fraction)
@@ -137,7 +137,7 @@ class FileScale:
 
     uses_files = True
 
-    def __init__(self, alpha: float = 1.0) -> None:
+    def __init__(self, alpha: float) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.alpha = float(alpha)
@@ -158,7 +158,7 @@ class Compose:
     `files` (each row's soundscape file) goes to the transforms that use it (`FileScale`).
     """
 
-    def __init__(self, transforms: Sequence[Any] = ()) -> None:
+    def __init__(self, transforms: Sequence[Any]) -> None:
         self.transforms = list(transforms)
 
     def __call__(self, probs: np.ndarray, round_idx: int = 1,

@@ -90,9 +90,9 @@ def cosine_with_warmup(
     optimizer: torch.optim.Optimizer,
     steps_per_epoch: int,
     epochs: int,
-    warmup_epochs: float = 1.0,
-    restart_epochs: float | None = None,
-    min_lr: float = 1e-6,
+    warmup_epochs: float,
+    restart_epochs: float | None,
+    min_lr: float,
 ) -> LambdaLR:
     """Per-update schedule: linear warmup to each group's lr, cosine to `min_lr`, restarting every `restart_epochs`."""
     total = max(1, steps_per_epoch * epochs)
