@@ -248,6 +248,9 @@ def main() -> int:
             if not args.report_only:
                 run_arm(args.home.resolve(), args.data_root.resolve(), arm, seed, args.rounds, overrides,
                         truth=args.oracle_truth.resolve() if args.oracle_truth else None)
+            elif not run_dir.exists():  # an arm measured on fewer seeds: its n says so
+                print(f"not run: {run_dir.name} (left out)")
+                continue
             runs.setdefault(arm, {})[seed] = fits(run_dir, args.rounds)
     summary = summarise(runs, args.rounds)
     print_report(summary, args.rounds)

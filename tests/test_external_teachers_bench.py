@@ -37,9 +37,11 @@ def test_report_and_record(tmp_path):
         run_folder(home, "cnn", seed, 0.60 + shift, [0.65 + shift, 0.70 + shift], [0.62 + shift, 0.63 + shift])
         run_folder(home, "zero_shot", seed, 0.95, [0.75 + shift, 0.72 + shift], None)  # run without controls
         run_folder(home, "oracle_zero_shot", seed, 0.95, [0.80 + shift, 0.82 + shift], None)  # students on the truth
+        if seed == 0:  # an arm measured on one seed only: reported with n=1
+            run_folder(home, "probe", seed, 0.90, [0.70, 0.71], None)
         run_folder(home, "oracle_cnn", seed, 0.60 + shift, [0.75 + shift, 0.80 + shift], None)
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "external_teachers.py"), "--home", str(home),
-                           "--data-root", str(tmp_path), "--seeds", "0", "1", "--arms", "cnn", "zero_shot",
+                           "--data-root", str(tmp_path), "--seeds", "0", "1", "--arms", "cnn", "zero_shot", "probe",
                            "--oracle-arms", "zero_shot", "cnn", "--oracle-truth", "truth.csv", "--report-only", "--record", "--data-name", "fabricated"],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "BIRDROUNDS_RESULTS_DIR": str(results)})
     assert proc.returncode == 0, proc.stderr
@@ -52,8 +54,9 @@ def test_report_and_record(tmp_path):
     # every student fit chose an epoch 0.02 below its best; export would take round 2 for cnn, round 1 for zero_shot
     assert selection["epoch_choice_regret"]["mean"] == pytest.approx(0.02)
     assert selection["round_choice_regret"]["mean"] == pytest.approx(0.0)
-    # an oracle's teacher is its arm's (counted once); its 4 students count
-    assert selection["models"] == 24 and selection["cnn_models"] == 22
+    # an oracle's teacher is its arm's (counted once); its 4 students count; probe: 1 teacher + 2 students
+    assert selection["models"] == 27 and selection["cnn_models"] == 24
+    assert "not run: probe_s1 (left out)" in proc.stdout and summary["arms"]["probe"]["round_2"]["student"]["n"] == 1
     # oracle_cnn's gain is over cnn's controls: round 2 0.80 - 0.63
     assert "round 2: student 0.810 +- 0.014, control 0.640 +- 0.014, gain +0.170 +- 0.000" in proc.stdout
     # its controls are its arm's (zero_shot has none here)
