@@ -493,3 +493,12 @@ def test_the_demo_preset_is_the_default_recipe_with_shorter_student_rounds():
     for node in ("data", "model", "train", "loss"):  # the teacher's recipe is the default's
         assert OmegaConf.to_container(demo[node], resolve=True) == OmegaConf.to_container(default[node], resolve=True)
     assert (demo.experiment_name, demo.pseudo.student_train.epochs) == ("demo", 6)
+
+
+def test_a_mixing_strategy_without_its_arguments_is_one_line_before_any_work(home):
+    """pseudo.mixing.strategy=concat over a mixup_max preset: concat's ratio is named before the teacher
+    trains (the strategies' arguments have no Python defaults), and adding it is enough."""
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["experiment=smoke", "data.root=/data", "round=1", "pseudo.mixing.strategy=concat"]))
+    assert error_line(info.value).startswith("pseudo.mixing.ratio: strategy concat needs it")
+    validate(compose(["experiment=smoke", "round=1", "pseudo.mixing.strategy=concat", "+pseudo.mixing.ratio=1.0"]))

@@ -150,6 +150,9 @@ def test_presets_build_and_collate(audio, name):
 def test_unknown_strategy_rejected(audio):
     with pytest.raises(ValueError, match="strategy"):
         make_mixed_dataset(_labeled(audio), _pseudo(audio), strategy="blend", seed=0, file_weighted=False)
+    with pytest.raises(ValueError, match=r"^pseudo\.mixing\.ratio: strategy concat needs it"):
+        make_mixed_dataset(_labeled(audio), _pseudo(audio), strategy="concat", seed=0, file_weighted=False,
+                           mix_weight=0.5)  # a mixup_max preset with only its strategy overridden
 
 
 def test_items_independent_of_worker_count_and_epoch_propagates(audio):

@@ -111,7 +111,8 @@ def test_student_parts_swaps_the_training_set_in_a_copy(tmp_path, strategy):
     parts = RoundParts(train_set=labeled, sampler=WeightedRandomSampler(torch.ones(3, dtype=torch.double), 6),
                        collate_fn=MixUpCollate(None), train_table=pd.DataFrame({"primary_label": ["a", "b", "b"]}),
                        class_counts=[1, 2])
-    cfg = compose(["experiment=smoke", f"pseudo.mixing.strategy={strategy}"])
+    cfg = compose(["experiment=smoke", f"pseudo.mixing.strategy={strategy}",
+                   *(["+pseudo.mixing.ratio=1.0"] if strategy == "concat" else [])])
     prepared = SimpleNamespace(data=SimpleNamespace(classes=classes), audio=SimpleNamespace(sample_rate_hz=8000))
 
     student = student_parts(cfg, prepared, path, parts)

@@ -22,6 +22,8 @@ from birdrounds.rules import (  # noqa: F401  (ConfigError and Rule: their home 
     ENSEMBLE_MEMBERS,
     EXTERNAL_BACKENDS,
     ON_MISSING_FILE,
+    STRATEGIES,
+    STRATEGY_ARGS,
     TEACHER_KINDS,
     TRAIN_RULES,
     VALUE_RULES,
@@ -398,6 +400,12 @@ def validate(cfg: DictConfig, may_generate: bool = False) -> None:
             require(cfg, "teacher.member", lambda v: v in ENSEMBLE_MEMBERS, f"must be {' or '.join(ENSEMBLE_MEMBERS)}")
         # teacher.external.threads, teacher.weight and teacher.probe's numbers: VALUE_RULES (check_values)
     if cfg.round > 0:
+        strategy = OmegaConf.select(cfg, "pseudo.mixing.strategy")
+        if strategy is not None:
+            require(cfg, "pseudo.mixing.strategy", lambda v: v in STRATEGIES, f"must be one of {', '.join(STRATEGIES)}")
+            for key in STRATEGY_ARGS[strategy]:
+                require(cfg, f"pseudo.mixing.{key}", lambda v: v is not None,
+                        f"strategy {strategy} needs it (add +pseudo.mixing.{key}=<value>)")
         require(cfg, "pseudo.student_init", lambda v: v in ("teacher", "scratch"), "must be 'teacher' or 'scratch'")
         from birdrounds.infer import SCORED_CHUNK_S  # imported here: it loads numpy and soundfile
 

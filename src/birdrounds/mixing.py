@@ -28,12 +28,12 @@ from torch.utils.data import Dataset
 from birdrounds.data.audio import AudioDecodeError
 from birdrounds.data.clips import fit_window
 from birdrounds.infer import SCORED_CHUNK_S
+from birdrounds.rules import STRATEGIES, STRATEGY_ARGS
 from birdrounds.pseudo import file_weights
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("mixup_max", "replace", "concat")
-STRATEGY_ARGS = {"mixup_max": ["mix_weight"], "replace": ["replace_prob", "class_threshold"], "concat": ["ratio"]}
+
 
 
 class PseudoChunkDataset(Dataset):
@@ -194,10 +194,12 @@ def make_mixed_dataset(labeled: Dataset, pseudo: PseudoChunkDataset, *, strategy
     (1st 2025)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    missing = [key for key in STRATEGY_ARGS[strategy] if key not in strategy_args]
+    if missing:  # e.g. pseudo.mixing.strategy=concat over a preset written for mixup_max
+        raise ValueError(f"pseudo.mixing.{missing[0]}: strategy {strategy} needs it (add "
+                         f"+pseudo.mixing.{missing[0]}=<value>; configs/pseudo/*.yaml use each strategy)")
     weights = file_weights(pseudo.rows, pseudo.probs) if file_weighted else None
     dataset = {"mixup_max": MixupMaxDataset, "replace": ReplaceDataset, "concat": ConcatPseudoDataset}[strategy]
-    try:
-        return dataset(labeled, pseudo, seed=seed, pseudo_weights=weights, **strategy_args)
-    except TypeError as err:  # a missing or foreign argument: name the keys the strategy takes
-        raise ValueError(f"pseudo.mixing: strategy {strategy} takes {STRATEGY_ARGS[strategy]}, "
-                         f"got {sorted(strategy_args)} ({err})") from None
+    # Another strategy's arguments (left by the preset a strategy override replaced) are not this one's.
+    own = {key: strategy_args[key] for key in STRATEGY_ARGS[strategy]}
+    return dataset(labeled, pseudo, seed=seed, pseudo_weights=weights, **own)

@@ -47,6 +47,10 @@ TRAIN_RULES = {
 }
 
 
+# `pseudo.mixing.strategy`'s values, and the arguments each takes from `pseudo.mixing` (birdrounds.mixing).
+STRATEGIES = ("mixup_max", "replace", "concat")
+STRATEGY_ARGS = {"mixup_max": ["mix_weight"], "replace": ["replace_prob", "class_threshold"], "concat": ["ratio"]}
+
 # `teacher.kind`'s values, here so that `validate` checks them without loading torch (birdrounds.teachers).
 TEACHER_KINDS = ("cnn", "probe", "zero_shot", "ensemble")
 # `teacher.member`'s values: the external member of teacher=ensemble.
