@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -193,12 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = compose(args.overrides, user_dirs=args.config_dir)
         validate(cfg, may_generate=args.command == "synth")
-        command = COMMANDS[args.command][0]
-        if args.command in LOCKING_COMMANDS and Path(cfg.run_dir).is_dir():
-            with run_folder_lock(cfg.run_dir):
-                status = command(cfg)
-        else:
-            status = command(cfg)
+        locking = args.command in LOCKING_COMMANDS and Path(cfg.run_dir).is_dir()
+        with run_folder_lock(cfg.run_dir) if locking else contextlib.nullcontext():
+            status = COMMANDS[args.command][0](cfg)
     except config_errors() as err:
         print(f"birdrounds {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2

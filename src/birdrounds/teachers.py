@@ -84,6 +84,13 @@ def recording_starts(n_samples: int, sample_rate_hz: int, max_chunks: int | None
     return [s / sample_rate_hz for s in starts]
 
 
+def item_audio(name: str, i: int, paths: list[str], audio: Any, mixed: Any) -> np.ndarray:
+    """Item `i` of chunk set `name`: the mixed set's row `i` rendered, else the file `paths[i]` decoded."""
+    if name == "mixed":
+        return mixed.render(i)
+    return np.asarray(audio.load(paths[i]), dtype=np.float32)
+
+
 def compute_features(sets: dict[str, ChunkSet], cache: FeatureCache, prepared: PreparedData,
                      accelerator: Accelerator, mixed: Any = None,
                      prob_columns: np.ndarray | None = None) -> dict[str, ChunkSet] | None:
@@ -101,8 +108,8 @@ def compute_features(sets: dict[str, ChunkSet], cache: FeatureCache, prepared: P
 
     def wave_and_starts(name: str, i: int) -> tuple[np.ndarray, list[float]]:
         if name == "mixed":
-            return mixed.render(i), [0.0]
-        return np.asarray(audio.load(sets[name].paths[i]), dtype=np.float32), sets[name].starts[i]
+            return item_audio(name, i, [], audio, mixed), [0.0]
+        return item_audio(name, i, sets[name].paths, audio, mixed), sets[name].starts[i]
 
     kept: dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]] = {}  # this process's share, as it will be used
 
@@ -422,28 +429,27 @@ def external_teacher_round(cfg: DictConfig, prepared: PreparedData, accelerator:
         history, chosen, steps = [], 0, None
         info.update(matched_classes=record["matched_count"])
     chunk_probs = {name: predict(s) for name, s in feats.items() if name != "train" and len(s.embeddings)}
+    arrays = scorer.arrays(chunk_probs)
     if kind == "zero_shot":
-        history = [{"epoch": 0, **{k: scored_auc(*v) for k, v in scorer.arrays(chunk_probs).items()}}]
+        history = [{"epoch": 0, **{k: scored_auc(*v) for k, v in arrays.items()}}]
     if cnn is not None:
         # The ensemble: the member's probabilities (at its selected epoch) blended with the CNN's on every chunk.
         known = index >= 0 if index is not None else np.ones(len(classes), dtype=bool)
         weight = np.where(known, float(teacher.weight), 0.0).astype(np.float32)
 
-        def wave_of(name: str) -> Callable[[int], np.ndarray]:
-            if name == "mixed":
-                return val_mixed.render
-            return lambda i: np.asarray(audio.load(feats[name].paths[i]), dtype=np.float32)
-
-        member = {**dict(history[chosen]), "kind": kind}
+        member = dict(history[chosen])
         for name in chunk_probs:
-            own = model_chunk_probs(cnn, feats[name], wave_of(name), sr, int(cfg.train.batch_size), accelerator.device)
+            def wave_of(i: int, name: str = name) -> np.ndarray:
+                return item_audio(name, i, feats[name].paths, audio, val_mixed)
+
+            own = model_chunk_probs(cnn, feats[name], wave_of, sr, int(cfg.train.batch_size), accelerator.device)
             chunk_probs[name] = weight * chunk_probs[name] + (1.0 - weight) * own
-        history = [{"epoch": 0, **{k: scored_auc(*v) for k, v in scorer.arrays(chunk_probs).items()}}]
+        arrays = scorer.arrays(chunk_probs)
+        history = [{"epoch": 0, **{k: scored_auc(*v) for k, v in arrays.items()}}]
         chosen, steps = 0, None
         info.update(kind="ensemble", member=kind, weight=float(teacher.weight), member_knows=int(known.sum()),
                     members={"cnn": {k: v for k, v in (cnn_metrics or {}).items() if k.startswith("val_")},
                              kind: {k: v for k, v in member.items() if k.startswith("val_") or k == "epoch"}})
-    arrays = scorer.arrays(chunk_probs)
     final = dict(history[chosen])
     key = selection_metric(select_by, final)
     selection: dict[str, Any] = {"selected_by": key, "mode": "last" if select_by == "last" else "best",
