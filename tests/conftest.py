@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -146,6 +147,12 @@ def run_entry(home: Path, *overrides: str, cwd: Path | None = None, **env_extra:
     return subprocess.run([sys.executable, str(REPO / "rounds" / "run.py"), "experiment=smoke", *overrides],
                           capture_output=True, text=True, env=entry_env(home, **env_extra), cwd=cwd or home,
                           timeout=600)
+
+
+def tree_hashes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every file under `folder` (relative path -> digest), leaving out the file names in `skip`."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
 
 
 def copy_rounds(run_dir: Path, dest: Path, *names: str) -> Path:

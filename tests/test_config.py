@@ -448,19 +448,19 @@ def test_every_shipped_option_passes_the_value_rules():
 def test_a_bad_value_on_an_existing_run_names_the_value_and_renames_nothing(smoke_run, tmp_path):
     """`recompute_from=0` with a bad learning rate on a finished run: one line naming the value, exit 2, every
     file of the run folder as it was (no round renamed to *.replaced-*)."""
-    import hashlib
     import shutil
 
+    from conftest import tree_hashes
+
     run_dir = Path(shutil.copytree(smoke_run.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("wandb")))
-    before = {p.relative_to(run_dir): hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()}
+    before = tree_hashes(run_dir)
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "rounds" / "run.py"),
                            "experiment=smoke", f"run_dir={run_dir}", "recompute_from=0", "train.optimizer.lr=-1"],
                           capture_output=True, text=True, env={**__import__("os").environ,
                                                                "BIRDROUNDS_HOME": str(smoke_run.home)}, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["rounds/run.py: error: train.optimizer.lr: must be a number > 0, got -1"]
-    after = {p.relative_to(run_dir): hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()}
-    assert after == before
+    assert tree_hashes(run_dir) == before
 
 
 # ---------------------------------------------------------------- the user's own config folder (--config-dir)

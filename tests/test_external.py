@@ -106,6 +106,11 @@ def test_feature_cache_keys_on_model_and_content(tiny, tmp_path):
     entry.write_bytes(b"garbage")
     cache.get(wave, 32_000, [0.0], compute)
     assert len(calls) == 4
+    # A folder that takes no files: one line naming it (cached entries are still read).
+    (tmp_path / "a_file").write_bytes(b"")
+    blocked = FeatureCache(tmp_path / "a_file" / "features", model, 5.0)
+    with pytest.raises(ConfigError, match=r"^data.cache_dir: cannot write the external model's features into .*a_file"):
+        blocked.get(wave, 32_000, [0.0], compute)
 
 
 def test_onnx_card_errors_name_the_problem(tiny, tmp_path):

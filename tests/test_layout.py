@@ -122,6 +122,7 @@ def test_run_manifest_hashes_the_tables_data_names(tmp_path):
     """rounds.input_hashes follows `data.*` overrides, not the competition layout under the root."""
     from types import SimpleNamespace
 
+    from birdrounds.data.prepare import EXTERNAL_COLUMN
     from birdrounds.rounds import input_hashes
 
     root = write_layout(tmp_path / "d", [row("aaa1", "XC1")])
@@ -132,6 +133,12 @@ def test_run_manifest_hashes_the_tables_data_names(tmp_path):
     before = hashes["tables"]["val_solution.csv"]
     pd.DataFrame({"row_id": ["s1_5"], "aaa1": [0], "bbb1": [1], "ccc1": [0]}).to_csv(tmp_path / "solution.csv", index=False)
     assert input_hashes(SimpleNamespace(data=data))["tables"]["val_solution.csv"] != before
+    # Rows appended from data.external are listed on their own as well (a refusal names them, not train_audio).
+    assert input_hashes(SimpleNamespace(data=data))["external_audio"]["files"] == 0
+    extra = data.train.assign(**{EXTERNAL_COLUMN: True}, path=[str(tmp_path / "XC9.ogg")])
+    data.train = pd.concat([data.train.assign(**{EXTERNAL_COLUMN: False}), extra], ignore_index=True)
+    hashes = input_hashes(SimpleNamespace(data=data))
+    assert (hashes["train_audio"]["files"], hashes["external_audio"]["files"]) == (2, 1)
 
 
 @pytest.mark.parametrize("cell, expected", [

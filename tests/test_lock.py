@@ -1,7 +1,6 @@
 """One writer per run folder (birdrounds.lock): a second command stops with one line, a dead holder's lock is
 taken over, an unwritable folder is named."""
 
-import hashlib
 import json
 import os
 import signal
@@ -15,12 +14,7 @@ import pytest
 from birdrounds import cli
 from birdrounds.config import ConfigError
 from birdrounds.lock import RunFolderBusy, run_folder_lock
-from conftest import REPO, entry_env, run_entry
-
-
-def tree_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+from conftest import REPO, entry_env, run_entry, tree_hashes
 
 
 def test_second_holder_is_refused_with_the_first_named(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from birdrounds.config import compose
+from birdrounds.config import ConfigError, compose
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.pseudo import (
     Compose,
@@ -193,6 +193,12 @@ def test_predict_resumes_without_recomputing(tmp_path):
     again = MeanModel()
     np.testing.assert_array_equal(predict_chunks([again], data, partial_path=partial), expected)
     assert again.calls == 0
+    # A part damaged on disk is recomputed with what follows it, not a crash.
+    parts = sorted(partial.glob("part_*.npy"))
+    parts[1].write_bytes(b"damaged")
+    after = MeanModel()
+    np.testing.assert_array_equal(predict_chunks([after], data, batch_size=1, partial_path=partial), expected)
+    assert after.calls == 6 - len(np.load(parts[0]))
 
 
 # ---------------------------------------------------------------- table, stats, weights
@@ -214,6 +220,13 @@ def test_table_roundtrip_with_provenance(tmp_path):
     assert back_rows["row_id"].tolist() == ["a_5", "a_10"]
     with pytest.raises(ValueError):
         write_pseudo_labels(path, rows, probs[:1], ["c1", "c2"], {})
+    # A truncated table in a round folder is named with the recompute_from that rebuilds it.
+    damaged = tmp_path / "run" / "round_1" / "pseudo_labels.parquet"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=r"pseudo_labels.parquet: cannot be read, truncated or corrupt \(\w+\); "
+                                          r"rerun with recompute_from=1 to rebuild it, or delete it$"):
+        read_pseudo_labels(damaged)
 
 
 def test_pseudo_stats():

@@ -62,6 +62,11 @@ def test_changed_inputs_names_tables_and_audio_lists():
     assert _changed_inputs(before, before) == []
     after = {**before, "tables": {"train.csv": "A", "taxonomy.csv": "b"}, "train_audio": {"files": 13, "hash": "w"}}
     assert _changed_inputs(before, after) == ["train.csv", "train_audio (10 -> 13 files)"]
+    # Rows added to data.external (xc-download) are named as external audio, not as the data's train_audio.
+    before = {**before, "external_audio": {"files": 0, "hash": "e"}}
+    after = {**before, "external_audio": {"files": 3, "hash": "E"}, "train_audio": {"files": 13, "hash": "w"}}
+    assert _changed_inputs(before, after) == ["external_audio (data.external) (0 -> 3 files)",
+                                              "train_audio with external rows (10 -> 13 files)"]
 
 
 def test_a_pseudo_table_from_another_teacher_is_refused(tmp_path):
@@ -83,7 +88,7 @@ def test_a_pseudo_table_from_another_teacher_is_refused(tmp_path):
     cfg = OmegaConf.create({"pseudo": {"truth": None}})
     check_pseudo_source(path, cfg, [teacher], round_idx=1)  # same teacher: reused
     teacher.write_bytes(b"teacher two, retrained")
-    with pytest.raises(ConfigError, match=r"recompute_from: .*pseudo_labels.parquet was made from another teacher"):
+    with pytest.raises(ConfigError, match=r"run_dir: .*pseudo_labels.parquet was made from another teacher"):
         check_pseudo_source(path, cfg, [teacher], round_idx=1)
 
 
@@ -151,7 +156,7 @@ def test_a_changed_round_is_refused_naming_the_keys_that_changed(tmp_path):
     message = str(info.value)
     # The key, old -> new; `logger` is not a result key, so not named; the way out is.
     assert "(pseudo.stride_s: 5.0 -> 10)" in message and "logger" not in message
-    assert message.startswith("recompute_from: round 1") and "pass recompute_from=1" in message
+    assert message.startswith("run_dir: round 1") and "pass recompute_from=1" in message
     many = ["seed=3", "data.fold=1", "train.epochs=7", "pseudo=none", "pseudo.student_init=scratch"]
     with pytest.raises(ConfigError, match=r"seed: 0 -> 3; data\.fold: 0 -> 1; .*; and \d+ more\)"):
         check_unchanged(round_dir, 1, compose(["experiment=smoke", *many]))
@@ -186,6 +191,12 @@ def test_settings_that_do_nothing_warn_and_recompute_from_logs_where_rounds_went
     assert any(w.startswith("control=true does nothing with round=0") for w in warnings)
     assert any(w.startswith("recompute_from=1 does nothing: this run stops at round=0") for w in warnings)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round_0", "round_1", "round_2"]  # nothing set aside
+    # A damaged teacher of the first redone round: named in one line, nothing renamed.
+    (tmp_path / "round_0" / "model.pt").write_bytes(b"truncated")
+    with pytest.raises(ConfigError, match=r"round_0/model.pt: cannot be read.*recompute_from=0"):
+        prepare_run_dir(compose(["experiment=smoke", "round=1", "recompute_from=1"]), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round_0", "round_1", "round_2"]
+    (tmp_path / "round_0" / "model.pt").unlink()  # absent: round 0 is trained again first, so no refusal
     caplog.clear()
     with caplog.at_level("INFO", logger="birdrounds.rounds"):
         prepare_run_dir(compose(["experiment=smoke", "round=1", "recompute_from=1"]), tmp_path)

@@ -15,11 +15,14 @@ import pytest
 import torch
 
 from birdrounds import cli
+from birdrounds.artifacts import LOCK_FILE, LOCK_HOLDER_FILE
 from birdrounds.config import REDACTED
 from birdrounds.model import checkpoint_hash, load_checkpoint
 from birdrounds.pseudo import read_pseudo_labels
 from birdrounds.train import COMPLETE_MARKER
 from conftest import HOOKS, REPO, copy_smoke_data, run_entry
+
+RUN_LOG_AND_LOCK = ("run.log", LOCK_FILE, LOCK_HOLDER_FILE)  # what every command writes into its run folder
 
 
 def run_rounds(home: Path, *overrides: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -76,7 +79,7 @@ def test_smoke_run_writes_round0_and_skips_bad_audio(smoke_run, tmp_path):
     stamp = (round_dir / "model.pt").stat().st_mtime_ns
     changed = run_rounds(home, "logger=none", "round=2", "pseudo.stride_s=10", f"run_dir={run_dir}", cwd=tmp_path)
     assert changed.returncode == 2
-    assert "recompute_from: round 1" in changed.stdout + changed.stderr and "Traceback" not in changed.stderr
+    assert "run_dir: round 1" in changed.stdout + changed.stderr and "Traceback" not in changed.stderr
     # recompute_from=1 sets aside rounds 1 and 2 (and their controls); redoing round 1 is enough to check it.
     redo = run_rounds(home, "logger=none", "round=1", "pseudo.stride_s=10", "recompute_from=1", f"run_dir={run_dir}",
                       cwd=tmp_path)
@@ -394,15 +397,17 @@ def test_a_crash_or_ctrl_c_prints_no_secret(fault, code, expected, smoke_data, t
 def test_a_damaged_teacher_checkpoint_is_named_with_the_round_that_rebuilds_it(smoke_run, tmp_path):
     """round_0/model.pt truncated: with round 1 still to train, and with round 1 done (whose reuse check then
     finds its teacher changed), one line names the file and recompute_from=0, exit 2, no traceback."""
-    from conftest import copy_rounds
+    from conftest import copy_rounds, tree_hashes
 
     home = smoke_run.home
     for name, rounds in (("fresh", ("round_0",)), ("reused", ("round_0", "round_1"))):
         run_dir = copy_rounds(smoke_run.run_dir, tmp_path / name, *rounds)
         model = run_dir / "round_0" / "model.pt"
         model.write_bytes(model.read_bytes()[:4096])
+        before = tree_hashes(run_dir, skip=RUN_LOG_AND_LOCK)
         proc = run_entry(home, "logger=none", "round=1", f"run_dir={run_dir}", cwd=tmp_path)
         output = proc.stdout + proc.stderr
+        assert tree_hashes(run_dir, skip=RUN_LOG_AND_LOCK) == before  # the log and the lock are all it wrote
         assert proc.returncode == 2, output[-3000:]
         assert (f"{model}: cannot be read, truncated or corrupt" in output
                 and "rerun with recompute_from=0 to rebuild it, or delete it" in output), output[-3000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,3 +74,10 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write strict JSON (NaN becomes null) atomically."""
     with atomic_open(path, "w") as f:
         json.dump(json_safe(data), f, indent=2)
+
+
+def rebuild_hint(path: str | os.PathLike) -> str:
+    """What rebuilds a damaged file of a run folder: `recompute_from=<k>` of the round_<k> it lies in."""
+    round_dir = next((p for p in Path(path).parents if re.fullmatch(r"round_\d+", p.name)), None)
+    redo = f"rerun with recompute_from={round_dir.name.removeprefix('round_')} to rebuild it" if round_dir else "replace it"
+    return f"{redo}, or delete it"

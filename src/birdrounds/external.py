@@ -323,7 +323,12 @@ class FeatureCache:
                                                                            starts_s, self.chunk_s)
         # Probabilities as float16: a 6,522-class model's rows are most of an entry's size.
         half = np.zeros((0,), np.float16) if probs is None else probs.astype(np.float16)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(entry, "wb", fsync=False) as f:
-            np.savez(f, embeddings=emb, probs=half)
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_open(entry, "wb", fsync=False) as f:
+                np.savez(f, embeddings=emb, probs=half)
+        except OSError as err:  # read-only or full: at the first entry not cached, before more work is done
+            raise ConfigError(f"data.cache_dir: cannot write the external model's features into {self.folder} "
+                              f"({err.strerror or err}); make it writable or free space, or point data.cache_dir "
+                              f"elsewhere: entries already cached are kept") from None
         return emb, (None if probs is None else half.astype(np.float32))  # as a later read gives them

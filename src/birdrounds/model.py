@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from birdrounds.artifacts import atomic_open
+from birdrounds.artifacts import atomic_open, rebuild_hint
 from birdrounds.config import ConfigError, redact_secrets
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -346,11 +345,8 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
     except FileNotFoundError:
         raise
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError ... for a damaged file
-        round_dir = next((p for p in Path(path).parents if re.fullmatch(r"round_\d+", p.name)), None)
-        redo = (f"rerun with recompute_from={round_dir.name.removeprefix('round_')} to rebuild it"
-                if round_dir is not None else "replace it")
-        raise CheckpointError(f"{path}: cannot be read, truncated or corrupt ({type(err).__name__}); {redo}, "
-                              "or delete it") from None
+        raise CheckpointError(f"{path}: cannot be read, truncated or corrupt ({type(err).__name__}); "
+                              f"{rebuild_hint(path)}") from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[BirdModel, dict[str, Any]]:

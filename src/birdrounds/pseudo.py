@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from birdrounds.artifacts import atomic_open
+from birdrounds.artifacts import atomic_open, rebuild_hint
 from birdrounds.config import ConfigError
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.infer import SCORED_CHUNK_S, overlap_to_chunks, scale_by_file_max
@@ -212,10 +212,17 @@ def _save_part(folder: Path, first: int, outputs: np.ndarray) -> None:
 def _load_parts(folder: Path, n_windows: int) -> list[np.ndarray]:
     """The contiguous run of saved parts from window 0 (a gap or overflow means a different job: refuse)."""
     parts, done = [], 0
-    for path in sorted(folder.glob("part_*.npy")):
+    saved = sorted(folder.glob("part_*.npy"))
+    for i, path in enumerate(saved):
         if int(path.stem.split("_")[1]) != done:
             raise ValueError(f"{folder} has a gap before {path.name}; delete the folder to recompute")
-        parts.append(np.load(path))
+        try:
+            parts.append(np.load(path))
+        except (OSError, ValueError, EOFError) as err:  # damaged on disk: recompute from here, not crash
+            log.warning("pseudo-label part %s cannot be read (%s); recomputing from window %d", path, err, done)
+            for later in saved[i:]:
+                later.unlink()
+            break
         done += len(parts[-1])
     if done > n_windows:
         raise ValueError(f"{folder} holds {done} windows but this job has {n_windows}; delete the folder")
@@ -356,7 +363,13 @@ def write_pseudo_labels(path: str | os.PathLike, rows: pd.DataFrame, probs: np.n
 
 def read_pseudo_labels(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The table written by `write_pseudo_labels` and its provenance (with the class list under 'classes')."""
-    arrow = pq.read_table(path)
+    try:
+        arrow = pq.read_table(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException) as err:  # truncated or overwritten: name it and what rebuilds it
+        raise ConfigError(f"{path}: cannot be read, truncated or corrupt ({type(err).__name__}); "
+                          f"{rebuild_hint(path)}") from None
     provenance = json.loads((arrow.schema.metadata or {}).get(PROVENANCE_KEY, b"{}"))
     return arrow.to_pandas(), provenance
 

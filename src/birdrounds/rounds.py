@@ -63,7 +63,7 @@ from birdrounds.data.clips import (
 from birdrounds.data.device_augment import BackgroundWindows, BatchAugment
 from birdrounds.data.layout import DEFAULT_PATHS
 from birdrounds.data.mixed_val import MixedValidation, mixed_validation_from_config
-from birdrounds.data.prepare import PreparedData, prepare_data
+from birdrounds.data.prepare import EXTERNAL_COLUMN, PreparedData, prepare_data
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.infer import SCORED_CHUNK_S
 from birdrounds.mixing import ConcatPseudoDataset, PseudoChunkDataset
@@ -367,7 +367,7 @@ def check_pseudo_source(path: Path, cfg: DictConfig, teachers: list[Path], round
         else:  # tables written before every teacher was recorded
             recorded, current = [provenance.get("teacher_hash")], current[:1]
     if recorded != current:
-        raise ConfigError(f"recompute_from: {path} was made from another {what} than the current one "
+        raise ConfigError(f"run_dir: {path} was made from another {what} than the current one "
                           f"({recorded} vs {current}); {_recompute_hint(round_idx)}")
 
 
@@ -395,7 +395,7 @@ def read_teacher_table(teacher_table: Path, classes: list[str]) -> tuple[pd.Data
     """Round 0's external chunk table and its provenance, refused in one line when it holds other classes."""
     table, provenance = read_pseudo_labels(teacher_table)
     if provenance.get("classes") != list(classes):
-        raise ConfigError(f"recompute_from: {teacher_table} holds other classes than the data's; {_recompute_hint(0)}")
+        raise ConfigError(f"run_dir: {teacher_table} holds other classes than the data's; {_recompute_hint(0)}")
     return table, provenance
 
 
@@ -682,7 +682,7 @@ def check_unchanged(round_dir: Path, round_idx: int, cfg: DictConfig) -> None:
             log.info("round %d in %s: the same config values under another hash; reused", round_idx, round_dir)
             return
         what = describe_changes(changes)
-    raise ConfigError(f"recompute_from: round {round_idx} in {round_dir} was completed with another config "
+    raise ConfigError(f"run_dir: round {round_idx} in {round_dir} was completed with another config "
                       f"({what}); {_recompute_hint(round_idx)}")
 
 
@@ -697,10 +697,15 @@ def _changed_inputs(recorded: dict[str, Any], current: dict[str, Any]) -> list[s
     for name in sorted(set(recorded.get("tables", {})) | set(current.get("tables", {}))):
         if recorded.get("tables", {}).get(name) != current.get("tables", {}).get(name):
             changed.append(name)
-    for name in ("train_audio", "train_soundscapes", "val_soundscapes"):
+    # Rows from data.external (e.g. after `birdrounds xc-download`) are named as such; train_audio holds them too.
+    # Records from before external_audio was listed compare train_audio alone.
+    labels = {"train_audio": "train_audio"}
+    if "external_audio" in recorded:
+        labels = {"external_audio": "external_audio (data.external)", "train_audio": "train_audio with external rows"}
+    for name in (*labels, "train_soundscapes", "val_soundscapes"):
         before, now = recorded.get(name) or {}, current.get(name) or {}
         if before.get("hash") != now.get("hash"):
-            changed.append(f"{name} ({before.get('files', '?')} -> {now.get('files', '?')} files)")
+            changed.append(f"{labels.get(name, name)} ({before.get('files', '?')} -> {now.get('files', '?')} files)")
     return changed
 
 
@@ -720,7 +725,7 @@ def check_reusable(round_dir: Path, round_idx: int, inputs: dict[str, Any], teac
                 read_checkpoint_file(teacher)
         changed.append("teacher checkpoint(s) " + ", ".join(str(t) for t in teachers))
     if changed:
-        raise ConfigError(f"recompute_from: round {round_idx} in {round_dir} was computed from other inputs "
+        raise ConfigError(f"run_dir: round {round_idx} in {round_dir} was computed from other inputs "
                           f"(changed since: {'; '.join(changed)}); {_recompute_hint(round_idx)}")
 
 
@@ -750,6 +755,12 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
         log.warning("recompute_from=%d does nothing: this run stops at round=%d, so nothing is set aside or redone",
                     cfg.recompute_from, cfg.round)
         return
+    if cfg.recompute_from > 0:
+        # Nothing is renamed when the first redone round could not read its teachers (a damaged round k-1);
+        # one that is not there yet is trained first, so it is not checked.
+        for teacher in teacher_paths(cfg, run_dir, cfg.recompute_from):
+            if teacher.is_file():
+                read_checkpoint_file(teacher) if is_checkpoint(teacher) else read_pseudo_labels(teacher)
     set_aside(run_dir, cfg.recompute_from)
 
 
@@ -765,8 +776,10 @@ def input_hashes(prepared: PreparedData) -> dict[str, Any]:
         return {"files": len(lines), "hash": hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]}
 
     train_audio = data.train["path"].tolist() if "path" in data.train else []
-    return {"tables": tables, "train_audio": listing(train_audio), "train_soundscapes": listing(data.soundscapes),
-            "val_soundscapes": listing(data.val_soundscapes)}
+    external = data.train[EXTERNAL_COLUMN].to_numpy(dtype=bool) if EXTERNAL_COLUMN in data.train else []
+    return {"tables": tables, "train_audio": listing(train_audio),
+            "external_audio": listing([p for p, ext in zip(train_audio, external) if ext]),
+            "train_soundscapes": listing(data.soundscapes), "val_soundscapes": listing(data.val_soundscapes)}
 
 
 def write_round_record(round_dir: Path, cfg: DictConfig, round_idx: int, metrics: dict, started: float,

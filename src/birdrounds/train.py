@@ -556,10 +556,16 @@ def _selection_interval(root: Path, epoch: int) -> tuple[float, float] | None:
     path = root / BEST_ARRAYS_FILE
     if not path.is_file():
         return None
-    with np.load(path) as saved:
-        if int(saved["epoch"]) != epoch:
-            return None
-        low, high = bootstrap_auc_interval(saved["truth"], saved["scores"])
+    try:
+        with np.load(path) as saved:
+            if int(saved["epoch"]) != epoch:
+                return None
+            truth, scores = saved["truth"], saved["scores"]
+    except (OSError, ValueError, KeyError, EOFError) as err:  # damaged: the interval is left out, not the round
+        log.warning(f"{path} cannot be read ({type(err).__name__}); the selection interval is left out",
+                    main_process_only=True)
+        return None
+    low, high = bootstrap_auc_interval(truth, scores)
     return round(low, 4), round(high, 4)
 
 
