@@ -1,6 +1,6 @@
 """Does the one decoder's resampler slow the pipeline? Seconds to decode one minute of audio, by source rate.
 
-Every file reaches the model through `birdrounds.infer.decode_audio` (soundfile, mean of channels, scipy's
+Every file reaches the model through `birdrounds.audio_io.decode_audio` (soundfile, mean of channels, scipy's
 polyphase `resample_poly`): training decodes each file once into the audio cache, `birdrounds predict` and
 the standalone infer.py decode in threads beside the model. Here, for a 60-s stereo file at 32, 44.1 and
 48 kHz in each container, the median time of `decode_audio` against the same decode followed by soxr's HQ
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from birdrounds.infer import decode_audio
+from birdrounds.audio_io import decode_audio
 from records import write_record
 
 TARGET_HZ = 32_000

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
-from birdrounds import infer
+from birdrounds import audio_io, contract, infer, melspec, postprocess
 from birdrounds.artifacts import MODEL_FILE
 from birdrounds.config import compose
 from birdrounds.data.audio import write_audio
@@ -73,8 +73,8 @@ def make_soundscapes(folder: Path, n_files: int, duration_s: float, sr: int, see
 
 def decode_chunks(path: Path, sr: int) -> np.ndarray:
     """The file's scored 5-s chunks [n, chunk samples], the last one zero-padded."""
-    chunk = round(infer.SCORED_CHUNK_S * sr)
-    wave = infer.read_audio(path, sr)
+    chunk = round(contract.SCORED_CHUNK_S * sr)
+    wave = audio_io.read_audio(path, sr)
     n = max(1, -(-len(wave) // chunk))
     return np.pad(wave, (0, n * chunk - len(wave)))[: n * chunk].reshape(n, chunk)
 
@@ -97,7 +97,7 @@ def run_torch(files: list[Path], model: torch.nn.Module, sr: int, batch: int, ke
             outputs.append(np.concatenate(probs))
             index.append(np.full(len(chunks), i))
     index = np.concatenate(index)
-    return infer.smooth(np.concatenate(outputs), index, kernel)
+    return postprocess.smooth(np.concatenate(outputs), index, kernel)
 
 
 def run_paths(paths: list[tuple[str, object]], n_chunks: int, repeats: int) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -126,11 +126,11 @@ def stage_costs(files: list[Path], spec_path: Path, sr: int, batch: int) -> dict
     from threadpoolctl import threadpool_limits
 
     model = infer.load_models([spec_path], 1, model_workers=1)[0]
-    frontend = infer.MelFrontendNumpy(model.info.frontend)
+    frontend = melspec.MelFrontendNumpy(model.info.frontend)
     with threadpool_limits(limits=1):
         start = time.perf_counter()
         for f in files:  # each file dropped before the next, as the pipeline does
-            infer.read_audio(f, sr)
+            audio_io.read_audio(f, sr)
         decode = time.perf_counter() - start
         chunks = np.concatenate([decode_chunks(f, sr) for f in files])
         model.run(frontend(chunks[:batch]))  # warm-up
@@ -167,7 +167,7 @@ def auc_change(cfg, run_dir: Path, threads: int, openvino: bool) -> list[dict]:
     where = lambda key: data_path(data_cfg["root"], key, data_cfg.get(key))  # noqa: E731
     val_dir, solution = where("val_soundscapes_dir"), read_table(where("val_solution"), (ROW_ID_COLUMN,), "solution")
     sr = ckpt["audio"]["sample_rate_hz"]
-    calibration = soundscape_windows([where("soundscapes_dir")], sr, infer.SCORED_CHUNK_S, 64)
+    calibration = soundscape_windows([where("soundscapes_dir")], sr, contract.SCORED_CHUNK_S, 64)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model.onnx"
@@ -220,7 +220,7 @@ def main() -> int:
         torch.manual_seed(0)
         model = instantiate(cfg.model)(num_classes=args.n_classes).eval()
         classes = [f"c{i:03d}" for i in range(args.n_classes)]
-        save_checkpoint(tmp / "model.pt", model, classes, extra={"window_s": infer.SCORED_CHUNK_S})
+        save_checkpoint(tmp / "model.pt", model, classes, extra={"window_s": contract.SCORED_CHUNK_S})
         verify = decode_chunks(files[0], sr)[:4]
         spec_path, wave_path = tmp / "model.onnx", tmp / "model_waveform.onnx"
         export_onnx([str(tmp / "model.pt")], spec_path, "spectrogram", verify_audio=verify)
@@ -247,7 +247,7 @@ def main() -> int:
         variants = [("full ONNX graph (infer.py)", wave_path, "onnxruntime")] if not args.skip_waveform else []
         variants.append(("fast path (infer.py, default)", spec_path, "onnxruntime"))
         if args.int8:
-            calib = infer.MelFrontendNumpy(infer.OnnxModel(spec_path).info.frontend)(
+            calib = melspec.MelFrontendNumpy(infer.OnnxModel(spec_path).info.frontend)(
                 np.concatenate([decode_chunks(f, sr) for f in files[:4]])[:48])
             variants.append(("fast path, INT8 backbone", quantize_int8(spec_path, tmp / "model_int8.onnx", calib),
                              "onnxruntime"))

@@ -51,7 +51,7 @@ from birdrounds.artifacts import CONTROL_DIR, DONE_FILE, METRICS_FILE, MODEL_FIL
 from birdrounds.data.mixed_val import mixed_validation_from_config
 from birdrounds.data.prepare import prepare_data, split_seed
 from birdrounds.data.soundscapes import SoundscapeChunks
-from birdrounds.infer import SCORED_CHUNK_S
+from birdrounds.contract import SCORED_CHUNK_S
 from birdrounds.metrics import soundscape_auc
 from birdrounds.model import checkpoint_hash, load_checkpoint
 

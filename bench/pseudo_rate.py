@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from birdrounds.config import compose  # noqa: E402
 from birdrounds.data.prepare import prepare_data  # noqa: E402
 from birdrounds.data.soundscapes import SoundscapeChunks  # noqa: E402
-from birdrounds.infer import SCORED_CHUNK_S  # noqa: E402
+from birdrounds.contract import SCORED_CHUNK_S  # noqa: E402
 from birdrounds.model import load_checkpoint  # noqa: E402
 from birdrounds.pseudo import is_framewise, predict_windows  # noqa: E402
 

@@ -32,7 +32,7 @@ from wide_val import ValidationSoundscapes  # noqa: E402
 
 from birdrounds.artifacts import METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE
 from birdrounds.data.synthetic import labeled_chunks
-from birdrounds.infer import SCORED_CHUNK_S as CHUNK_S, row_id
+from birdrounds.contract import SCORED_CHUNK_S as CHUNK_S, row_id
 from birdrounds.metrics import ROW_ID_COLUMN
 
 TIERS = ("faint", "mid", "loud")

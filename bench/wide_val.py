@@ -36,7 +36,7 @@ from birdrounds.artifacts import CONTROL_DIR, DONE_FILE, MODEL_FILE, ROUND_CONFI
 from birdrounds.data.audio import AudioCache
 from birdrounds.data.prepare import synthesize
 from birdrounds.data.soundscapes import SoundscapeChunks
-from birdrounds.infer import SCORED_CHUNK_S
+from birdrounds.contract import SCORED_CHUNK_S
 from birdrounds.metrics import ROW_ID_COLUMN, per_class_roc_auc, soundscape_auc
 from birdrounds.model import checkpoint_hash, load_checkpoint
 from birdrounds.pseudo import chunk_rows, predict_chunks

@@ -337,11 +337,12 @@ def test_cache_build_stops_on_a_full_disk_keeping_what_it_wrote(tmp_path, monkey
 
 @functools.cache
 def _standalone_infer():
-    """src/birdrounds/infer.py loaded as the export package runs it: a lone file, not the package's module."""
+    """src/birdrounds/audio_io.py loaded as the export package runs it (beside infer.py): a lone file, not the
+    package's module."""
     import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location("standalone_infer", Path(audio.__file__).parents[1] / "infer.py")
+    spec = importlib.util.spec_from_file_location("standalone_audio_io", Path(audio.__file__).parents[1] / "audio_io.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up while the file executes
     spec.loader.exec_module(module)

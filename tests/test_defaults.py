@@ -19,6 +19,7 @@ from birdrounds.data.clips import MixUp
 from birdrounds.data.mixed_val import build_mixed_validation
 from birdrounds.data.synthetic import SynthSpec
 from birdrounds.infer import InferenceSettings
+from birdrounds.model import SpecAugment
 from birdrounds.train import LoggerSettings, TrainSettings
 from birdrounds.xeno_canto import XCSettings
 
@@ -61,6 +62,7 @@ ONE_SOURCE = [
     (AugmentSettings, [D, ["experiment=few_shot"]], "data.augment"),
     (MixUp, [D], "data.mixup"),
     (build_mixed_validation, [D], "data.mixed_val"),
+    (SpecAugment, [["model=demo"], ["model=sed_effnet_b0"]], "model.spec_augment"),  # BirdModel builds it
 ]
 IDS = [c[0].__name__ for c in ONE_SOURCE]
 

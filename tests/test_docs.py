@@ -283,20 +283,23 @@ def test_readme_requirements_match_pyproject(readme):
 
 
 def test_readme_names_what_the_export_folder_needs_to_run():
-    """The packages `infer.py` (copied into export/) imports at module level, and the ones its decoding and
+    """The packages `infer.py` and the modules copied beside it into export/ import, and the ones its decoding and
     default engine use (onnxruntime where a session is made, scipy to resample), are the ones README's export
     paragraph names; openvino (an opt-in engine) and threadpoolctl (a no-op without it) are optional."""
     import ast
     import sys
 
-    tree = ast.parse((REPO / "src" / "birdrounds" / "infer.py").read_text())
+    from birdrounds.export import INFER_FILES
+
+    siblings = {Path(name).stem for name in INFER_FILES}
     imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            imported.add(node.module.split(".")[0])
-    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "birdrounds"}
+    for name in INFER_FILES:
+        for node in ast.walk(ast.parse((REPO / "src" / "birdrounds" / name).read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in siblings | {"birdrounds"}}
     optional = {"openvino", "threadpoolctl"}
     paragraph = next(p for p in README.read_text().split("\n\n") if "`export/` is self-contained" in p)
     named = {m for m in third_party if m in paragraph}

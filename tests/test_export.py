@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from birdrounds.export import (
+    INFER_FILES,
     EnsembleExport,
     ExportError,
     export_onnx,
@@ -374,10 +375,7 @@ def test_export_package_writes_a_complete_folder(tmp_path, chunks):
     out_dir = tmp_path / "package"
     report = export_package([a, b], out_dir, "spectrogram", verify_audio=chunks[:4], int8=True, calibration=chunks)
 
-    infer_script = Path(__import__("birdrounds").__file__).parent / "infer.py"
-    expected = {"model.onnx", "model_int8.onnx", "classes.json", "README.md", "export.json"}
-    if infer_script.is_file():
-        expected.add("infer.py")
+    expected = {"model.onnx", "model_int8.onnx", "classes.json", "README.md", "export.json", *INFER_FILES}
     assert {p.name for p in out_dir.iterdir()} == expected  # no temporary files left behind
     assert set(report["files"]) == expected
     assert json.loads((out_dir / "classes.json").read_text()) == CLASSES
@@ -422,8 +420,6 @@ def test_openvino_reads_the_spectrogram_graph(exported, chunks):
 @pytest.mark.slow
 def test_package_runs_with_its_infer_script(tmp_path, chunks):
     """The copied infer.py reads the exported graph: a submission row per 5 s chunk of the recording."""
-    if not (Path(__import__("birdrounds").__file__).parent / "infer.py").is_file():
-        pytest.skip("birdrounds/infer.py not written yet")
     ckpt = tiny_checkpoint(tmp_path / "a.pt", "sed")
     export_package([ckpt], tmp_path / "package", "waveform", verify_audio=chunks[:2])
     (tmp_path / "sounds").mkdir()
@@ -454,13 +450,14 @@ def test_predict_settings_are_recorded_and_checked(tmp_path, chunks):
     assert not (tmp_path / "bad.onnx").exists()
 
 
-def test_the_contract_is_defined_once_in_infer():
-    """export.py and submit.py take names, keys, the chunk length and the frontend keys from infer.py."""
-    from birdrounds import export, infer
+def test_the_contract_is_defined_once_in_contract():
+    """export.py, submit.py and infer.py take names, keys, the chunk length and the frontend keys from contract.py."""
+    from birdrounds import contract, export, infer
 
-    assert export.FRONTEND_KEYS is infer.FRONTEND_KEYS and export.FORMAT_VERSION is infer.FORMAT_VERSION
-    assert export.KINDS == tuple(infer.INPUT_KINDS) and export.DEFAULT_WINDOW_S == infer.SCORED_CHUNK_S
-    for module in (export, __import__("birdrounds.submit").submit):
+    assert export.FRONTEND_KEYS is contract.FRONTEND_KEYS and export.FORMAT_VERSION is contract.FORMAT_VERSION
+    assert infer.FORMAT_VERSION is contract.FORMAT_VERSION and infer.META_CLASSES is contract.META_CLASSES
+    assert export.KINDS == tuple(contract.INPUT_KINDS) and export.DEFAULT_WINDOW_S == contract.SCORED_CHUNK_S
+    for module in (export, infer, __import__("birdrounds.submit").submit):
         source = Path(module.__file__).read_text()
         for literal in ('"birdrounds.format_version"', '"birdrounds.classes"', '"birdrounds.input"', '"probs"',
                         '"framewise_probs"', '"sample_rate_hz", "n_fft"', "FORMAT_VERSION = "):

@@ -24,7 +24,7 @@ from birdrounds.external import (
     normalise_name,
     window_offsets,
 )
-from birdrounds.infer import decode_audio
+from birdrounds.audio_io import decode_audio
 from birdrounds.pseudo import read_pseudo_labels
 from birdrounds.teachers import zero_shot_columns, zero_shot_map, zero_shot_probs
 from conftest import REPO, copy_smoke_data, entry_env, run_entry
@@ -69,7 +69,7 @@ def test_chunk_features_resample_window_and_pool(tiny):
     assert abs(bands[emb[0].argmax()] - 1000) < 200 and abs(bands[emb[1].argmax()] - 5000) < 1000
     # Probabilities are the max over the chunk's windows; embeddings their mean.
     offsets = window_offsets(5.0, model.window_s)
-    from birdrounds.infer import resample
+    from birdrounds.audio_io import resample
     audio = resample(wave[: 5 * 32_000], 32_000, 16_000)
     windows = np.stack([audio[int(o * 16_000): int(o * 16_000) + model.window_samples] for o in offsets])
     e, p = model.run(windows)

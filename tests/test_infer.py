@@ -25,7 +25,8 @@ import torch
 import torchaudio
 from onnx import TensorProto, helper, numpy_helper
 
-from birdrounds import infer
+from birdrounds import audio_io, contract, infer, melspec, postprocess
+from birdrounds.export import INFER_FILES
 from birdrounds.model import MelFrontend
 from conftest import REAL_AUDIO, model_config
 
@@ -116,7 +117,7 @@ def spec_graph(path, weights, frontend=SMALL_FRONTEND, classes=CLASSES, window_s
 
 
 def spec_ref(windows, weights, frontend=SMALL_FRONTEND) -> np.ndarray:
-    spec = infer.MelFrontendNumpy(infer.FrontendConfig(**frontend))(windows)
+    spec = melspec.MelFrontendNumpy(melspec.FrontendConfig(**frontend))(windows)
     return 1.0 / (1.0 + np.exp(-(spec.mean(axis=(1, 3)).astype(np.float64) @ np.asarray(weights, np.float64))))
 
 
@@ -154,7 +155,7 @@ def weights():
 ])
 def test_mel_filterbank_matches_torchaudio(sample_rate_hz, n_fft, n_mels, f_min_hz, f_max_hz):
     want = torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, f_min_hz, f_max_hz, n_mels, sample_rate_hz).numpy()
-    got = infer.mel_filterbank(n_fft // 2 + 1, f_min_hz, f_max_hz, n_mels, sample_rate_hz)
+    got = melspec.mel_filterbank(n_fft // 2 + 1, f_min_hz, f_max_hz, n_mels, sample_rate_hz)
     assert got.dtype == np.float32 and got.shape == want.shape
     # torchaudio computes in float32; the emulation agrees to about one float32 ulp.
     np.testing.assert_allclose(got, want, rtol=0, atol=5e-6)
@@ -165,10 +166,10 @@ def frontends(params, norm="standard", top_db=80.0, sample_rate_hz=32000):
     kwargs = dict(sample_rate_hz=sample_rate_hz, n_fft=params.get("n_fft", 2048), hop_length=params["hop_length"],
                   n_mels=params["n_mels"], f_min_hz=params.get("f_min_hz", 50.0), f_max_hz=params["f_max_hz"],
                   top_db=top_db, norm=norm)
-    return MelFrontend(**kwargs).eval(), infer.MelFrontendNumpy(infer.FrontendConfig(**kwargs))
+    return MelFrontend(**kwargs).eval(), melspec.MelFrontendNumpy(melspec.FrontendConfig(**kwargs))
 
 
-@pytest.mark.parametrize("norm", infer.NORM_MODES)
+@pytest.mark.parametrize("norm", melspec.NORM_MODES)
 @pytest.mark.parametrize("option", ["demo", "sed_effnet_b0"])  # the demo's and the BirdCLEF model configs
 def test_frontend_matches_torch_on_real_audio(option, norm):
     params = model_config(option)
@@ -186,7 +187,7 @@ def test_frontend_matches_torch_on_real_audio(option, norm):
 
 
 @pytest.mark.parametrize("top_db", [80.0, None])
-@pytest.mark.parametrize("norm", infer.NORM_MODES)
+@pytest.mark.parametrize("norm", melspec.NORM_MODES)
 def test_frontend_matches_torch_on_noise_tone_and_silence(norm, top_db):
     rng = np.random.default_rng(1)
     t = np.arange(16000) / 16000
@@ -212,11 +213,11 @@ def test_frontend_matches_torch_on_noise_tone_and_silence(norm, top_db):
 
 def test_frontend_config_is_validated():
     with pytest.raises(ValueError, match="norm"):
-        infer.FrontendConfig(32000, norm="pcen")
+        melspec.FrontendConfig(**{**SMALL_FRONTEND, "norm": "pcen"})
     with pytest.raises(ValueError, match="f_max_hz"):
-        infer.FrontendConfig(16000, f_max_hz=14000.0)
+        melspec.FrontendConfig(**{**SMALL_FRONTEND, "sample_rate_hz": 16000, "f_max_hz": 14000.0})
     with pytest.raises(ValueError, match="missing keys"):
-        infer.FrontendConfig.from_dict({"sample_rate_hz": 32000})
+        melspec.FrontendConfig.from_dict({"sample_rate_hz": 32000})
 
 
 # ---------------------------------------------------------------- post-processing
@@ -228,7 +229,7 @@ def test_smoothing_interior_edges_files_and_single_chunk():
                       [0.5],                        # file 1: 1 chunk
                       [0.2], [0.6]], dtype=np.float32)  # file 2: 2 chunks
     file_index = np.array([0, 0, 0, 0, 1, 2, 2])
-    got = infer.smooth(probs, file_index, kernel)
+    got = postprocess.smooth(probs, file_index, kernel)
     want = np.array([
         [(0.8 * 0.0 + 0.1 * 1.0) / 0.9],            # left edge: renormalised over the 2 taps inside
         [0.1 * 0.0 + 0.8 * 1.0 + 0.1 * 0.0],
@@ -245,9 +246,9 @@ def test_smoothing_interior_edges_files_and_single_chunk():
 def test_smoothing_keeps_constants_and_wide_kernel_edges():
     kernel = [0.1, 0.2, 0.4, 0.2, 0.1]
     constant = np.full((12, 3), 0.3, dtype=np.float32)
-    np.testing.assert_allclose(infer.smooth(constant, np.zeros(12, int), kernel), constant, rtol=1e-6)
+    np.testing.assert_allclose(postprocess.smooth(constant, np.zeros(12, int), kernel), constant, rtol=1e-6)
     ramp = np.arange(5, dtype=np.float64)[:, None]
-    got = infer.smooth(ramp, np.zeros(5, int), kernel)
+    got = postprocess.smooth(ramp, np.zeros(5, int), kernel)
     assert got[0, 0] == pytest.approx((0.4 * 0 + 0.2 * 1 + 0.1 * 2) / 0.7)
     assert got[1, 0] == pytest.approx((0.2 * 0 + 0.4 * 1 + 0.2 * 2 + 0.1 * 3) / 0.9)
     assert got[2, 0] == pytest.approx(2.0)
@@ -256,26 +257,26 @@ def test_smoothing_keeps_constants_and_wide_kernel_edges():
 @pytest.mark.parametrize("kernel", [[0.5, 0.5], [0.1, -0.2, 0.1], [0.5, 0.0, 0.5], [], [[1.0]]])
 def test_smoothing_kernel_is_validated(kernel):
     with pytest.raises(ValueError):
-        infer.smooth(np.ones((3, 1)), np.zeros(3, int), kernel)
+        postprocess.smooth(np.ones((3, 1)), np.zeros(3, int), kernel)
 
 
 def test_smoothing_needs_contiguous_files():
     with pytest.raises(ValueError, match="contiguous"):
-        infer.smooth(np.ones((3, 1)), np.array([0, 1, 0]), [0.1, 0.8, 0.1])
+        postprocess.smooth(np.ones((3, 1)), np.array([0, 1, 0]), [0.1, 0.8, 0.1])
 
 
 def test_file_scaling_by_file_max():
     probs = np.array([[0.2, 0.9], [0.4, 0.1],   # file 0: class maxima 0.4, 0.9
                       [0.5, 0.0]], dtype=np.float32)  # file 1: maxima 0.5, 0.0
     file_index = np.array([0, 0, 1])
-    got = infer.scale_by_file_max(probs, file_index, alpha=0.5)
+    got = postprocess.scale_by_file_max(probs, file_index, alpha=0.5)
     factor = np.array([[0.5 + 0.5 * 0.4, 0.5 + 0.5 * 0.9]] * 2 + [[0.5 + 0.5 * 0.5, 0.5]])
     np.testing.assert_allclose(got, probs * factor, rtol=1e-6)
-    np.testing.assert_array_equal(infer.scale_by_file_max(probs, file_index, 0.0), probs)
+    np.testing.assert_array_equal(postprocess.scale_by_file_max(probs, file_index, 0.0), probs)
     # postprocess: smoothing first, then scaling by the smoothed file maxima.
-    smoothed = infer.smooth(probs, file_index, [0.25, 0.5, 0.25])
-    np.testing.assert_allclose(infer.postprocess(probs, file_index, [0.25, 0.5, 0.25], 0.5),
-                               infer.scale_by_file_max(smoothed, file_index, 0.5), rtol=1e-6)
+    smoothed = postprocess.smooth(probs, file_index, [0.25, 0.5, 0.25])
+    np.testing.assert_allclose(postprocess.postprocess(probs, file_index, [0.25, 0.5, 0.25], 0.5),
+                               postprocess.scale_by_file_max(smoothed, file_index, 0.5), rtol=1e-6)
 
 
 # ---------------------------------------------------------------- files, rows, padding
@@ -388,7 +389,7 @@ def test_stereo_is_averaged_and_other_rates_are_resampled(tmp_path, monkeypatch,
     np.testing.assert_allclose(predict([model], [stereo]).raw_probs[0], level_ref(np.full((1, 5 * SR), 0.4))[0][0],
                                atol=1e-6)
     other_rate = write_wav(tmp_path / "sr16k.wav", np.full(10 * 2 * SR, 0.3), sample_rate_hz=2 * SR)
-    wave = infer.read_audio(other_rate, SR)
+    wave = audio_io.read_audio(other_rate, SR)
     assert len(wave) == 10 * SR
     assert predict([model], [other_rate]).row_ids == ["sr16k_5", "sr16k_10"]
     # Without scipy there is no resampler: the file is unreadable (zeros, warning), not a crash.
@@ -430,8 +431,8 @@ def test_ensemble_shares_the_frontend_and_reorders_classes(tmp_path, weights, mo
     files = [write_wav(tmp_path / f"f{i}.wav", np.random.default_rng(i).standard_normal(10 * SR) * 0.1)
              for i in range(3)]
     calls: list[int] = []
-    original = infer.MelFrontendNumpy.__call__
-    monkeypatch.setattr(infer.MelFrontendNumpy, "__call__", lambda self, w: calls.append(len(w)) or original(self, w))
+    original = melspec.MelFrontendNumpy.__call__
+    monkeypatch.setattr(melspec.MelFrontendNumpy, "__call__", lambda self, w: calls.append(len(w)) or original(self, w))
     single = {name: predict([m], files).raw_probs for name, m in [("a", a), ("b", b), ("c", c)]}
     calls.clear()
     both = predict([a, b], files)
@@ -492,10 +493,10 @@ def test_an_error_in_a_model_worker_stops_the_run(tmp_path, weights, monkeypatch
 def test_models_must_agree_on_classes_and_rate(tmp_path, weights):
     a = spec_graph(tmp_path / "a.onnx", weights)
     other = spec_graph(tmp_path / "other.onnx", weights, classes=["aaa", "bbb", "zzz"])
-    with pytest.raises(infer.ModelFormatError, match="other classes"):
+    with pytest.raises(contract.ModelFormatError, match="other classes"):
         predict([a, other], [])
     no_framewise = level_graph(tmp_path / "long.onnx", window_s=10.0, framewise=False)
-    with pytest.raises(infer.ModelFormatError, match="framewise_probs"):
+    with pytest.raises(contract.ModelFormatError, match="framewise_probs"):
         predict([no_framewise], [])
 
 
@@ -507,7 +508,7 @@ def test_models_must_agree_on_classes_and_rate(tmp_path, weights):
 ])
 def test_bad_metadata_is_refused_clearly(tmp_path, overrides, match):
     path = level_graph(tmp_path / "m.onnx", meta_overrides=overrides)
-    with pytest.raises(infer.ModelFormatError, match=match):
+    with pytest.raises(contract.ModelFormatError, match=match):
         infer.load_models([path])
 
 
@@ -516,10 +517,10 @@ def test_missing_metadata_and_wrong_input_name(tmp_path, weights):
     model = onnx.load(str(path))
     del model.metadata_props[:]
     onnx.save(model, str(path))
-    with pytest.raises(infer.ModelFormatError, match="missing"):
+    with pytest.raises(contract.ModelFormatError, match="missing"):
         infer.load_models([path])
     spec_as_waveform = level_graph(tmp_path / "w.onnx", meta_overrides={"birdrounds.input": "spectrogram"})
-    with pytest.raises(infer.ModelFormatError, match="'spec'"):
+    with pytest.raises(contract.ModelFormatError, match="'spec'"):
         infer.load_models([spec_as_waveform])
 
 
@@ -600,7 +601,7 @@ def test_cli_options_reach_the_settings(tmp_path, capsys):
 def test_settings_recorded_at_export_are_the_cli_defaults_and_flags_override_them(tmp_path, caplog):
     recorded = {"smoothing": [0.2, 0.6, 0.2], "file_scale_alpha": 0.3, "window_stride_s": None, "tta_shift_s": 1.0,
                 "expected_duration_s": 20.0}
-    model = level_graph(tmp_path / "m.onnx", meta_overrides={infer.META_PREDICT_SETTINGS: json.dumps(recorded)})
+    model = level_graph(tmp_path / "m.onnx", meta_overrides={contract.META_PREDICT_SETTINGS: json.dumps(recorded)})
     assert infer.load_models([model])[0].info.predict_settings == {**recorded, "smoothing": (0.2, 0.6, 0.2)}
     audio = tmp_path / "audio"
     audio.mkdir()
@@ -629,8 +630,8 @@ def test_settings_recorded_at_export_are_the_cli_defaults_and_flags_override_the
 
 @pytest.mark.parametrize("recorded", ['{"smoothing": [0.5, 0.5]}', '{"batch_size": 8}', '[1, 2]'])
 def test_bad_recorded_settings_are_refused(tmp_path, recorded):
-    model = level_graph(tmp_path / "m.onnx", meta_overrides={infer.META_PREDICT_SETTINGS: recorded})
-    with pytest.raises(infer.ModelFormatError, match="bad birdrounds metadata"):
+    model = level_graph(tmp_path / "m.onnx", meta_overrides={contract.META_PREDICT_SETTINGS: recorded})
+    with pytest.raises(contract.ModelFormatError, match="bad birdrounds metadata"):
         infer.load_models([model])
 
 
@@ -678,18 +679,22 @@ def test_cli_input_errors_are_one_line_before_the_run(tmp_path, capsys, monkeypa
 # ---------------------------------------------------------------- the standalone script
 
 
-def test_infer_imports_only_stdlib_numpy_soundfile_onnxruntime_scipy():
+@pytest.mark.parametrize("name", INFER_FILES)
+def test_infer_imports_only_stdlib_numpy_soundfile_onnxruntime_scipy(name):
+    """infer.py and the modules the export copies beside it import nothing else (and each other only)."""
     # scipy (FFT, resampling), threadpoolctl (BLAS threads) and openvino (engine) are optional: imported
     # under try/except.
     optional = {"scipy", "threadpoolctl", "openvino"}
-    allowed = set(sys.stdlib_module_names) | {"numpy", "soundfile", "onnxruntime"} | optional
-    tree = ast.parse(INFER_PY.read_text())
+    siblings = {Path(f).stem for f in INFER_FILES}
+    allowed = set(sys.stdlib_module_names) | {"numpy", "soundfile", "onnxruntime"} | optional | siblings
+    tree = ast.parse((INFER_PY.parent / name).read_text())
     roots = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             roots |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "relative import in the standalone script"
+            # Relative: the same sibling inside the package (`from .contract import ...`).
+            assert node.level == 0 or (node.level == 1 and node.module in siblings), node.module
             roots.add(node.module.split(".")[0])
     assert roots <= allowed, roots - allowed
     # ... and the optional ones only inside try blocks (module level or in a function).
@@ -711,7 +716,9 @@ def test_standalone_script_matches_the_python_api(tmp_path, weights):
     (audio / "broken.ogg").write_bytes(b"OggS" + bytes(100))
     kaggle = tmp_path / "kaggle"
     kaggle.mkdir()
-    script = Path(shutil.copy(INFER_PY, kaggle / "infer.py"))
+    for name in INFER_FILES:  # what the export copies
+        shutil.copy(INFER_PY.parent / name, kaggle / name)
+    script = kaggle / "infer.py"
     out = tmp_path / "submission.csv"
     # -I: isolated mode, so neither the checkout nor PYTHONPATH is on sys.path; only the copy runs.
     proc = subprocess.run(
@@ -770,7 +777,7 @@ def test_openvino_engine_matches_onnxruntime_and_refuses_waveform_graphs(exporte
     np.testing.assert_allclose(f32.raw_probs, want.raw_probs, rtol=0, atol=1e-4)
     bf16 = predict([paths["spectrogram"]], [REAL_AUDIO], engine="openvino_bf16")
     np.testing.assert_allclose(bf16.raw_probs, want.raw_probs, rtol=0, atol=5e-2)  # bf16 keeps ~3 digits
-    with pytest.raises(infer.ModelFormatError, match="spectrogram graphs only"):
+    with pytest.raises(contract.ModelFormatError, match="spectrogram graphs only"):
         infer.load_models([paths["waveform"]], 1, engine="openvino")
 
 

@@ -20,6 +20,7 @@ N_SAMPLES = SAMPLE_RATE_HZ  # 1 s keeps every test fast
 NUM_CLASSES = 4
 # configs/model/tiny.yaml (timm's 0.1M-parameter test network) at 16 kHz with a finer STFT: its hop of
 # 2048 would leave a 1-s clip 8 frames, too few for the SED head's framewise output and SpecAugment.
+MASKS = dict(freq_masks=2, freq_mask_width=16, time_masks=2, time_mask_width=32)  # SpecAugment's sizes
 TINY_OVERRIDES = dict(sample_rate_hz=SAMPLE_RATE_HZ, n_fft=512, hop_length=256)
 
 
@@ -35,7 +36,7 @@ def waves(batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("head,pool", [("sed", "avg"), ("clip", "avg"), ("clip", "gem")])
 def test_forward_backward_shapes_and_finite_gradients(head, pool):
-    model = tiny_model(head=head, pool=pool, spec_augment=dict(p=1.0)).train()
+    model = tiny_model(head=head, pool=pool, spec_augment={**MASKS, "p": 1.0}).train()
     out = model(waves(3))
     assert out["logits"].shape == (3, NUM_CLASSES)
     if head == "sed":
@@ -89,7 +90,7 @@ def test_spec_augment_masks_whole_bands_filled_with_sample_mean():
     row_mask = changed_rows[..., None].expand_as(spec)
     assert torch.allclose(out[row_mask], mean[row_mask])
     assert changed_rows.sum(dim=2).max() <= 4
-    none_applied = SpecAugment(p=0.0).train()(spec)
+    none_applied = SpecAugment(**MASKS, p=0.0).train()(spec)
     assert torch.equal(none_applied, spec)
 
 
@@ -165,7 +166,7 @@ def test_pretrained_rgb_classifier_weights_are_adapted(tmp_path):
 def test_checkpoint_round_trip_from_file_alone(tmp_path):
     weights = tmp_path / "pretrained.pth"
     torch.save(timm.create_model("test_efficientnet", in_chans=1, num_classes=0).state_dict(), weights)
-    model = tiny_model(head="sed", spec_augment=dict(p=0.5), pretrained_path=str(weights))
+    model = tiny_model(head="sed", spec_augment={**MASKS, "p": 0.5}, pretrained_path=str(weights))
     with torch.no_grad():  # move BatchNorm statistics away from their initial values
         model.train()(waves(4, seed=3))
     model.eval()
@@ -214,7 +215,7 @@ def test_model_configs_build_and_run(name):
 def test_onnx_export_matches_pytorch(tmp_path, head):
     import onnxruntime as ort
 
-    model = tiny_model(head=head, pool="gem", norm="standard_minmax", spec_augment=dict(p=1.0)).eval()
+    model = tiny_model(head=head, pool="gem", norm="standard_minmax", spec_augment={**MASKS, "p": 1.0}).eval()
     batch = torch.export.Dim("batch")
     program = torch.onnx.export(model, (waves(2),), dynamo=True, dynamic_shapes=({0: batch},))
     onnx_path = tmp_path / "model.onnx"

@@ -99,19 +99,3 @@ def test_readme_results_table_is_the_headline_record():
         row = (f"| {k['round']} | {render.stat(k['control'])} | {render.stat(k['student'])} | {render.stat(k['oracle'])} | "
                f"{render.stat(k['gain'], True)} | {render.stat(k['headroom'], True)} |")
         assert row in readme, f"README's results table lacks {row}"
-
-
-def test_readme_few_shot_table_is_the_newest_few_shot_record():
-    # README's few-shot table copies the newest `experiment=few_shot` record of the page's presets section.
-    render = bench_module("render_results")
-    few_shot = [r for _, r in render.load_records(REPO / "results")
-                if render.section_of(r) == "presets" and "experiment=few_shot" in r["overrides"]
-                and not r["results"].get("tag")]  # a tagged record is a variant of the preset, not the preset
-    record = max(few_shot, key=lambda r: r.get("measured") or "")
-    assert record["reproducible_by_one_command"] and len(record["results"]["seeds"]) >= 3
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert f"teachers {render.stat(record['results']['teacher'])}" in readme
-    for k in record["results"]["rounds"]:
-        row = (f"| {k['round']} | {render.stat(k['control'])} | {render.stat(k['student'])} | "
-               f"{render.stat(k['gain'], True)} | {render.stat(k['over_teacher'], True)} |")
-        assert row in readme, f"README's few-shot table lacks {row}"

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from snr_tiers import positive_snr, tier_auc, tier_masks  # noqa: E402
 
 from birdrounds.data.synthetic import Event, chunk_labels
-from birdrounds.infer import row_ids
+from birdrounds.contract import row_ids
 
 
 def test_positive_snr_marks_exactly_the_generators_positive_cells_with_the_loudest_call():

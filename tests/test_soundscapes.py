@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader
 
-from birdrounds import infer
+from birdrounds import contract
 from birdrounds.data.audio import DirectAudio
 from birdrounds.data.soundscapes import SoundscapeChunks, row_id, window_starts
 
@@ -31,12 +31,12 @@ def test_row_id():
 
 
 def test_chunks_and_submission_share_the_row_id_rule_and_chunk(tmp_path):
-    """Training, pseudo-labels and the submission name a chunk alike: one rule and one chunk, in infer.py."""
-    assert row_id is infer.row_id
+    """Training, pseudo-labels and the submission name a chunk alike: one rule and one chunk, in contract.py."""
+    assert row_id is contract.row_id
     path = write_seconds(tmp_path / "S01_20240101_000000.wav", 37)
     ds = SoundscapeChunks([path], DirectAudio(SR))  # default window and stride: the scored chunk
-    assert ds.window_s == infer.SCORED_CHUNK_S and ds.stride == round(infer.SCORED_CHUNK_S * SR)
-    assert ds.rows["row_id"].tolist() == infer.row_ids(path.stem, len(ds))
+    assert ds.window_s == contract.SCORED_CHUNK_S and ds.stride == round(contract.SCORED_CHUNK_S * SR)
+    assert ds.rows["row_id"].tolist() == contract.row_ids(path.stem, len(ds))
 
 
 def test_sixty_second_file_gives_twelve_rows(tmp_path):

@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from birdrounds import cli, infer
+from birdrounds import cli, contract, infer
 from birdrounds.config import compose, validate
 from birdrounds.model import save_checkpoint
 from birdrounds.submit import run_predict
@@ -32,21 +32,21 @@ PREDICT_OVERRIDES = ["predict.smoothing=[0.2,0.6,0.2]", "predict.file_scale_alph
 
 def tiny_onnx(path: Path, classes: list[str] = CLASSES) -> Path:
     """A birdrounds waveform graph in a few nodes: probs = sigmoid(mean of the window * weights)."""
-    n = round(infer.SCORED_CHUNK_S * SR)
+    n = round(contract.SCORED_CHUNK_S * SR)
     nodes = [helper.make_node("ReduceMean", ["waveform", "axis"], ["level"], keepdims=1),
              helper.make_node("Mul", ["level", "weights"], ["logits"]),
-             helper.make_node("Sigmoid", ["logits"], [infer.OUTPUT_PROBS])]
+             helper.make_node("Sigmoid", ["logits"], [contract.OUTPUT_PROBS])]
     inits = [numpy_helper.from_array(np.array([1], np.int64), "axis"),
              numpy_helper.from_array(np.linspace(-1, 1, len(classes)).astype(np.float32), "weights")]
     inputs = [helper.make_tensor_value_info("waveform", TensorProto.FLOAT, ["batch", n])]
-    outputs = [helper.make_tensor_value_info(infer.OUTPUT_PROBS, TensorProto.FLOAT, ["batch", len(classes)])]
+    outputs = [helper.make_tensor_value_info(contract.OUTPUT_PROBS, TensorProto.FLOAT, ["batch", len(classes)])]
     graph = helper.make_graph(nodes, "tiny", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     helper.set_model_props(model, {
-        infer.META_FORMAT_VERSION: infer.FORMAT_VERSION, infer.META_CLASSES: json.dumps(classes),
-        infer.META_SAMPLE_RATE_HZ: str(SR), infer.META_WINDOW_S: str(infer.SCORED_CHUNK_S),
-        infer.META_INPUT: "waveform", infer.META_MEMBERS: "[]"})
+        contract.META_FORMAT_VERSION: contract.FORMAT_VERSION, contract.META_CLASSES: json.dumps(classes),
+        contract.META_SAMPLE_RATE_HZ: str(SR), contract.META_WINDOW_S: str(contract.SCORED_CHUNK_S),
+        contract.META_INPUT: "waveform", contract.META_MEMBERS: "[]"})
     onnx.save(model, str(path))
     return path
 
@@ -197,7 +197,7 @@ def test_package_readme_command_writes_what_predict_writes(home, tmp_path, caplo
     command, with no flags, then writes the CSV `birdrounds predict` writes."""
     torch.manual_seed(0)
     model = config_model(len(CLASSES))  # model=tiny, the model of experiment=smoke
-    save_checkpoint(tmp_path / "model.pt", model, CLASSES, extra={"window_s": infer.SCORED_CHUNK_S})
+    save_checkpoint(tmp_path / "model.pt", model, CLASSES, extra={"window_s": contract.SCORED_CHUNK_S})
     package = tmp_path / "export"
     assert cli.main(["export", "experiment=smoke", f"export.checkpoints=[{tmp_path / 'model.pt'}]",
                      "export.kinds=[spectrogram]", f"export.out_dir={package}", *PREDICT_OVERRIDES]) == 0

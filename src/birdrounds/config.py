@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from birdrounds.contract import SCORED_CHUNK_S
 from birdrounds.rules import (  # noqa: F401  (ConfigError and Rule: their home is rules, most modules import them here)
     AUGMENT_ON,
     COUNT,
@@ -407,8 +408,6 @@ def validate(cfg: DictConfig, may_generate: bool = False) -> None:
                 require(cfg, f"pseudo.mixing.{key}", lambda v: v is not None,
                         f"strategy {strategy} needs it (add +pseudo.mixing.{key}=<value>)")
         require(cfg, "pseudo.student_init", lambda v: v in ("teacher", "scratch"), "must be 'teacher' or 'scratch'")
-        from birdrounds.infer import SCORED_CHUNK_S  # imported here: it loads numpy and soundfile
-
         require(cfg, "pseudo.window_s", lambda v: isinstance(v, (int, float)) and v >= SCORED_CHUNK_S,
                 f"must be at least the {SCORED_CHUNK_S:g}-s scored chunk")
     if not may_generate:

@@ -33,7 +33,7 @@ from torch import nn
 
 import birdrounds
 from birdrounds.artifacts import EXPORT_REPORT_FILE, atomic_open, write_json_atomic
-from birdrounds.infer import (
+from birdrounds.contract import (
     FORMAT_VERSION,
     FRONTEND_KEYS,
     INPUT_KINDS,
@@ -50,8 +50,8 @@ from birdrounds.infer import (
     OUTPUT_FRAMEWISE,
     OUTPUT_PROBS,
     SCORED_CHUNK_S,
-    parse_predict_settings,
 )
+from birdrounds.infer import parse_predict_settings
 from birdrounds.model import BirdModel, MelFrontend, checkpoint_hash, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -617,7 +617,8 @@ def export_package(
     atol: float = 1e-4,
     extra_kinds: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """A self-contained inference folder: model.onnx (+ model_int8.onnx), classes.json, infer.py, README.md.
+    """A self-contained inference folder: model.onnx (+ model_int8.onnx), classes.json, infer.py and its
+    modules (INFER_FILES), README.md.
 
     verify_audio, calibration: waveform windows [B, window_samples] from soundscapes; int8 calibrates on
     `calibration`, or on `verify_audio` when it is None. predict_settings: see `export_onnx` (the
@@ -636,8 +637,7 @@ def export_package(
     if int8:
         report["int8"] = _export_int8(out_dir, metadata, calibration if calibration is not None else verify_audio)
         files.append("model_int8.onnx")
-    if _copy_infer_script(out_dir / "infer.py"):
-        files.append("infer.py")
+    files += _copy_infer_files(out_dir)
     with atomic_open(out_dir / "README.md", "w") as f:
         f.write(_package_readme(metadata, int8))
     files += ["README.md", EXPORT_REPORT_FILE]
@@ -674,15 +674,21 @@ def _export_int8(out_dir: Path, metadata: dict[str, str], calibration_audio: np.
     }
 
 
-def _copy_infer_script(destination: Path) -> bool:
-    """Copy birdrounds/infer.py (numpy + onnxruntime only) beside the model; False if it does not exist."""
-    source = Path(birdrounds.__file__).parent / "infer.py"
-    if not source.is_file():
-        log.warning("%s not found; the package has no infer.py", source)
-        return False
-    with open(source, "rb") as src, atomic_open(destination, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    return True
+# The standalone script and the package modules it imports (numpy, soundfile and onnxruntime only).
+INFER_FILES = ("infer.py", "contract.py", "audio_io.py", "melspec.py", "postprocess.py")
+
+
+def _copy_infer_files(out_dir: Path) -> list[str]:
+    """Copy infer.py and the modules it imports beside the model; [] (with a warning) if one is missing."""
+    package = Path(birdrounds.__file__).parent
+    missing = [name for name in INFER_FILES if not (package / name).is_file()]
+    if missing:
+        log.warning("%s not found in %s; the export has no infer.py", ", ".join(missing), package)
+        return []
+    for name in INFER_FILES:
+        with open(package / name, "rb") as src, atomic_open(out_dir / name, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return list(INFER_FILES)
 
 
 PACKAGE_COMMAND = "python infer.py --model model.onnx --input-dir {input_dir} --output submission.csv"
@@ -711,7 +717,9 @@ def _package_readme(metadata: dict[str, str], int8: bool) -> str:
         "frontend, members and recorded predict settings are in its metadata_props\n"
         f"{int8_line}"
         "- `classes.json`: the class names, in output order\n"
-        "- `infer.py`: soundscapes -> submission CSV; needs only numpy, soundfile and onnxruntime (scipy optional)\n"
+        "- `infer.py`: soundscapes -> submission CSV, with the modules it imports beside it (`contract.py`, "
+        "`audio_io.py`, `melspec.py`, `postprocess.py`); needs only numpy, soundfile and onnxruntime (scipy to "
+        "resample a file that is not at the model's rate, and for a faster FFT)\n"
         f"- `{EXPORT_REPORT_FILE}`: the export report (parity against PyTorch, timings)\n\n"
         "## Run\n\n"
         "```bash\n"

@@ -37,7 +37,7 @@ import yaml
 from birdrounds.artifacts import atomic_open
 from birdrounds.config import EXTERNAL_BACKENDS as BACKENDS
 from birdrounds.config import ConfigError
-from birdrounds.infer import resample
+from birdrounds.audio_io import resample
 from birdrounds.model import checkpoint_hash
 
 log = logging.getLogger(__name__)

@@ -6,10 +6,12 @@ a Kaggle submission folder and run offline on CPU:
     python infer.py --model model.onnx --input-dir test_soundscapes --output submission.csv
 
 so it imports only the standard library, numpy, soundfile and onnxruntime (scipy when present, for a
-faster FFT and for resampling). It never imports torch or the rest of birdrounds.
+faster FFT and for resampling), and four modules of the package that the export copies beside it:
+contract.py (the ONNX contract and the row ids), audio_io.py (decoding), melspec.py (the numpy mel
+frontend) and postprocess.py (smoothing, file scaling). It never imports torch or the rest of birdrounds.
 
-The ONNX contract is defined here (the constants below; `birdrounds.export` imports them and writes
-it), read from the graph's metadata_props:
+The ONNX contract (constants in contract.py; `birdrounds.export` writes it) is read from the graph's
+metadata_props:
   birdrounds.format_version  "1"
   birdrounds.classes         JSON list of class names, in output column order
   birdrounds.sample_rate_hz  sample rate the model expects
@@ -48,7 +50,6 @@ import contextlib
 import csv
 import json
 import logging
-import math
 import os
 import queue
 import sys
@@ -70,15 +71,32 @@ if __name__ == "__main__":
         os.environ.setdefault(_var, "1")
 
 import numpy as np
-import soundfile as sf
 
 if TYPE_CHECKING:  # onnxruntime is imported where a session is made: most importers want only the constants
     import onnxruntime as ort
 
-try:  # scipy's FFT is faster than numpy's and can use several threads; optional
-    import scipy.fft as _scipy_fft
-except ImportError:  # pragma: no cover - exercised only where scipy is missing
-    _scipy_fft = None
+
+# The ONNX contract, audio reading, the numpy frontend and post-processing live in modules of their own, which
+# the package imports too; an export copies them beside this file.
+if __package__:  # birdrounds.infer
+    from .audio_io import decode_audio, list_audio_files
+    from .contract import (
+        FORMAT_VERSION, INPUT_KINDS, META_CLASSES, META_FORMAT_VERSION, META_FRONTEND, META_INPUT, META_MEMBERS,
+        META_PREDICT_SETTINGS, META_SAMPLE_RATE_HZ, META_WINDOW_S, OUTPUT_FRAMEWISE, OUTPUT_PROBS, RECORDED_SETTINGS,
+        SCORED_CHUNK_S, ModelFormatError, row_ids,
+    )
+    from .melspec import FrontendConfig, MelFrontendNumpy
+    from .postprocess import overlap_to_chunks, postprocess, validate_kernel
+else:  # a script in an exported folder: the copies beside it (`python -I` leaves its folder off sys.path)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from audio_io import decode_audio, list_audio_files
+    from contract import (
+        FORMAT_VERSION, INPUT_KINDS, META_CLASSES, META_FORMAT_VERSION, META_FRONTEND, META_INPUT, META_MEMBERS,
+        META_PREDICT_SETTINGS, META_SAMPLE_RATE_HZ, META_WINDOW_S, OUTPUT_FRAMEWISE, OUTPUT_PROBS, RECORDED_SETTINGS,
+        SCORED_CHUNK_S, ModelFormatError, row_ids,
+    )
+    from melspec import FrontendConfig, MelFrontendNumpy
+    from postprocess import overlap_to_chunks, postprocess, validate_kernel
 
 try:  # limits BLAS threads at run time when this file is imported as a module; optional
     from threadpoolctl import threadpool_limits as _threadpool_limits
@@ -90,246 +108,13 @@ def _single_thread_blas() -> Any:
     """Context: BLAS on one thread (see the note at the imports); a no-op without threadpoolctl."""
     return _threadpool_limits(limits=1, user_api="blas") if _threadpool_limits is not None else contextlib.nullcontext()
 
+
+
 log = logging.getLogger("birdrounds.infer")
-
-# ---- the ONNX contract and the submission format (with `row_id` below): defined here only. This
-# file runs without birdrounds installed, so the package imports them from here (export, submit,
-# rounds, pseudo, the soundscape and synthetic data, the config check).
-FORMAT_VERSION = "1"
-META = "birdrounds."
-META_FORMAT_VERSION = META + "format_version"
-META_CLASSES = META + "classes"
-META_SAMPLE_RATE_HZ = META + "sample_rate_hz"
-META_WINDOW_S = META + "window_s"
-META_INPUT = META + "input"
-META_FRONTEND = META + "frontend"
-META_MEMBERS = META + "members"
-META_MEMBER_FRONTENDS = META + "member_frontends"   # waveform ensembles whose members' frontends differ
-META_PREDICT_SETTINGS = META + "predict_settings"   # optional: RECORDED_SETTINGS of the export's config
-META_QUANTIZATION = META + "quantization"           # INT8 graphs: how they were quantized
-INPUT_KINDS = {"spectrogram": "spec", "waveform": "waveform"}   # graph kind -> name of its input
-OUTPUT_PROBS = "probs"                   # [batch, n_classes]
-OUTPUT_FRAMEWISE = "framewise_probs"     # [batch, T', n_classes], SED heads only
-# MelFrontend's arguments: the keys of birdrounds.frontend (and of a checkpoint's model_kwargs).
-FRONTEND_KEYS = ("sample_rate_hz", "n_fft", "hop_length", "n_mels", "f_min_hz", "f_max_hz", "top_db", "norm")
-SCORED_CHUNK_S = 5.0                     # BirdCLEF scores soundscapes per 5-s chunk
-# The InferenceSettings an export records under META_PREDICT_SETTINGS: those, besides speed knobs,
-# that change the CSV and that `birdrounds predict` takes from its config.
-RECORDED_SETTINGS = ("smoothing", "file_scale_alpha", "window_stride_s", "tta_shift_s", "expected_duration_s")
-
-NORM_MODES = ("standard", "minmax", "standard_minmax")
-AUDIO_EXTENSIONS = (".ogg", ".wav", ".flac", ".mp3")
-# The constants of birdrounds.model.MelFrontend / torchaudio.AmplitudeToDB, repeated here because
-# this file cannot import the package; tests/test_infer.py checks the parity.
-_NORM_EPS = 1e-6
-_POWER_FLOOR = 1e-10
-# Size of the [windows, frames, n_fft] float32 frame buffer the frontend fills at a time: one 5-s
-# window at n_fft 2048, hop 512 (2.6 MB). Blocks this small stay in cache and their temporaries are
-# reused by malloc instead of being mapped and faulted in afresh: 1.16 ms per 5-s window, against
-# 2.34 ms for blocks of 8 windows (24 MB). Memory stays bounded at any batch size and window length.
-_FRONTEND_BLOCK_BYTES = 4 << 20
-# Mel filters per block GEMM in the frontend (4..16 measured within 20% of each other; 8 fastest).
-_FILTERS_PER_GEMM = 8
-# Truncation checks, shared with birdrounds.data.audio (training imports them): a header's frame
-# count may overstate a complete file by this fraction (MP3 headers without a Xing frame estimate it);
-# an Ogg page is at most 27 + 255 + 255 * 255 bytes, so a file's last this-many bytes hold its last page.
-TRUNCATION_TOLERANCE = 0.02
-_OGG_TAIL_BYTES = 65_307 + 1024
-_OGG_EOS_FLAG = 0x04
-_WAV_HEADER_BYTES = 1 << 16
-
-
-class ModelFormatError(ValueError):
-    """An ONNX file that does not follow the birdrounds contract, or models that cannot be ensembled."""
-
-
-class AudioReadError(Exception):
-    """A file that cannot be decoded (corrupt, empty, unsupported, or needs resampling without scipy)."""
 
 
 class OutputError(ValueError):
     """An output file that cannot be written (its folder cannot be created or written to)."""
-
-
-# ---------------------------------------------------------------- the mel frontend in numpy
-
-
-@dataclass(frozen=True)
-class FrontendConfig:
-    """Arguments of `birdrounds.model.MelFrontend` (the `birdrounds.frontend` metadata)."""
-
-    sample_rate_hz: int
-    n_fft: int = 2048
-    hop_length: int = 512
-    n_mels: int = 128
-    f_min_hz: float = 50.0
-    f_max_hz: float = 14000.0
-    top_db: float | None = 80.0
-    norm: str = "standard"
-
-    def __post_init__(self) -> None:
-        if self.norm not in NORM_MODES:
-            raise ValueError(f"norm must be one of {NORM_MODES}, got {self.norm!r}")
-        if not 0 <= self.f_min_hz < self.f_max_hz <= self.sample_rate_hz / 2:
-            raise ValueError(f"need 0 <= f_min_hz < f_max_hz <= {self.sample_rate_hz / 2}, "
-                             f"got {self.f_min_hz}, {self.f_max_hz}")
-        if self.n_fft < 2 or self.hop_length < 1 or self.n_mels < 1:
-            raise ValueError(f"bad frontend sizes: n_fft {self.n_fft}, hop {self.hop_length}, n_mels {self.n_mels}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FrontendConfig:
-        """Build from the metadata dict; every key of the contract must be present, no others."""
-        missing, unknown = set(FRONTEND_KEYS) - set(values), set(values) - set(FRONTEND_KEYS)
-        if missing or unknown:
-            raise ValueError(f"frontend metadata: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
-        top_db = values["top_db"]
-        return cls(
-            sample_rate_hz=int(values["sample_rate_hz"]), n_fft=int(values["n_fft"]),
-            hop_length=int(values["hop_length"]), n_mels=int(values["n_mels"]),
-            f_min_hz=float(values["f_min_hz"]), f_max_hz=float(values["f_max_hz"]),
-            top_db=None if top_db is None else float(top_db), norm=str(values["norm"]),
-        )
-
-
-def _hz_to_mel(freq_hz: float) -> float:
-    """HTK mel scale (torchaudio's default)."""
-    return 2595.0 * math.log10(1.0 + freq_hz / 700.0)
-
-
-def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """`torch.linspace` in float32 on CPU: float32 step, first half from `start`, second half from `end`.
-
-    Each value is one fused multiply-add (a single rounding), which float64 arithmetic then one
-    rounding to float32 reproduces.
-    """
-    start32, end32 = np.float32(start), np.float32(end)
-    step = np.float64(np.float32((end32 - start32) / np.float32(max(steps - 1, 1))))
-    idx = np.arange(steps, dtype=np.float64)
-    values = np.where(idx < steps // 2, np.float64(start32) + step * idx, np.float64(end32) - step * (steps - 1 - idx))
-    return values.astype(np.float32)
-
-
-def mel_filterbank(n_freqs: int, f_min_hz: float, f_max_hz: float, n_mels: int, sample_rate_hz: int) -> np.ndarray:
-    """Triangular HTK mel filters [n_freqs, n_mels] float32, no area norm: torchaudio's `melscale_fbanks`.
-
-    Computed in float32 step by step as torchaudio does, so the weights match torch's to about one
-    float32 ulp; exact (float64) weights differ from torch's by up to 1e-5, which would show as up to
-    ~1e-4 in the normalised spectrogram.
-    """
-    f32 = np.float32
-    # torchaudio spaces the bins up to sample_rate // 2 (integer division), not sample_rate / 2.
-    all_freqs = _linspace_f32(0.0, sample_rate_hz // 2, n_freqs)
-    mels = _linspace_f32(_hz_to_mel(f_min_hz), _hz_to_mel(f_max_hz), n_mels + 2)
-    # torch's float32 pow is accurate to the last bit, as float64 pow rounded once is.
-    f_pts = f32(700.0) * (np.power(10.0, (mels / f32(2595.0)).astype(np.float64)).astype(f32) - f32(1.0))
-    f_diff = f_pts[1:] - f_pts[:-1]
-    slopes = f_pts[None, :] - all_freqs[:, None]
-    down = -slopes[:, :-2] / f_diff[:-1]
-    up = slopes[:, 2:] / f_diff[1:]
-    return np.maximum(f32(0.0), np.minimum(down, up))
-
-
-def _rfft(frames: np.ndarray, workers: int) -> np.ndarray:
-    """Real FFT over the last axis (float32 in, complex64 out), scipy when available."""
-    if _scipy_fft is not None:
-        return _scipy_fft.rfft(frames, axis=-1, workers=workers, overwrite_x=True)
-    # numpy < 2 computes in float64: back to complex64, which the frontend views as float32 pairs.
-    return np.fft.rfft(frames, axis=-1).astype(np.complex64, copy=False)
-
-
-class MelFrontendNumpy:
-    """Waveforms [B, n_samples] -> normalised log-mel [B, 1, n_mels, frames], as `birdrounds.model.MelFrontend`.
-
-    Same steps as torchaudio's MelSpectrogram + AmplitudeToDB with the frontend's settings: frames
-    centred with reflect padding of n_fft // 2, periodic Hann window of n_fft samples, power
-    spectrum, HTK mel filters; then 10 * log10(max(power, 1e-10)), floored per sample at its maximum
-    minus top_db; then the per-sample normalisation of `MelFrontend._normalise` (std with ddof=1).
-    A silent window normalises to all zeros, as in torch. Parity with torch is ~1e-5 on real audio;
-    it is ill-defined only for bins more than ~100 dB below a window's peak (e.g. a pure digital
-    tone with top_db=None), which hold float32 FFT rounding noise that differs between FFT libraries.
-    """
-
-    def __init__(self, config: FrontendConfig, fft_workers: int = 1) -> None:
-        self.config = config
-        self.fft_workers = max(1, int(fft_workers))
-        n = np.arange(config.n_fft)
-        self.window = (0.5 - 0.5 * np.cos(2.0 * np.pi * n / config.n_fft)).astype(np.float32)
-        self.fbank = mel_filterbank(config.n_fft // 2 + 1, config.f_min_hz, config.f_max_hz, config.n_mels,
-                                    config.sample_rate_hz)
-        # FFT bins outside every filter (e.g. above f_max_hz) add exact zeros: skip them.
-        used = np.flatnonzero(self.fbank.any(axis=1))
-        self._bins = slice(int(used[0]), int(used[-1]) + 1) if len(used) else slice(0, 1)
-        self._fbank_groups = self._filter_groups(self.fbank[self._bins])
-
-    @staticmethod
-    def _filter_groups(fbank: np.ndarray, per_group: int = _FILTERS_PER_GEMM) -> list[tuple[slice, slice, np.ndarray]]:
-        """The filterbank cut into blocks of `per_group` neighbouring filters and the bins they cover.
-
-        Each triangle spans a few bins, so the dense [bins, n_mels] product is mostly zeros; one small
-        GEMM per block (columns, bin range, weights) skips them (measured on EfficientNet-B0's
-        frontend: 1.28 -> 0.19 ms per 5-s chunk). Each filter row appears twice, for the real and the
-        imaginary part, so the squared interleaved spectrum times it is |X|^2 @ fbank with no
-        separate pass to form |X|^2. Bins are relative to `fbank`'s first row, in (re, im) units.
-        """
-        groups = []
-        for first in range(0, fbank.shape[1], per_group):
-            weights = fbank[:, first : first + per_group]
-            rows = np.flatnonzero(weights.any(axis=1))
-            lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 1)
-            groups.append((slice(first, first + weights.shape[1]), slice(2 * lo, 2 * hi),
-                           np.ascontiguousarray(np.repeat(weights[lo:hi], 2, axis=0))))
-        return groups
-
-    def n_frames(self, n_samples: int) -> int:
-        """Spectrogram frames for a window of `n_samples` (centred framing)."""
-        return n_samples // self.config.hop_length + 1
-
-    def __call__(self, waveforms: np.ndarray) -> np.ndarray:
-        """Normalised log-mel spectrograms [B, 1, n_mels, frames] float32."""
-        waves = np.atleast_2d(np.asarray(waveforms, dtype=np.float32))
-        if waves.shape[1] <= self.config.n_fft // 2:
-            raise ValueError(f"windows of {waves.shape[1]} samples are too short for n_fft {self.config.n_fft}")
-        n_frames = self.n_frames(waves.shape[1])
-        out = np.empty((len(waves), 1, self.config.n_mels, n_frames), dtype=np.float32)
-        block = max(1, _FRONTEND_BLOCK_BYTES // (4 * n_frames * self.config.n_fft))
-        for start in range(0, len(waves), block):
-            out[start : start + block, 0] = self._log_mel(waves[start : start + block])
-        return self._normalise(out)
-
-    def _log_mel(self, waves: np.ndarray) -> np.ndarray:
-        """Floored dB mel power [b, n_mels, frames] float32."""
-        cfg = self.config
-        pad = cfg.n_fft // 2
-        padded = np.pad(waves, ((0, 0), (pad, pad)), mode="reflect")
-        # Frames are strided views of `padded`; the window multiply makes the one copy the FFT needs.
-        frames = np.lib.stride_tricks.sliding_window_view(padded, cfg.n_fft, axis=-1)[:, :: cfg.hop_length]
-        spectrum = _rfft(frames * self.window, self.fft_workers)
-        # complex64 [b, frames, bins] viewed as float32 (re, im) pairs, squared in place, then per
-        # block of filters one GEMM over the whole batch block: [b * frames, 2 * bins] @ [2 * bins, filters].
-        pairs = spectrum.view(np.float32)[..., 2 * self._bins.start : 2 * self._bins.stop]
-        np.square(pairs, out=pairs)
-        pairs = pairs.reshape(-1, pairs.shape[-1])
-        mel = np.empty((len(pairs), cfg.n_mels), dtype=np.float32)
-        for columns, bins, weights in self._fbank_groups:
-            np.matmul(pairs[:, bins], weights, out=mel[:, columns])
-        mel = mel.reshape(len(waves), -1, cfg.n_mels).transpose(0, 2, 1)
-        db = 10.0 * np.log10(np.maximum(mel, np.float32(_POWER_FLOOR)))
-        if cfg.top_db is not None:
-            db = np.maximum(db, db.max(axis=(1, 2), keepdims=True) - np.float32(cfg.top_db))
-        return db
-
-    def _normalise(self, spec: np.ndarray) -> np.ndarray:
-        """Per-sample normalisation over (channel, mel, frame); statistics in float64."""
-        axes = (1, 2, 3)
-        if self.config.norm in ("standard", "standard_minmax"):
-            mean = spec.mean(axis=axes, keepdims=True, dtype=np.float64)
-            std = spec.std(axis=axes, keepdims=True, ddof=1, dtype=np.float64)
-            spec = ((spec - mean) / (std + _NORM_EPS)).astype(np.float32)
-        if self.config.norm in ("minmax", "standard_minmax"):
-            lo = spec.min(axis=axes, keepdims=True).astype(np.float64)
-            hi = spec.max(axis=axes, keepdims=True).astype(np.float64)
-            spec = ((spec - lo) / (hi - lo + _NORM_EPS)).astype(np.float32)
-        return spec
 
 
 # ---------------------------------------------------------------- models
@@ -636,132 +421,6 @@ class FileInfo:
         return self.error is None
 
 
-@dataclass
-class DecodedAudio:
-    """A decoded file: its samples and, when it is cut short, why and how long it should be."""
-
-    wave: np.ndarray                  # float32 mono at the requested rate: what could be decoded
-    truncated: str | None = None      # why the file is incomplete; None when it decoded completely
-    declared_s: float | None = None   # the full duration its header declares, when known and longer
-
-
-def list_audio_files(folder: str | os.PathLike, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> list[Path]:
-    """Audio files directly in `folder`, sorted by name (hidden files skipped); an empty folder is fine."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"input folder not found: {folder}")
-    wanted = {e.lower() for e in extensions}
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in wanted)
-
-
-def read_audio(path: str | os.PathLike, sample_rate_hz: int) -> np.ndarray:
-    """Whole file as float32 1-D mono (mean of channels) at `sample_rate_hz` (a truncated file: up to
-    its cut); raises AudioReadError."""
-    return decode_audio(path, sample_rate_hz).wave
-
-
-def decode_audio(path: str | os.PathLike, sample_rate_hz: int) -> DecodedAudio:
-    """Decode a whole file, mono at `sample_rate_hz`, and check it is complete; raises AudioReadError.
-
-    A file cut short keeps the audio before the cut and says why it is incomplete: decoding failed
-    part-way (e.g. FLAC losing sync), it decoded clearly fewer frames than its header declares
-    (FLAC, MP3, WAV), or its Ogg stream lacks the end-of-stream page (a cut Ogg decodes without error
-    and its header declares no length). Nothing decoded, non-finite samples: AudioReadError.
-    """
-    path = str(path)
-    failure: Exception | None = None
-    try:
-        with sf.SoundFile(path) as f:
-            declared, file_rate_hz, container = f.frames, int(f.samplerate), f.format
-            try:
-                frames = f.read(dtype="float32", always_2d=True)
-            except Exception as err:  # libsndfile raises several types mid-stream
-                failure = err
-        if failure is not None:
-            frames, failure = _read_until_failure(path, file_rate_hz)
-    except Exception as err:  # libsndfile raises several types for corrupt input
-        raise AudioReadError(f"{type(err).__name__}: {err}") from err
-    n_frames = frames.shape[0]
-    if n_frames == 0:
-        raise AudioReadError("no audio frames" if failure is None else f"{type(failure).__name__}: {failure}")
-    mono = frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else frames[:, 0]
-    if not np.isfinite(mono).all():
-        raise AudioReadError("non-finite samples (NaN/inf)")
-    if container == "WAV":  # libsndfile clamps a cut WAV's frame count to the bytes present
-        declared = max(declared, _wav_declared_frames(path) or 0)
-    truncated = None
-    if failure is not None:
-        truncated = f"decoding failed after {n_frames / file_rate_hz:.1f} s: {type(failure).__name__}: {failure}"
-    elif declared > 0 and n_frames < (1.0 - TRUNCATION_TOLERANCE) * declared:
-        truncated = (f"decoded {n_frames / file_rate_hz:.1f} s of the {declared / file_rate_hz:.1f} s "
-                     "its header declares")
-    elif container == "OGG" and not ogg_ends_with_eos_page(path):
-        truncated = "its Ogg stream ends without the end-of-stream page"
-    if file_rate_hz != sample_rate_hz:
-        mono = resample(mono, file_rate_hz, sample_rate_hz)
-    declared_s = declared / file_rate_hz if truncated is not None and declared > n_frames else None
-    return DecodedAudio(np.ascontiguousarray(mono, dtype=np.float32), truncated, declared_s)
-
-
-def _read_until_failure(path: str, block_frames: int) -> tuple[np.ndarray, Exception | None]:
-    """Frames [n, channels] read block by block up to the first decode error, and that error (None if none)."""
-    blocks: list[np.ndarray] = []
-    failure: Exception | None = None
-    with sf.SoundFile(path) as f:
-        channels = f.channels
-        try:
-            while len(block := f.read(block_frames, dtype="float32", always_2d=True)):
-                blocks.append(block)
-        except Exception as err:  # the first decode error ends the file
-            failure = err
-    frames = np.concatenate(blocks) if blocks else np.zeros((0, channels), dtype=np.float32)
-    return frames, failure
-
-
-def _wav_declared_frames(path: str) -> int | None:
-    """Frames the data chunk of a RIFF/WAVE header declares (None when the header does not say)."""
-    with open(path, "rb") as f:
-        head = f.read(_WAV_HEADER_BYTES)
-    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-        return None
-    pos, block_align = 12, 0
-    while pos + 8 <= len(head):
-        chunk_id, size = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
-        if chunk_id == b"fmt " and pos + 22 <= len(head):
-            block_align = int.from_bytes(head[pos + 20 : pos + 22], "little")  # 12 bytes into the fmt data
-        elif chunk_id == b"data":
-            return size // block_align if block_align and size != 0xFFFFFFFF else None  # 0xFFFFFFFF: streamed
-        pos += 8 + size + (size & 1)
-    return None
-
-
-def ogg_ends_with_eos_page(path: str | os.PathLike) -> bool:
-    """Whether the file's last Ogg page is complete and carries the end-of-stream flag."""
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - _OGG_TAIL_BYTES))
-        tail = f.read()
-    start = tail.rfind(b"OggS")
-    if start < 0 or len(tail) - start < 27:
-        return False
-    n_segments = tail[start + 26]
-    lacing = tail[start + 27 : start + 27 + n_segments]
-    complete = len(lacing) == n_segments and len(tail) - start >= 27 + n_segments + sum(lacing)
-    return complete and bool(tail[start + 5] & _OGG_EOS_FLAG)
-
-
-def resample(wave: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
-    """Polyphase resampling with scipy (the decoder's, and the external models' in birdrounds.external);
-    without scipy the file cannot be used."""
-    try:
-        from scipy.signal import resample_poly
-    except ImportError as err:
-        raise AudioReadError(f"sample rate {from_hz} Hz needs resampling to {to_hz} Hz, which needs scipy") from err
-    g = math.gcd(from_hz, to_hz)
-    return resample_poly(wave, to_hz // g, from_hz // g).astype(np.float32)
-
-
 def _n_chunks(n_samples: int, chunk: int) -> int:
     """Chunks covering `n_samples` (a trailing partial chunk counts; at least one)."""
     return max(1, -(-n_samples // chunk))
@@ -806,16 +465,6 @@ def _decode_in_order(files: Sequence[Path], sample_rate_hz: int,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def row_id(stem: str, end_s: float) -> str:
-    """The BirdCLEF row id of a chunk (or window) ending at `end_s`: '<file stem>_<end in whole seconds>'."""
-    return f"{stem}_{int(round(end_s))}"
-
-
-def row_ids(stem: str, n_chunks: int, chunk_s: float = SCORED_CHUNK_S) -> list[str]:
-    """The row ids of chunks 1..n_chunks of a file (`row_id` of each chunk's end)."""
-    return [row_id(stem, (i + 1) * chunk_s) for i in range(n_chunks)]
-
-
 # ---------------------------------------------------------------- windows and streams
 
 
@@ -835,36 +484,6 @@ def _cut_windows(wave: np.ndarray, starts: np.ndarray, length: int) -> np.ndarra
         lo, hi = max(start, 0), min(start + length, len(wave))
         if hi > lo:
             out[row, lo - start : hi - start] = wave[lo:hi]
-    return out
-
-
-def overlap_to_chunks(frames: np.ndarray, starts: np.ndarray, window: float, n_chunks: int, chunk: float) -> np.ndarray:
-    """Chunk probs [n_chunks, C] of one file from framewise probs [n_windows, T', C] of windows at `starts`.
-
-    Frames go on a per-file grid of step window / T' (window offsets snapped to the nearest step, so
-    strides and TTA shifts should be multiples of it), overlapping frames are averaged, and chunk c
-    (covering [c * chunk, (c + 1) * chunk)) takes the max over the grid cells whose centre lies inside
-    it. `starts`, `window` and `chunk` share one unit (samples here, seconds in birdrounds.pseudo,
-    which labels soundscapes with this same function).
-    """
-    n_frames, n_classes = frames.shape[1], frames.shape[2]
-    step = window / n_frames
-    offsets = np.rint(starts / step).astype(np.int64)
-    origin = int(offsets.min())
-    offsets -= origin
-    size = int(offsets.max()) + n_frames
-    total = np.zeros((size, n_classes), dtype=np.float64)
-    count = np.zeros(size, dtype=np.int64)
-    for offset, window_frames in zip(offsets.tolist(), frames):
-        total[offset : offset + n_frames] += window_frames
-        count[offset : offset + n_frames] += 1
-    mean = total / np.maximum(count, 1)[:, None]
-    cell_chunk = np.floor((np.arange(size) + origin + 0.5) * step / chunk).astype(np.int64)
-    out = np.zeros((n_chunks, n_classes), dtype=np.float64)
-    for c in range(n_chunks):
-        inside = (cell_chunk == c) & (count > 0)
-        if inside.any():
-            out[c] = mean[inside].max(axis=0)
     return out
 
 
@@ -1112,75 +731,6 @@ class _Collector:
             elapsed = time.perf_counter() - self.start
             log.info("%d/%d files, %d chunks, %.1f s, %.1f chunks/s", self.files_done, len(self.files),
                      self.chunks_done, elapsed, self.chunks_done / max(elapsed, 1e-9))
-
-
-# ---------------------------------------------------------------- post-processing
-
-
-def validate_kernel(kernel: Sequence[float]) -> np.ndarray:
-    """A smoothing kernel as float64: odd length, finite, non-negative, positive centre weight."""
-    weights = np.asarray(kernel, dtype=np.float64)
-    if weights.ndim != 1 or len(weights) % 2 != 1:
-        raise ValueError(f"smoothing kernel must have an odd number of weights, got {list(kernel)}")
-    if not np.isfinite(weights).all() or (weights < 0).any() or weights[len(weights) // 2] <= 0:
-        raise ValueError(f"smoothing weights must be finite and >= 0 with a positive centre, got {list(kernel)}")
-    return weights
-
-
-def _file_runs(file_index: np.ndarray) -> np.ndarray:
-    """Start row of each file's run of rows; rows of one file must be contiguous."""
-    file_index = np.asarray(file_index)
-    starts = np.flatnonzero(np.r_[True, file_index[1:] != file_index[:-1]]) if len(file_index) else np.zeros(0, int)
-    if len(starts) != len(np.unique(file_index)):
-        raise ValueError("rows of each file must be contiguous (in chunk order)")
-    return starts
-
-
-def smooth(probs: np.ndarray, file_index: np.ndarray, kernel: Sequence[float]) -> np.ndarray:
-    """Weighted moving average along the chunks of each file.
-
-    out[i] = sum_j k[j] * p[i + j - h] / sum_j k[j], both sums over the taps j whose chunk
-    i + j - h lies in the same file as i (h = len(k) // 2). Renormalising over the taps inside the
-    file keeps a constant sequence constant at the edges; a 1-chunk file is unchanged.
-    """
-    weights = validate_kernel(kernel)
-    probs = np.asarray(probs)
-    file_index = np.asarray(file_index)
-    _file_runs(file_index)
-    n, half = len(probs), len(weights) // 2
-    total = np.zeros(probs.shape, dtype=np.float64)
-    norm = np.zeros(n, dtype=np.float64)
-    rows = np.arange(n)
-    for j, weight in enumerate(weights):
-        src = rows + j - half
-        valid = (src >= 0) & (src < n)
-        valid[valid] = file_index[src[valid]] == file_index[valid]
-        total[valid] += weight * probs[src[valid]]
-        norm[valid] += weight
-    return (total / np.maximum(norm, 1e-300)[:, None]).astype(probs.dtype)
-
-
-def scale_by_file_max(probs: np.ndarray, file_index: np.ndarray, alpha: float) -> np.ndarray:
-    """p * ((1 - alpha) + alpha * m), m = the class's max probability over the chunks of the same file.
-
-    A class heard somewhere in the file keeps its chunk probabilities (m near 1); one never heard is
-    damped towards p * (1 - alpha). alpha = 0 leaves p unchanged.
-    """
-    probs = np.asarray(probs)
-    if alpha == 0 or len(probs) == 0:
-        return probs.copy()
-    starts = _file_runs(file_index)
-    file_max = np.maximum.reduceat(probs, starts, axis=0)
-    lengths = np.diff(np.r_[starts, len(probs)])
-    factor = (1.0 - alpha) + alpha * np.repeat(file_max, lengths, axis=0)
-    return (probs * factor).astype(probs.dtype)
-
-
-def postprocess(raw: np.ndarray, file_index: np.ndarray, smoothing: Sequence[float] = (),
-                file_scale_alpha: float = 0.0) -> np.ndarray:
-    """Smoothing (if a kernel is given), then file-level scaling (if alpha > 0)."""
-    probs = smooth(raw, file_index, smoothing) if len(smoothing) else np.array(raw, copy=True)
-    return scale_by_file_max(probs, file_index, file_scale_alpha) if file_scale_alpha else probs
 
 
 # ---------------------------------------------------------------- the public entry points

@@ -93,11 +93,11 @@ class SpecAugment(nn.Module):
 
     def __init__(
         self,
-        freq_masks: int = 2,
-        freq_mask_width: int = 16,
-        time_masks: int = 2,
-        time_mask_width: int = 32,
-        p: float = 0.5,
+        freq_masks: int,
+        freq_mask_width: int,
+        time_masks: int,
+        time_mask_width: int,
+        p: float,
     ) -> None:
         super().__init__()
         self.freq_masks, self.freq_mask_width = freq_masks, freq_mask_width

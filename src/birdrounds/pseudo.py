@@ -28,12 +28,17 @@ from tqdm.auto import tqdm
 from birdrounds.artifacts import atomic_open, rebuild_hint
 from birdrounds.config import ConfigError
 from birdrounds.data.soundscapes import SoundscapeChunks
-from birdrounds.infer import SCORED_CHUNK_S, overlap_to_chunks, scale_by_file_max
+from birdrounds.contract import SCORED_CHUNK_S
+from birdrounds.postprocess import overlap_to_chunks, scale_by_file_max
 
 log = logging.getLogger(__name__)
 
 PROVENANCE_KEY = b"birdrounds.provenance"
 ROW_KEYS = ["row_id", "file", "start_s", "end_s"]
+# Teacher inference outside a run's config (rounds pass train.batch_size): windows per batch, and how many
+# batches a resumable job computes between saved parts.
+INFER_BATCH_SIZE = 16
+SAVE_EVERY_BATCHES = 10
 
 
 # ---------------------------------------------------------------- de-noising transforms
@@ -245,11 +250,11 @@ def predict_windows(
     dataset: SoundscapeChunks,
     framewise: bool,
     indices: Sequence[int] | None = None,
-    batch_size: int = 16,
+    batch_size: int = INFER_BATCH_SIZE,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     partial_dir: str | os.PathLike | None = None,
-    save_every: int = 10,
+    save_every: int = SAVE_EVERY_BATCHES,
     progress: bool = False,
 ) -> np.ndarray:
     """Ensemble-mean sigmoid per window of `indices` (default all): clip [n, C] or framewise [n, T', C].
@@ -317,12 +322,12 @@ def _overlap_average(frames: np.ndarray, windows: pd.DataFrame, chunks: pd.DataF
 def predict_chunks(
     models: Sequence[nn.Module],
     dataset: SoundscapeChunks,
-    batch_size: int = 16,
+    batch_size: int = INFER_BATCH_SIZE,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     chunk_s: float = SCORED_CHUNK_S,
     partial_path: str | os.PathLike | None = None,
-    save_every: int = 10,
+    save_every: int = SAVE_EVERY_BATCHES,
 ) -> np.ndarray:
     """Ensemble-mean sigmoid probabilities [len(chunk_rows(dataset, chunk_s)), C] of the teacher models.
 
@@ -446,7 +451,7 @@ def file_weights(rows: pd.DataFrame, probs: np.ndarray) -> np.ndarray:
 
 
 def detection_scores(models: Sequence[nn.Module], paths: Sequence[str], labels: Sequence[str], classes: list[str],
-                     audio: Any, window_s: float, batch_size: int = 16, device: str | torch.device = "cpu",
+                     audio: Any, window_s: float, batch_size: int = INFER_BATCH_SIZE, device: str | torch.device = "cpu",
                      progress: bool = False) -> np.ndarray:
     """For each recording, the highest probability the models give its label over `window_s` windows at
     half-window stride: "is the labeled species detected anywhere in it". NaN for a file that cannot be

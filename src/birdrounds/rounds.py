@@ -65,7 +65,7 @@ from birdrounds.data.layout import DEFAULT_PATHS
 from birdrounds.data.mixed_val import MixedValidation, mixed_validation_from_config
 from birdrounds.data.prepare import EXTERNAL_COLUMN, PreparedData, prepare_data
 from birdrounds.data.soundscapes import SoundscapeChunks
-from birdrounds.infer import SCORED_CHUNK_S
+from birdrounds.contract import SCORED_CHUNK_S
 from birdrounds.mixing import ConcatPseudoDataset, PseudoChunkDataset
 from birdrounds.model import checkpoint_hash, load_checkpoint, read_checkpoint_file, weights_hash
 from birdrounds.pseudo import (
@@ -257,7 +257,7 @@ def round_output(round_dir: Path) -> Path:
 
 def external_blend(cfg: DictConfig) -> float:
     """`teacher.blend`: the external teacher's weight in the pseudo-labels of rounds >= 2 (0 without one)."""
-    return float(cfg.teacher.get("blend", 0.0)) if is_external(cfg) else 0.0
+    return float(cfg.teacher.blend) if is_external(cfg) else 0.0
 
 
 def is_checkpoint(path: Path | None) -> bool:

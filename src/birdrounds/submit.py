@@ -7,7 +7,7 @@ predict: exported model(s) over a folder of soundscapes -> submission.csv; on th
          soundscapes it also scores the AUC with and without smoothing into `run_dir/predict.json`,
          which report.md shows.
 
-The export records the `predict` config's post-processing (infer.RECORDED_SETTINGS) in each graph, as
+The export records the `predict` config's post-processing (contract.RECORDED_SETTINGS) in each graph, as
 the defaults of the package's infer.py: its README command then writes the CSV `birdrounds predict`
 writes. `predict` itself stays driven by its config and warns when that differs from the recording.
 """
@@ -24,6 +24,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from birdrounds import infer
+from birdrounds.audio_io import AUDIO_EXTENSIONS, AudioReadError, list_audio_files, read_audio
+from birdrounds.contract import ModelFormatError
 from birdrounds.artifacts import EXPORT_REPORT_FILE, METRICS_FILE, MODEL_FILE, PREDICT_RECORD, write_json_atomic
 from birdrounds.checks import round_checks
 from birdrounds.config import ConfigError
@@ -82,13 +84,13 @@ def pick_round(run_dir: Path) -> int:
 
 def soundscape_windows(folders: list[Path], sample_rate_hz: int, window_s: float, n: int) -> np.ndarray | None:
     """Up to `n` real windows [n, window samples], spread over the soundscapes of `folders` (None if none)."""
-    files = [f for folder in folders if folder.is_dir() for f in infer.list_audio_files(folder)]
+    files = [f for folder in folders if folder.is_dir() for f in list_audio_files(folder)]
     length = round(window_s * sample_rate_hz)
     windows: list[np.ndarray] = []
     for path in files:
         try:
-            wave = infer.read_audio(path, sample_rate_hz)
-        except infer.AudioReadError as err:
+            wave = read_audio(path, sample_rate_hz)
+        except AudioReadError as err:
             log.warning("skipping %s for export checks: %s", path, err)
             continue
         starts = range(0, max(len(wave) - length, 0) + 1, length)
@@ -190,9 +192,9 @@ def run_predict(cfg: DictConfig) -> dict[str, Any]:
     sample = _data_path(cfg, "sample_submission") if sample_cfg == "data" else Path(sample_cfg) if sample_cfg else None
     if sample is not None and not sample.is_file():
         raise ConfigError(f"predict.sample_submission: not found: {sample}")
-    files = infer.list_audio_files(input_dir)
+    files = list_audio_files(input_dir)
     if not files:  # (the exported infer.py, which Kaggle runs on an empty test folder, writes a header-only file)
-        nested = next((p for p in input_dir.rglob("*") if p.suffix.lower() in infer.AUDIO_EXTENSIONS), None)
+        nested = next((p for p in input_dir.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS), None)
         where = f"; there is audio in its subfolder {nested.parent}: point predict.input_dir there" if nested else ""
         raise ConfigError(f"predict.input_dir: no audio files in {input_dir}{where} (nothing was written)")
     settings = inference_settings(cfg)
@@ -236,7 +238,7 @@ def _load_models(paths: list[Path], settings: infer.InferenceSettings) -> list[i
         models = infer.load_models(paths, settings.intra_op_threads, settings.inter_op_threads,
                                    settings.allow_spinning, settings.engine, settings.n_model_workers)
         infer.check_run(models, settings)
-    except infer.ModelFormatError as err:
+    except ModelFormatError as err:
         raise ConfigError(f"predict.models: {err}") from None
     except ValueError as err:  # settings these models cannot use (e.g. a window stride leaving gaps)
         raise ConfigError(f"predict: {err}") from None

@@ -39,7 +39,7 @@ from birdrounds.data.audio import AudioDecodeError
 from birdrounds.data.prepare import PreparedData
 from birdrounds.data.soundscapes import SoundscapeChunks, window_starts
 from birdrounds.external import ExternalModel, FeatureCache, load_external, normalise_name
-from birdrounds.infer import SCORED_CHUNK_S, row_id
+from birdrounds.contract import SCORED_CHUNK_S, row_id
 from birdrounds.metrics import bootstrap_auc_interval, clip_arrays, scored_auc, soundscape_arrays
 from birdrounds.pseudo import ROW_KEYS, model_probs, probs_for_rows, shard_range, write_pseudo_labels
 from birdrounds.train import selected_index, selection_metric

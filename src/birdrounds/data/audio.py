@@ -1,6 +1,6 @@
 """Audio decoding (mono, resampled) and the on-disk cache of decoded audio.
 
-There is one decoder: `birdrounds.infer.decode_audio` (soundfile, mean of channels, scipy's polyphase
+There is one decoder: `birdrounds.audio_io.decode_audio` (soundfile, mean of channels, scipy's polyphase
 resampler), which `birdrounds predict` and an export package's standalone infer.py use too, so a 44.1 or
 48 kHz recording (every Xeno-canto download) gives the model the same samples in training and in serving.
 Training and serving detect a cut-off file by the same rule; training then refuses it (below), serving
@@ -39,13 +39,13 @@ from tqdm.auto import tqdm
 from birdrounds.artifacts import atomic_open
 from birdrounds.config import ConfigError
 # The one decoder and its rule for a cut-off file (Ogg end page, declared-length shortfall), shared with predict.
-from birdrounds.infer import AudioReadError, decode_audio
+from birdrounds.audio_io import AudioReadError, decode_audio
 from birdrounds.procs import spawn_pool
 
 logger = logging.getLogger(__name__)
 
 # Bump when the decoded content of an entry would change (decoder policy, resampler quality,
-# file layout), so old entries are never served. 2: scipy's resample_poly (infer.decode_audio) replaced soxr.
+# file layout), so old entries are never served. 2: scipy's resample_poly (audio_io.decode_audio) replaced soxr.
 CACHE_FORMAT_VERSION = 2
 CACHE_DTYPES = ("float16", "float32")
 _FLOAT16_SAFE_PEAK = 65_000.0
@@ -82,7 +82,7 @@ def audio_info(path: str | os.PathLike) -> tuple[float, int, int]:
 
 
 def load_audio(path: str | os.PathLike, sample_rate_hz: int) -> np.ndarray:
-    """Decode a whole file to float32 1-D mono at `sample_rate_hz` with `infer.decode_audio`; a cut-off file
+    """Decode a whole file to float32 1-D mono at `sample_rate_hz` with `audio_io.decode_audio`; a cut-off file
     is an error here (see the module doc)."""
     _check_not_empty_file(path)
     try:

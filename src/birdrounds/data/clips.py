@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset, WeightedRandomSampler, default_collate, get_worker_info
 
 from birdrounds.data.audio import AudioDecodeError
-from birdrounds.infer import SCORED_CHUNK_S
+from birdrounds.contract import SCORED_CHUNK_S
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ from birdrounds.config import legacy_under, shipped_config
 from birdrounds.data.audio import AudioDecodeError
 from birdrounds.data.clips import _as_label_list
 from birdrounds.data.layout import read_table
-from birdrounds.infer import SCORED_CHUNK_S, row_id
+from birdrounds.contract import SCORED_CHUNK_S, row_id
 from birdrounds.metrics import soundscape_arrays, soundscape_auc
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from birdrounds.data.audio import AudioDecodeError
-from birdrounds.infer import SCORED_CHUNK_S, row_id  # the scored chunk and the row_id rule, defined once
+from birdrounds.contract import SCORED_CHUNK_S, row_id  # the scored chunk and the row_id rule, defined once
 
 log = logging.getLogger(__name__)
 

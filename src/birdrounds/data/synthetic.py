@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from birdrounds.data.audio import write_audio
 # The scored 5-s chunk the labels are given for, and the row ids of the solution (infer.py defines both).
-from birdrounds.infer import SCORED_CHUNK_S as CHUNK_S
-from birdrounds.infer import row_ids
+from birdrounds.contract import SCORED_CHUNK_S as CHUNK_S
+from birdrounds.contract import row_ids
 from birdrounds.procs import spawn_pool
 
 log = logging.getLogger(__name__)
