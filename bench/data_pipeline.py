@@ -3,6 +3,7 @@
 Usage:
     python bench/data_pipeline.py                      # ~60 synthetic 10-s OGG files in a temp dir
     python bench/data_pipeline.py --data-dir DIR       # every *.ogg under DIR
+    python bench/data_pipeline.py --record             # also results/data-pipeline-<date>.json (the table)
 
 Each measurement is one function returning `Measurement`s; `main` collects them into one table.
 Throughput is seconds of audio delivered per wall-clock second (x realtime) and files per second
@@ -27,6 +28,7 @@ import numpy as np
 import soundfile as sf
 
 from birdrounds.data.audio import AudioCache, load_audio
+from records import add_record_option, record_result
 
 
 @dataclass
@@ -45,6 +47,11 @@ class Measurement:
     @property
     def files_per_s(self) -> float:
         return self.n_files / self.wall_s
+
+    def row(self) -> dict:
+        """The table row as a record holds it."""
+        return {"measurement": self.name, "files": self.n_files, "audio_s": self.audio_s, "wall_s": self.wall_s,
+                "x_realtime": self.realtime_factor, "files_per_s": self.files_per_s}
 
 
 def make_synthetic_ogg(out_dir: Path, n_files: int, file_s: float, sample_rate_hz: int, seed: int) -> list[Path]:
@@ -174,6 +181,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-speedup", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loader-batches", type=int, default=20, help="batches of 32 per loader measurement")
+    add_record_option(parser)
     return parser.parse_args(argv)
 
 
@@ -206,7 +214,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(measure_training_loader(paths, cache, args.window_s, args.num_workers, augment, args.loader_batches))
 
         print_table(rows)
-        return report_speedups(decode, gated=warm_reads, informational=cold_reads, min_speedup=args.min_speedup)
+        status = report_speedups(decode, gated=warm_reads, informational=cold_reads, min_speedup=args.min_speedup)
+        if args.record:
+            record_result("data_pipeline", {
+                "cache_dtype": args.dtype, "best_of": args.repeats, "rows": [m.row() for m in rows],
+                "speedups_over_decode": [{"measurement": m.name, "speedup": m.files_per_s / decode.files_per_s,
+                                          "gated": gated} for reads, gated in ((warm_reads, True), (cold_reads, False))
+                                         for m in reads],
+                "goal": f"warm cache reads >= {args.min_speedup:g}x faster than decoding OGG", "goal_met": status == 0})
+        return status
 
 
 def report_speedups(

@@ -10,6 +10,7 @@ per core (cores = workers, or 1 for workers=0, where the main process does the w
     python bench/loader_rate.py                         # synthetic data under $BIRDROUNDS_HOME (generated if absent)
     python bench/loader_rate.py --workers 0 1 2 --batches 40
     python bench/loader_rate.py --json out.json data.augment.pitch_p=0    # Hydra overrides after the flags
+    python bench/loader_rate.py --record                 # also results/loader-rate-<date>.json (the --json rows)
     python bench/loader_rate.py data.augment_on=device    # workers only read, crop and slice backgrounds;
                                                           # also times the per-batch transform on the CPU
 
@@ -34,6 +35,7 @@ from birdrounds.config import compose  # noqa: E402
 from birdrounds.data.clips import make_sampler  # noqa: E402
 from birdrounds.data.prepare import prepare_data  # noqa: E402
 from birdrounds.rounds import build_datasets, with_background_windows  # noqa: E402
+from records import add_record_option, record_result  # noqa: E402
 
 
 def measure(parts, data_cfg, batch_size: int, batches: int, workers: int, prefetch_factor: int, seed: int) -> dict:
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="passes per worker count (the best and all are reported)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    add_record_option(parser)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.augment.pitch_p=0")
     args = parser.parse_args()
     # Per core: the main process's own torch work (MixUp, workers=0) stays on one thread.
@@ -104,6 +107,8 @@ def main() -> None:
               f"a few batched kernels)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
+    if args.record:
+        record_result("loader_rate", result, overrides=args.overrides)
 
 
 def time_transform(parts, batch_size: int, seed: int, batches: int = 5) -> dict:

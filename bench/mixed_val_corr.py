@@ -11,6 +11,8 @@ of val_clip_auc with val_soundscape_auc (the synthetic data's labeled validation
     python bench/mixed_val_corr.py --runs ... --val-soundscapes 40
     # design knobs, one column each ("name:key=value;key=value", values in YAML):
     python bench/mixed_val_corr.py --runs ... --variant "snr-10..5:snr_db=[-10,5]" --variant "quiet0.2:quiet_fraction=0.2"
+    # the tables as a record, results/mixed-val-corr-<date>.json: the --json table, correlations, ceiling
+    python bench/mixed_val_corr.py --runs ... --record
 
 The ceiling: no metric can rank the models more consistently with val_soundscape_auc than that score
 agrees with itself. The script predicts every model on the labeled validation soundscapes, splits the
@@ -47,13 +49,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from scipy.stats import spearmanr
 
-from birdrounds.artifacts import CONTROL_DIR, DONE_FILE, METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE
+from birdrounds.artifacts import CONTROL_DIR, METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE
 from birdrounds.data.mixed_val import mixed_validation_from_config
 from birdrounds.data.prepare import prepare_data, split_seed
 from birdrounds.data.soundscapes import SoundscapeChunks
 from birdrounds.contract import SCORED_CHUNK_S
 from birdrounds.metrics import soundscape_auc
 from birdrounds.model import checkpoint_hash, load_checkpoint
+from records import add_record_option, model_folders, record_result
 
 
 def run_mixed_cfg(cfg: DictConfig) -> dict:
@@ -62,22 +65,6 @@ def run_mixed_cfg(cfg: DictConfig) -> dict:
     them: from config.LEGACY where the key was added after runs were recorded, else from the shipped node."""
     node = cfg.data.get("mixed_val")
     return OmegaConf.to_container(node, resolve=True) if node else {}
-
-
-def model_folders(run_dirs: list[Path]) -> list[Path]:
-    """Completed round and control folders, in run, round order; a model copied into another run
-    (an oracle run reuses its teacher) counts once."""
-    found, seen = [], set()
-    for run_dir in run_dirs:
-        rounds = [p for p in run_dir.glob("round_*") if p.name.removeprefix("round_").isdigit()]
-        for folder in sorted(rounds, key=lambda p: int(p.name.removeprefix("round_"))):
-            for candidate in (folder, folder / CONTROL_DIR):
-                if all((candidate / f).is_file() for f in (DONE_FILE, MODEL_FILE, METRICS_FILE, ROUND_CONFIG_FILE)):
-                    digest = checkpoint_hash(candidate / MODEL_FILE)
-                    if digest not in seen:
-                        seen.add(digest)
-                        found.append(candidate)
-    return found
 
 
 def run_facts(cfg: DictConfig) -> dict:
@@ -148,23 +135,43 @@ def within_run_rho(table: list[dict], column: str, reference: str = "val_soundsc
             "centred": (float(pooled.statistic), float(pooled.pvalue)) if pooled is not None else None}
 
 
-def print_correlations(table: list[dict], columns: list[str]) -> None:
-    """Pooled and within-run Spearman tables, over all models and without the oracle students."""
+def correlations(table: list[dict], columns: list[str]) -> list[dict]:
+    """Pooled and within-run Spearman of each score with val_soundscape_auc, over all models and without the
+    oracle students: one row per (models, score)."""
     subsets = [("all", table)]
     if any(row["oracle"] for row in table):
         subsets.append(("without oracle students", [row for row in table if not row["oracle"]]))
+    out = []
     for label, rows in subsets:
         truth = np.array([row["val_soundscape_auc"] for row in rows], dtype=float)
-        print(f"\nSpearman rank correlation with val_soundscape_auc, {label}: {len(rows)} models\n")
-        print("| metric | pooled rho | p-value | within each split seed: rho (models) | mean ± std | per-seed means removed, pooled rho (p) |")
-        print("| --- | --- | --- | --- | --- | --- |")
         for column in columns[1:]:
             values = np.array([row[column] for row in rows], dtype=float)
             rho, p = spearmanr(values, truth)
             within = within_run_rho(rows, column)
-            seeds = ", ".join(f"{seed}: {r:.3f} ({n})" for seed, (r, n) in within["per_seed"].items()) or "–"
-            centred = f"{within['centred'][0]:.3f} ({within['centred'][1]:.2g})" if within["centred"] else "–"
-            print(f"| {column} | {rho:.3f} | {p:.2g} | {seeds} | {within['mean']:.3f} ± {within['std']:.3f} | {centred} |")
+            per_seed = {str(seed): {"rho": r, "models": n} for seed, (r, n) in within["per_seed"].items()}
+            out.append({"models": label, "n_models": len(rows), "metric": column, "rho": float(rho), "p": float(p),
+                        "within_split_seed": per_seed, "within_mean": within["mean"], "within_std": within["std"],
+                        "centred_rho": within["centred"][0] if within["centred"] else None,
+                        "centred_p": within["centred"][1] if within["centred"] else None})
+    return out
+
+
+def print_correlations(table: list[dict], columns: list[str]) -> list[dict]:
+    """Pooled and within-run Spearman tables, over all models and without the oracle students; returns
+    their rows (`correlations`)."""
+    rows = correlations(table, columns)
+    for label in dict.fromkeys(row["models"] for row in rows):
+        subset = [row for row in rows if row["models"] == label]
+        print(f"\nSpearman rank correlation with val_soundscape_auc, {label}: {subset[0]['n_models']} models\n")
+        print("| metric | pooled rho | p-value | within each split seed: rho (models) | mean ± std | per-seed means removed, pooled rho (p) |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for row in subset:
+            seeds = ", ".join(f"{seed}: {w['rho']:.3f} ({w['models']})"
+                              for seed, w in row["within_split_seed"].items()) or "–"
+            centred = f"{row['centred_rho']:.3f} ({row['centred_p']:.2g})" if row["centred_rho"] is not None else "–"
+            print(f"| {row['metric']} | {row['rho']:.3f} | {row['p']:.2g} | {seeds} | {row['within_mean']:.3f} ± "
+                  f"{row['within_std']:.3f} | {centred} |")
+    return rows
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -222,6 +229,7 @@ def main() -> None:
                         help="take each model's val_soundscape_auc from saved --json tables (matched by checkpoint) "
                              "instead of predicting the soundscapes again, e.g. to score new --variant designs")
     parser.add_argument("--splits", type=int, default=30, help="random half splits for the reliability ceiling")
+    add_record_option(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -231,7 +239,9 @@ def main() -> None:
         for row in table:
             if "split_seed" not in row or "oracle" not in row:  # tables saved before these fields
                 row.update(run_facts(OmegaConf.load(Path(row["model"]) / ROUND_CONFIG_FILE)))
-        print_correlations(table, metric_columns(table[0]))
+        rows = print_correlations(table, metric_columns(table[0]))
+        if args.record:  # the merged table and its correlations
+            record_result("mixed_val_corr", {"table": table, "correlations": rows})
         return
     if not args.runs:
         raise SystemExit("--runs (or --from-json) is required")
@@ -301,17 +311,21 @@ def main() -> None:
             f"{k}={v:.4f}" for k, v in row.items() if k.startswith("val_") and v is not None), flush=True)
 
     columns = metric_columns(table[0])
-    print(f"\n{len(table)} models, {time.time() - started:.0f} s\n")
+    seconds = time.time() - started
+    print(f"\n{len(table)} models, {seconds:.0f} s\n")
     print("| model | arm | " + " | ".join(columns) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in columns) + " |")
     for row in table:
         name = "/".join(Path(row["model"]).parts[-3:]) if Path(row["model"]).name == CONTROL_DIR \
             else "/".join(Path(row["model"]).parts[-2:])
         print(f"| {name} | {row['arm']} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |")
-    print_correlations(table, columns)
+    correlation_rows = print_correlations(table, columns)
+    ceiling = None
     if scape_rows is not None and len(scape_scores) == len(table) and args.splits > 0:
         mean, low, high = split_half_reliability(scape_scores, *scape_rows, n_splits=args.splits)
         r_sb = 2 * mean / (1 + mean) if mean > -1 else float("nan")
+        ceiling = {"splits": args.splits, "split_half_spearman": mean, "min": low, "max": high, "spearman_brown": r_sb,
+                   "attainable_rho": float(np.sqrt(r_sb)) if r_sb > 0 else 0.0}
         print(f"\nceiling: split-half Spearman of val_soundscape_auc over {args.splits} random halves of the "
               f"validation soundscape files: mean {mean:.3f} (min {low:.3f}, max {high:.3f}); Spearman-Brown "
               f"reliability {r_sb:.3f}; attainable rho about {np.sqrt(r_sb) if r_sb > 0 else 0.0:.2f}")
@@ -320,6 +334,11 @@ def main() -> None:
             print(f"\nvariant {name}: data.mixed_val + {overrides}")
     if args.json:
         args.json.write_text(json.dumps(table, indent=1))
+    if args.record:  # the --json table, with what was printed from it
+        record_result("mixed_val_corr", {"reference_val_soundscapes": wide.n_files if wide is not None else None,
+                                         "seconds": round(seconds), "table": table, "correlations": correlation_rows,
+                                         "ceiling": ceiling,
+                                         "variants": {name: overrides for name, overrides in variants if overrides}})
 
 
 if __name__ == "__main__":

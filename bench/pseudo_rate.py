@@ -6,7 +6,7 @@ calls -- at `train.batch_size` on the GPU when there is one (else the CPU). One 
 then `--repeats` timed passes over every window; the best pass is reported as windows/s and as seconds
 of soundscape labelled per second (per file, the last window's nominal end).
 
-    python bench/pseudo_rate.py runs/demo/round_0/model.pt [--json out.json] [Hydra overrides]
+    python bench/pseudo_rate.py runs/demo/round_0/model.pt [--json out.json] [--record] [Hydra overrides]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from birdrounds.data.soundscapes import SoundscapeChunks  # noqa: E402
 from birdrounds.contract import SCORED_CHUNK_S  # noqa: E402
 from birdrounds.model import load_checkpoint  # noqa: E402
 from birdrounds.pseudo import is_framewise, predict_windows  # noqa: E402
+from records import add_record_option, record_result  # noqa: E402
 
 
 def main() -> None:
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--json", type=Path, default=None)
+    add_record_option(parser)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     cfg = compose(["logger=none", *args.overrides])
@@ -70,6 +72,8 @@ def main() -> None:
     print(json.dumps(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
+    if args.record:
+        record_result("pseudo_rate", result, overrides=args.overrides)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark records: one JSON file per result under results/, rendered into docs/results.md.
+"""Benchmark records, and the few helpers the scripts of bench/ share: bench/'s one shared module.
 
 A record says what was measured and how to measure it again: the code version (git SHA), the date, the
 machine (CPU model and core count), the exact command, and the figures, per seed where there are seeds.
@@ -7,10 +7,19 @@ edited after the fact, a new measurement is a new file.
 
     from records import write_record
     write_record("rounds_gain", "rounds-gain", {...}, overrides=[...])   # results/rounds-gain-2026-12-05.json
+
+Every script that prints figures takes `--record` (`add_record_option`) and writes what it printed with
+`record_result`: benchmark = the script's name, name = the same with "-" for "_".
+
+    python bench/loader_rate.py --record data.augment.pitch_p=0          # results/loader-rate-<date>.json
+
+The scripts are run as `python bench/<name>.py`, which puts bench/ on sys.path: they import this module
+(and each other) by name.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import platform
@@ -20,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from birdrounds.artifacts import write_json_atomic
+from birdrounds.artifacts import CONTROL_DIR, DONE_FILE, METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "results"
@@ -81,3 +90,36 @@ def write_record(benchmark: str, name: str, results: dict[str, Any], overrides: 
         path = folder / f"{name}-{record['measured']}-{n}.json"
     write_json_atomic(path, record)
     return path
+
+
+def add_record_option(parser: argparse.ArgumentParser) -> None:
+    """A benchmark's `--record` flag."""
+    parser.add_argument("--record", action="store_true",
+                        help="also write the result as a JSON record into results/ ($BIRDROUNDS_RESULTS_DIR if set; "
+                             "bench/records.py)")
+
+
+def record_result(benchmark: str, results: dict[str, Any], overrides: list[str] | None = None, **fields: Any) -> Path:
+    """`write_record` under the benchmark's own names (`benchmark`: the script's name; the file:
+    results/<benchmark with "-" for "_">-<date>.json), its path printed to stderr; returns the path."""
+    path = write_record(benchmark, benchmark.replace("_", "-"), results, overrides=overrides, **fields)
+    print(f"record: {path}", file=sys.stderr)
+    return path
+
+
+def model_folders(run_dirs: list[Path]) -> list[Path]:
+    """Completed round and control folders, in run, round order; a model copied into another run
+    (an oracle run reuses its teacher) counts once."""
+    from birdrounds.model import checkpoint_hash  # torch: only for the scripts that score models
+
+    found, seen = [], set()
+    for run_dir in run_dirs:
+        rounds = [p for p in run_dir.glob("round_*") if p.name.removeprefix("round_").isdigit()]
+        for folder in sorted(rounds, key=lambda p: int(p.name.removeprefix("round_"))):
+            for candidate in (folder, folder / CONTROL_DIR):
+                if all((candidate / f).is_file() for f in (DONE_FILE, MODEL_FILE, METRICS_FILE, ROUND_CONFIG_FILE)):
+                    digest = checkpoint_hash(candidate / MODEL_FILE)
+                    if digest not in seen:
+                        seen.add(digest)
+                        found.append(candidate)
+    return found

@@ -4,6 +4,11 @@ Every number on that page comes from a record (bench/records.py writes them; the
 transcribed from the project's notes and say so). The page is never edited by hand: change or add a
 record, then run this. `--check` exits 1 when the committed page differs from what the records give.
 
+Records with a template of their own (rounds_gain, inference, external_teachers, the transcribed "table"
+records and mixed_val_corr's transcribed summary) render through it; what the other benchmarks write with
+`--record` (GENERIC, mixed_val_corr's own records included) renders as it is: numbers and text as a list,
+rows as a table, the rest as a JSON block. A record of any other benchmark is listed by name.
+
     python bench/render_results.py [--results results] [--out docs/results.md] [--check]
 """
 
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -34,6 +40,10 @@ SECTIONS = {
 DEFAULT_SECTION = {"rounds_gain": "headline", "inference": "inference", "mixed_val_corr": "mixed_val",
                    "external_teachers": "real_audio",
                    "ablation": "ablation"}
+# Benchmarks whose `--record` results render as they are (render_generic); any other benchmark without a
+# template is listed by its record's name only.
+GENERIC = {"data_pipeline", "loader_rate", "mixed_val_corr", "pseudo_rate", "scale", "snr_tiers", "train_throughput",
+           "wide_val", "xc_archive_gain"}
 
 INTRO = """\
 # Results
@@ -41,7 +51,7 @@ INTRO = """\
 Rendered by `make results` (`bench/render_results.py`) from the records in [`results/`](../results/);
 do not edit this page by hand. A record is one JSON file per benchmark result: the command and
 overrides, the code version, the machine, the date and the figures, per seed where there are seeds.
-`bench/rounds_gain.py --record` and `bench/inference.py --record` write new ones.
+Every benchmark that prints a figure writes new ones with `--record` (`python bench/<name>.py ... --record`).
 
 Records whose source says "transcribed" were copied from the project's earlier notes (all measured on
 a 2-core CPU machine without a GPU): they carry no code version or CPU model, and those marked "no" under
@@ -167,6 +177,61 @@ def render_tables(name: str, record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def number(value: Any) -> str:
+    """A figure as a generic table shows it: about 4 significant digits, thousands grouped, JSON for the rest."""
+    if value is None or isinstance(value, (bool, str, int)):
+        return cell(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value == 0 or abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.4g}" if abs(value) >= 1e-3 else f"{value:.2e}"
+    if isinstance(value, list) and plain(value):
+        return ", ".join(number(v) for v in value) or "–"
+    return cell(json.dumps(value, separators=(", ", ": ")))
+
+
+def plain(value: Any) -> bool:
+    """A number, text, nothing, or a list of those: one line of a generic rendering."""
+    simple = (bool, str, int, float)
+    return value is None or isinstance(value, simple) or (
+        isinstance(value, list) and all(v is None or isinstance(v, simple) for v in value))
+
+
+def render_generic(name: str, record: dict[str, Any]) -> list[str]:
+    """Any benchmark's results as they are: its numbers, texts and lists of them as a list, each list of rows
+    (dicts) as a table with the union of their keys as columns, anything else as a JSON block; each under its key."""
+    r = record["results"]
+    overrides = f" Overrides `{' '.join(record['overrides'])}`." if record.get("overrides") else ""
+    lines = [f"### {record.get('title') or name}", "", provenance(name, record) + overrides, ""]
+    scalars = {k: v for k, v in r.items() if plain(v)}
+    if scalars:
+        lines += [f"- {k}: {number(v)}" for k, v in scalars.items()] + [""]
+    for key, value in r.items():
+        if key in scalars:
+            continue
+        if isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
+            columns = list(dict.fromkeys(k for row in value for k in row))
+            lines += [f"{key}:", "", "| " + " | ".join(map(cell, columns)) + " |",
+                      "| " + " | ".join("---" for _ in columns) + " |"]
+            lines += ["| " + " | ".join(number(row.get(c)) for c in columns) + " |" for row in value]
+            lines.append("")
+        else:
+            lines += [f"{key}:", "", "```json", json.dumps(value, indent=1), "```", ""]
+    return lines
+
+
+def renderer(record: dict[str, Any]):
+    """The function that renders a record's section, or None (listed by name only)."""
+    benchmark = record["benchmark"]
+    if benchmark == "mixed_val_corr" and "reference_ceiling" in record["results"]:
+        return render_mixed_val  # the transcribed summary; the script's own --record is generic
+    own = {"rounds_gain": render_rounds, "inference": render_inference, "table": render_tables,
+           "external_teachers": render_tables}.get(benchmark)
+    return own or (render_generic if benchmark in GENERIC else None)
+
+
 def lever_gain(part: dict[str, Any] | None, r: dict[str, Any], which: str) -> str:
     """A lever's gain cell: round 1, and round 2 where it was measured."""
     if part is None or part.get("gain") is None:
@@ -233,9 +298,7 @@ def render(records: list[tuple[str, dict[str, Any]]]) -> str:
             members = [(n, {**r, "title": f"{'Current' if i == 0 else 'Superseded'}: {r.get('title') or n}"})
                        for i, (n, r) in enumerate(members)]
         for name, record in members:
-            render_one = {"rounds_gain": render_rounds, "inference": render_inference,
-                          "mixed_val_corr": render_mixed_val, "table": render_tables,
-                          "external_teachers": render_tables}.get(record["benchmark"])
+            render_one = renderer(record)
             lines += render_one(name, record) if render_one else [f"- [`{name}`](../results/{name})", ""]
     lines += render_index(ordered)
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -27,6 +27,8 @@ least-squares MB per driver unit over all sizes (a conservative bound: noise at 
 Exit status 0 when no exponent exceeds 1.15 and every projected peak RAM is under 16 GB, else 1.
 
     python bench/scale.py --workdir /tmp/scale [--fractions 0.005 0.01 0.02] [--train-steps 20] [--out scale.json]
+
+`--record` also writes results/scale-<date>.json, whose results are the --out JSON.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+
+from records import add_record_option, record_result
 
 # torch is imported only inside the stages (so cache-build workers, which import this file, stay light);
 # its OpenMP threads must yield rather than spin on 2 cores (src/birdrounds/cli.py).
@@ -446,6 +450,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default WORKDIR/scale.json)")
     parser.add_argument("--reanalyse", type=Path, default=None, metavar="JSON",
                         help="print the tables again from a results file (no runs; its sizes and settings)")
+    add_record_option(parser)
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--size-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -453,7 +458,7 @@ def main() -> None:
         return run_child(args)
     if args.reanalyse:
         saved = json.loads(args.reanalyse.read_text())
-        vars(args).update({k: v for k, v in saved["args"].items() if k not in ("reanalyse", "out")})
+        vars(args).update({k: v for k, v in saved["args"].items() if k not in ("reanalyse", "out", "record")})
         args.out = args.reanalyse
         return finish(saved["sizes"], args)
     if args.workdir is None or len(args.fractions) < 3:
@@ -477,9 +482,12 @@ def finish(sizes: list[dict[str, Any]], args: argparse.Namespace) -> None:
     ok = not any(ln["flags"] for ln in lines)
     out = Path(args.out or Path(args.workdir) / "scale.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                               "sizes": sizes, "lines": lines, "ok": ok}, indent=1))
+    result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "record"},
+              "sizes": sizes, "lines": lines, "ok": ok}
+    out.write_text(json.dumps(result, indent=1))
     print(f"\n{'OK' if ok else 'FAIL'}: results in {out}")
+    if args.record:
+        record_result("scale", result)
     sys.exit(0 if ok else 1)
 
 

@@ -10,14 +10,13 @@ positive rows of that tier against all its negative rows, averaged over the clas
     python bench/snr_tiers.py --val-soundscapes 120 --runs /tmp/exp90/runs/seed0_e15 /tmp/exp90/runs/seed0_e15_oracle
 
 The validation soundscapes are those of the runs' data, or its N-soundscape twin (bench/wide_val.py).
-Inference only, on CPU.
+Inference only, on CPU. `--json PATH` keeps the table; `--record` keeps the same as results/snr-tiers-<date>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +25,12 @@ import torch
 from omegaconf import OmegaConf
 from sklearn.metrics import roc_auc_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mixed_val_corr import model_folders  # noqa: E402
-from wide_val import ValidationSoundscapes  # noqa: E402
-
 from birdrounds.artifacts import METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE
 from birdrounds.data.synthetic import labeled_chunks
 from birdrounds.contract import SCORED_CHUNK_S as CHUNK_S, row_id
 from birdrounds.metrics import ROW_ID_COLUMN
+from records import add_record_option, model_folders, record_result
+from wide_val import ValidationSoundscapes
 
 TIERS = ("faint", "mid", "loud")
 
@@ -89,6 +86,7 @@ def main() -> None:
                         help="score on the N-soundscape twin of the runs' synthetic data (bench/wide_val.py)")
     parser.add_argument("--min-positives", type=int, default=3, help="positive rows of a tier a class needs")
     parser.add_argument("--json", type=Path, default=None, help="also write the table here")
+    add_record_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     folders = model_folders(args.runs)
@@ -116,8 +114,11 @@ def main() -> None:
         table.append(row)
         name = "/".join(folder.parts[-3:] if folder.name == "control" else folder.parts[-2:])
         print(f"| {name} | {row['arm']} | " + " | ".join(f"{row[k]:.3f}" for k in ("all", *TIERS)) + " |", flush=True)
+    result = {"cuts_db": cuts.tolist(), "models": table}
     if args.json:
-        args.json.write_text(json.dumps({"cuts_db": cuts.tolist(), "models": table}, indent=1))
+        args.json.write_text(json.dumps(result, indent=1))
+    if args.record:
+        record_result("snr_tiers", result)
 
 
 if __name__ == "__main__":

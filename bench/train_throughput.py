@@ -8,6 +8,7 @@ in `next(dataloader)`; the loop's data defaults are meant to keep that share bel
     python bench/train_throughput.py                       # BirdCLEF default: EfficientNet-B0 SED, 128 mels
     python bench/train_throughput.py --model tiny --steps 20
     python bench/train_throughput.py --augment             # with the waveform augmentation of data.augment
+    python bench/train_throughput.py --record              # also results/train-throughput-<date>.json
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from birdrounds.config import compose  # noqa: E402
 from birdrounds.data.audio import AudioCache  # noqa: E402
 from birdrounds.data.clips import ClipDataset, MixUpCollate, make_sampler  # noqa: E402
 from birdrounds.train import fit  # noqa: E402
+from records import add_record_option, record_result  # noqa: E402
 
 WAIT_SHARE_LIMIT = 0.10
 
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=96)
     parser.add_argument("--augment", action="store_true", help="apply data.augment (shift, stretch, pitch, noise, gain)")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary folder")
+    add_record_option(parser)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.prefetch_factor=2")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,11 +99,14 @@ def run(args: argparse.Namespace, work: Path) -> None:
         sampler=make_sampler(table, num_samples=args.steps * args.batch_size),
         collate_fn=MixUpCollate(instantiate(cfg.data.mixup)),
     )
-    report(args, cfg, result["history"])
+    figures = report(args, cfg, result["history"])
+    if args.record:
+        record_result("train_throughput", figures, overrides=args.overrides)
 
 
-def report(args: argparse.Namespace, cfg, history: list[dict]) -> None:
-    """One line per epoch and a verdict on the last one (the first also pays one-off warm-up)."""
+def report(args: argparse.Namespace, cfg, history: list[dict]) -> dict:
+    """One line per epoch and a verdict on the last one (the first also pays one-off warm-up); returns
+    what it printed, as a record holds it."""
     print(f"model={args.model} ({cfg.model.backbone}, {cfg.model.n_mels} mels), window {cfg.data.window_s} s "
           f"@ {cfg.data.sample_rate_hz} Hz, batch {args.batch_size}, {args.num_workers} workers, "
           f"MixUp p={cfg.data.mixup.prob}, augment={'on' if args.augment else 'off'}, "
@@ -111,6 +117,13 @@ def report(args: argparse.Namespace, cfg, history: list[dict]) -> None:
     last = history[-1]["data_wait_share"]
     verdict = "OK" if last < WAIT_SHARE_LIMIT else "DATA-BOUND"
     print(f"{verdict}: data wait {100 * last:.1f}% (limit {100 * WAIT_SHARE_LIMIT:.0f}%)")
+    return {"model": args.model, "backbone": cfg.model.backbone, "n_mels": cfg.model.n_mels,
+            "window_s": cfg.data.window_s, "sample_rate_hz": cfg.data.sample_rate_hz, "batch_size": args.batch_size,
+            "num_workers": args.num_workers, "mixup_p": cfg.data.mixup.prob, "augment": args.augment,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "epochs": [{"epoch": h["epoch"], "samples_per_s": float(h["samples_per_s"]),
+                        "data_wait_share": float(h["data_wait_share"])} for h in history],
+            "data_wait_share_limit": WAIT_SHARE_LIMIT, "verdict": verdict}
 
 
 if __name__ == "__main__":

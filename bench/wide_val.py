@@ -16,7 +16,7 @@ the wider set after training, without retraining; nothing of it enters training 
 
 From the shell, a finished run (e.g. `make demo`'s) scored on the wider set, student against control:
 
-    python bench/wide_val.py runs/demo --val-soundscapes 40
+    python bench/wide_val.py runs/demo --val-soundscapes 40 [--record]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from birdrounds.metrics import ROW_ID_COLUMN, per_class_roc_auc, soundscape_auc
 from birdrounds.model import checkpoint_hash, load_checkpoint
 from birdrounds.pseudo import chunk_rows, predict_chunks
 from birdrounds.report import completed_rounds
+from records import add_record_option, record_result
 
 # Files that must be identical between the run's data and the wider copy: everything a model trains on.
 SAME_TABLES = ("train.csv", "taxonomy.csv", "truth/train_soundscape_labels.csv")
@@ -155,6 +156,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="a run folder (runs/<experiment_name>) on the synthetic data")
     parser.add_argument("--val-soundscapes", type=int, default=40, metavar="N",
                         help="validation soundscapes of the wider twin (default 40)")
+    add_record_option(parser)
     args = parser.parse_args()
     arms = round_arms(args.run_dir)
     if not arms:
@@ -164,16 +166,24 @@ def main() -> None:
     print(f"| round | student, {own.n_files} soundscapes | control | gain | "
           f"student, {wide.n_files} soundscapes | control | gain |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    rows = []
     for index, folder, control in arms:
-        cells = []
-        for val in (own, wide):
+        cells, row = [], {"round": index}
+        for val, which in ((own, "own"), (wide, "wide")):
             student = val.score(folder / MODEL_FILE)
             if control is None:
                 cells += [f"{student:.3f}", "–", "–"]
+                row.update({f"student_{which}": student, f"control_{which}": None, f"gain_{which}": None})
             else:
                 reference = val.score(control / MODEL_FILE)
                 cells += [f"{student:.3f}", f"{reference:.3f}", f"{student - reference:+.3f}"]
+                row.update({f"student_{which}": student, f"control_{which}": reference,
+                            f"gain_{which}": student - reference})
+        rows.append(row)
         print(f"| {index} | " + " | ".join(cells) + " |", flush=True)
+    if args.record:  # "own": the data's validation soundscapes; "wide": its twin with --val-soundscapes
+        record_result("wide_val", {"own_val_soundscapes": own.n_files, "wide_val_soundscapes": wide.n_files,
+                                   "rounds": rows})
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ Goal (issue 15): extended classes +0.02 mean or better, macro AUC not lower, und
     # the same models scored on 40 validation soundscapes instead of 10 (bench/wide_val.py)
     python bench/xc_archive_gain.py --home /tmp/xc_gain --val-soundscapes 40
 
-Teachers already complete in a run folder are reused as they are. Results also go to <home>/xc_gain_<tag>.json.
+Teachers already complete in a run folder are reused as they are. Results also go to <home>/xc_gain_<tag>.json,
+and with --record to results/xc-archive-gain-<date>.json (the same figures).
 Exit status 0 when the goal is met, 1 when not.
 """
 
@@ -43,10 +44,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from wide_val import ValidationSoundscapes
 
 from birdrounds.artifacts import DONE_FILE, MANIFEST_FILE, MODEL_FILE
 from birdrounds.config import compose
+from records import add_record_option, record_result
+from wide_val import ValidationSoundscapes
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_EXTENDED_GAIN = 0.02
@@ -110,6 +112,7 @@ def main() -> int:
     parser.add_argument("--val-soundscapes", type=int, default=None, metavar="N",
                         help="score on the same data with N labeled validation soundscapes (the demo has 10; "
                              "bench/wide_val.py); results go to xc_gain_<tag>_val<N>.json")
+    add_record_option(parser)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the 'with' arm only (the lever)")
     args = parser.parse_args()
     home = args.home.resolve()
@@ -124,22 +127,24 @@ def main() -> int:
     base = "xc_without" + ("_" + "_".join(o.replace("=", "-").replace(".", "-") for o in args.both) if args.both else "")
     suffix = f"_val{val.n_files}" if args.val_soundscapes else ""
     print(f"scored on {val.n_files} validation soundscapes ({val.root})", flush=True)
+    recording = {"record": args.record, "overrides": [*args.both, *args.overrides]}
     if args.students and args.student_lever:
         arms = (("in", ["data.external.in_students=true"]),
                 (args.student_lever, ["data.external.in_students=true", *args.overrides]))
         return compare(home, root, extended, val, args.seeds, f"students_{args.tag}_{args.student_lever}{suffix}",
                        lambda seed: student_pair(home, seed, args.tag, list(args.both), arms),
-                       ("in", args.student_lever), MIN_STUDENT_GAIN, lever=" ".join(args.overrides))
+                       ("in", args.student_lever), MIN_STUDENT_GAIN, lever=" ".join(args.overrides), **recording)
     if args.students:
         arms = (("out", ["data.external.in_students=false"]), ("in", ["data.external.in_students=true"]))
         return compare(home, root, extended, val, args.seeds, f"students_{args.tag}{suffix}",
                        lambda seed: student_pair(home, seed, args.tag, [*args.both, *args.overrides], arms),
-                       ("in_students=false", "in_students=true"), MIN_STUDENT_GAIN)
+                       ("in_students=false", "in_students=true"), MIN_STUDENT_GAIN, **recording)
     return compare(home, root, extended, val, args.seeds, f"{args.tag}{suffix}",
                    lambda seed: (train_round(home, f"{base}_s{seed}", seed, [*args.both, "data.external.enabled=false"]),
                                  train_round(home, f"xc_with_{args.tag}_s{seed}", seed,
                                                [*args.both, "data.external.enabled=true", *args.overrides])),
-                   ("without", "with"), MIN_EXTENDED_GAIN, lever=" ".join(args.overrides), both=" ".join(args.both))
+                   ("without", "with"), MIN_EXTENDED_GAIN, lever=" ".join(args.overrides), both=" ".join(args.both),
+                   **recording)
 
 
 def student_pair(home: Path, seed: int, tag: str, overrides: list[str],
@@ -162,8 +167,9 @@ def student_pair(home: Path, seed: int, tag: str, overrides: list[str],
 
 def compare(home: Path, root: Path, extended: list[str], val: ValidationSoundscapes, seeds: list[int], tag: str,
             train_pair, names: tuple[str, str], goal: float, lever: str = "",
-            both: str = "") -> int:
-    """Train both arms per seed (`train_pair(seed)` -> ((model a, s), (model b, s))), print and save the table."""
+            both: str = "", record: bool = False, overrides: list[str] | None = None) -> int:
+    """Train both arms per seed (`train_pair(seed)` -> ((model a, s), (model b, s))), print and save the table;
+    with `record`, also as a record under results/ (`overrides`: the command's Hydra overrides)."""
     a, b = names
     per_seed, per_class = [], {}
     for seed in seeds:
@@ -204,6 +210,8 @@ def compare(home: Path, root: Path, extended: list[str], val: ValidationSoundsca
     result = {"tag": tag, "arms": names, "lever": lever, "both": both, "extended": extended,
               "per_seed": per_seed, "per_class": {str(k): v.to_dict() for k, v in per_class.items()}, "goal_met": bool(met)}
     (home / f"xc_gain_{tag}.json").write_text(json.dumps(result, indent=1))
+    if record:
+        record_result("xc_archive_gain", result, overrides=overrides)
     return 0 if met else 1
 
 

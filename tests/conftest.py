@@ -149,6 +149,33 @@ def run_entry(home: Path, *overrides: str, cwd: Path | None = None, **env_extra:
                           timeout=600)
 
 
+def run_bench(script: str, *args: str, tmp_path: Path, **env_extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`python bench/<script>.py <args> --record` as a user runs it (cwd `tmp_path`), its record written into
+    `tmp_path/records`: the process (exit 0 checked) and the one record it wrote (its path printed to stderr)."""
+    import sys
+
+    records = tmp_path / "records"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / f"{script}.py"), *args, "--record"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "BIRDROUNDS_RESULTS_DIR": str(records), **env_extra})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [path] = records.glob(f"{script.replace('_', '-')}-*.json")
+    assert f"record: {path}" in proc.stderr
+    record = json.loads(path.read_text())
+    assert record["benchmark"] == script and record["command"].startswith(f"python bench/{script}.py")
+    return proc, record
+
+
+def results_page(records: Path) -> str:
+    """docs/results.md as `make results` renders the records in `records`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_results", REPO / "bench" / "render_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.render(module.load_records(records))
+
+
 def tree_hashes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
     """sha256 of every file under `folder` (relative path -> digest), leaving out the file names in `skip`."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()

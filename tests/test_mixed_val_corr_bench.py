@@ -1,14 +1,20 @@
 """bench/mixed_val_corr.py: which folders it scores, and the split-half ceiling of the soundscape score."""
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
+from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from mixed_val_corr import merge_tables, model_folders, reference_scores, parse_variant, run_facts, run_mixed_cfg, split_half_reliability, within_run_rho  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from mixed_val_corr import merge_tables, reference_scores, parse_variant, run_facts, run_mixed_cfg, split_half_reliability, within_run_rho  # noqa: E402
+from records import model_folders  # noqa: E402  (shared with bench/snr_tiers.py)
 
 
 def finished(folder: Path, weights: bytes, done: bool = True) -> Path:
@@ -137,3 +143,50 @@ def test_an_older_runs_mixed_set_is_built_with_the_legacy_values_not_todays(monk
     assert list(shipped.distance) != LEGACY["data.mixed_val.distance"] or shipped.subtract_background  # today differs
     assert built["snr_db"] == [float(v) for v in shipped.snr_db]  # a key without a legacy value: today's
     assert run_mixed_cfg(OmegaConf.create({"data": {}})) == {}
+
+
+def test_from_json_record_holds_the_table_and_the_printed_correlations(tmp_path):
+    rng = np.random.default_rng(1)
+    table = []
+    for split_seed in (0, 1):
+        for k in range(4):
+            truth = 0.6 + 0.05 * k + 0.01 * split_seed
+            table.append({"model": str(tmp_path / f"gone{split_seed}" / f"round_{k}"), "arm": "student", "round": k,
+                          "seed": split_seed, "split_seed": split_seed, "oracle": k == 3, "val_soundscape_auc": truth,
+                          "val_clip_auc": truth + rng.normal(0, 0.05), "val_mixed_auc": truth + rng.normal(0, 0.01)})
+    saved, out = tmp_path / "table.json", tmp_path / "records"
+    saved.write_text(json.dumps(table))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "mixed_val_corr.py"), "--from-json", str(saved),
+                           "--record"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "BIRDROUNDS_RESULTS_DIR": str(out)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    [path] = out.glob("mixed-val-corr-*.json")
+    assert f"record: {path}" in proc.stderr
+    record = json.loads(path.read_text())
+    assert record["benchmark"] == "mixed_val_corr" and record["command"].startswith("python bench/mixed_val_corr.py")
+    assert record["results"]["table"] == table  # the --json table it read, as it is
+    rows = record["results"]["correlations"]
+    subsets = {"all": table, "without oracle students": [row for row in table if not row["oracle"]]}
+    assert [(r["models"], r["n_models"], r["metric"]) for r in rows] == [
+        (label, len(models), metric) for label, models in subsets.items() for metric in ("val_clip_auc", "val_mixed_auc")]
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("| val_")]
+    assert len(printed) == len(rows) == 4
+    for r, line in zip(rows, printed):
+        models = subsets[r["models"]]
+        expected = spearmanr([m[r["metric"]] for m in models], [m["val_soundscape_auc"] for m in models])
+        assert np.isclose(r["rho"], expected.statistic) and np.isclose(r["p"], expected.pvalue)
+        within = within_run_rho(models, r["metric"])
+        seeds = r["within_split_seed"]
+        assert seeds == {str(seed): {"rho": rho, "models": n} for seed, (rho, n) in within["per_seed"].items()}
+        assert line.startswith(f"| {r['metric']} | {r['rho']:.3f} | {r['p']:.2g} | "
+                               f"0: {seeds['0']['rho']:.3f} ({seeds['0']['models']}), 1: ")
+        assert line.endswith(f"| {r['within_mean']:.3f} ± {r['within_std']:.3f} | "
+                             f"{r['centred_rho']:.3f} ({r['centred_p']:.2g}) |")
+    # The record renders on the results page, in the mixed-validation section, as a table of those rows.
+    from render_results import load_records, render
+
+    page = render(load_records(out))
+    assert "## Validation without labeled soundscapes" in page
+    assert ("| models | n_models | metric | rho | p | within_split_seed | within_mean | within_std | centred_rho "
+            "| centred_p |") in page
+    assert page.count("| without oracle students | 6 | val_") == 2

@@ -14,7 +14,8 @@ PROVENANCE = ("name", "benchmark", "measured", "git_sha", "machine", "command", 
 
 
 def bench_module(name: str):
-    """A script of bench/ as a module (bench/ is not a package; its scripts import each other by name)."""
+    """A script of bench/ as a module (its scripts run as `python bench/<name>.py` and import records.py and each
+    other by name, from their own folder: so does this)."""
     sys.path.insert(0, str(REPO / "bench"))
     try:
         spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
@@ -99,3 +100,57 @@ def test_readme_results_table_is_the_headline_record():
         row = (f"| {k['round']} | {render.stat(k['control'])} | {render.stat(k['student'])} | {render.stat(k['oracle'])} | "
                f"{render.stat(k['gain'], True)} | {render.stat(k['headroom'], True)} |")
         assert row in readme, f"README's results table lacks {row}"
+
+
+# Every benchmark script that prints figures takes --record (bench/records.py); none has a template of its own.
+RECORDING = ("data_pipeline", "loader_rate", "mixed_val_corr", "pseudo_rate", "scale", "snr_tiers", "train_throughput",
+             "wide_val", "xc_archive_gain")
+
+
+def test_record_result_names_the_file_after_the_benchmark_and_says_where(tmp_path, monkeypatch, capsys):
+    records = bench_module("records")
+    monkeypatch.setenv("BIRDROUNDS_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", [str(REPO / "bench" / "loader_rate.py"), "--workers", "0",
+                                      "data.augment.pitch_p=0"])
+    results = {"batch_size": 4, "rows": [{"workers": 0, "samples_per_s": 12.5}]}
+    first = records.record_result("loader_rate", results, overrides=["data.augment.pitch_p=0"])
+    second = records.record_result("loader_rate", results)
+    assert first.parent == second.parent == tmp_path  # never the repository's results/
+    assert first.name.startswith("loader-rate-") and second.name == first.name.removesuffix(".json") + "-2.json"
+    assert capsys.readouterr().err.splitlines() == [f"record: {first}", f"record: {second}"]
+    record = json.loads(first.read_text())
+    assert all(key in record for key in PROVENANCE)
+    assert (record["benchmark"], record["name"], record["results"]) == ("loader_rate", "loader-rate", results)
+    assert record["overrides"] == ["data.augment.pitch_p=0"]
+    assert record["command"] == "python bench/loader_rate.py --workers 0 data.augment.pitch_p=0"
+
+
+def test_a_benchmark_record_without_a_template_renders_its_results(tmp_path):
+    records, render = bench_module("records"), bench_module("render_results")
+    results = {"batch_size": 4, "goal_met": False, "note": "a | b", "ceiling": None,
+               "rows": [{"workers": 0, "samples_per_s": 1234.5678, "all_samples_per_s": [1234.5678, 999.04]},
+                        {"workers": 1, "samples_per_s": 0.81234, "first_batch_s": 0.0001234}],
+               "per_class": {"0": {"a": 0.5}}, "cuts_db": [0.9, 5.9]}
+    for benchmark in RECORDING:
+        records.write_record(benchmark, benchmark.replace("_", "-"), results, overrides=["x.y=1"], folder=tmp_path)
+    loaded = render.load_records(tmp_path)
+    assert len(loaded) == len(RECORDING)
+    page = render.render(loaded)
+    for benchmark in RECORDING:
+        assert page.count(f"### {benchmark.replace('_', '-')}-") == 1, benchmark  # a section, not only a link
+    assert page.count("| workers | samples_per_s | all_samples_per_s | first_batch_s |") == len(RECORDING)
+    assert page.count("| 0 | 1,235 | 1,235, 999 | – |") == len(RECORDING)  # a missing cell as a dash
+    assert page.count("| 1 | 0.8123 | – | 1.23e-04 |") == len(RECORDING)
+    assert page.count("- batch_size: 4") == page.count("- goal_met: False") == len(RECORDING)
+    assert page.count("- note: a \\| b") == page.count("- ceiling: –") == len(RECORDING)
+    assert page.count('"a": 0.5') == len(RECORDING)  # nested results as JSON
+    assert page.count("- cuts_db: 0.9, 5.9") == len(RECORDING)  # a list of numbers on one line
+    assert page.count("Overrides `x.y=1`.") == len(RECORDING)
+    # mixed_val_corr's own record goes to its section; its transcribed summary keeps that template.
+    sections = {r["benchmark"]: render.section_of(r) for _, r in loaded}
+    assert sections.pop("mixed_val_corr") == "mixed_val" and set(sections.values()) == {"other"}
+    transcribed = [(n, r) for n, r in render.load_records(REPO / "results") if r["benchmark"] == "mixed_val_corr"]
+    assert transcribed and all(render.renderer(r) is render.render_mixed_val for _, r in transcribed)
+    # A benchmark that is neither: listed by name, as before.
+    other = {**loaded[0][1], "benchmark": "something_else"}
+    assert render.render([("other.json", other)]).count("- [`other.json`](../results/other.json)") == 1

@@ -1,6 +1,7 @@
 """bench/wide_val.py: the same synthetic data with more labeled validation soundscapes, for benchmark scoring."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,8 +94,10 @@ def test_cli_scores_each_round_and_its_control_on_both_sets(data_cfg, tmp_path):
     assert [(k, f.name, c is not None) for k, f, c in round_arms(run)] == [
         (0, "round_0", False), (1, "round_1", True), (2, "round_2", False)]
 
+    records = tmp_path / "records"
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "wide_val.py"),
-                           str(run), "--val-soundscapes", "4"], capture_output=True, text=True, timeout=600)
+                           str(run), "--val-soundscapes", "4", "--record"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "BIRDROUNDS_RESULTS_DIR": str(records)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split(" | ")[0] for row in rows] == ["| 0", "| 1", "| 2"]
@@ -106,3 +109,23 @@ def test_cli_scores_each_round_and_its_control_on_both_sets(data_cfg, tmp_path):
     assert rows[1] == "| 1 | " + " | ".join(
         f"{v:+.3f}" if i % 3 == 2 else f"{v:.3f}" for i, v in enumerate(expected)) + " |"
     assert rows[0].endswith("| – | – |") and "2 soundscapes" in proc.stdout and "4 soundscapes" in proc.stdout
+
+    # --record: the same figures, unrounded, in a record that renders on the results page.
+    [path] = records.glob("wide-val-*.json")
+    assert f"record: {path}" in proc.stderr
+    record = json.loads(path.read_text())
+    assert record["benchmark"] == "wide_val" and record["command"].startswith("python bench/wide_val.py")
+    result = record["results"]
+    assert (result["own_val_soundscapes"], result["wide_val_soundscapes"]) == (2, 4)
+    assert [r["round"] for r in result["rounds"]] == [0, 1, 2]
+    keys = ("student_own", "control_own", "gain_own", "student_wide", "control_wide", "gain_wide")
+    assert [result["rounds"][1][k] for k in keys] == pytest.approx(expected)
+    assert result["rounds"][0]["student_own"] == own.score(run / "round_0" / "model.pt")
+    assert all(result["rounds"][k][f"{arm}_{val}"] is None for k in (0, 2) for arm in ("control", "gain")
+               for val in ("own", "wide"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from render_results import load_records, render
+
+    page = render(load_records(records))
+    assert "| round | student_own | control_own | gain_own | student_wide | control_wide | gain_wide |" in page
+    assert page.count("| – | – |") == 4  # rounds 0 and 2: no control, so no gain
