@@ -148,7 +148,8 @@ def measure_training_loader(
     dataset = ClipDataset(table, classes, cache, window_s=window_s, augment=wave_aug)
     batch_size = 32
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        sampler=make_sampler(table, num_samples=batch_size * n_batches),
+                        sampler=make_sampler(table, temperature=data_cfg.sampler.temperature,
+                                             num_samples=batch_size * n_batches),
                         collate_fn=MixUpCollate(instantiate(data_cfg.mixup)), prefetch_factor=4 if num_workers else None)
     start = time.perf_counter()
     n = sum(len(batch["audio"]) for batch in loader)

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         classes,
         work / "run",
         settings,
-        sampler=make_sampler(table, num_samples=args.steps * args.batch_size),
+        sampler=make_sampler(table, temperature=cfg.data.sampler.temperature, num_samples=args.steps * args.batch_size),
         collate_fn=MixUpCollate(instantiate(cfg.data.mixup)),
     )
     figures = report(args, cfg, result["history"])

@@ -21,9 +21,9 @@ from torch import nn
 
 from birdrounds.artifacts import atomic_open, rebuild_hint
 from birdrounds.config import ConfigError, redact_secrets
+from birdrounds.melspec import NORM_MODES  # the numpy frontend's twin: one list of modes
 
 CHECKPOINT_FORMAT_VERSION = 1
-NORM_MODES = ("standard", "minmax", "standard_minmax")
 HEADS = ("sed", "clip")
 POOLS = ("avg", "gem")
 # Added to denominators so a silent clip (constant spectrogram) normalises to zeros, not NaN.

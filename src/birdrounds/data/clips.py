@@ -307,7 +307,7 @@ class MixUpCollate:
         return batch if self.mixup is None else self.mixup(batch)
 
 
-def class_sample_weights(labels: Sequence[str], temperature: float = 0.5) -> np.ndarray:
+def class_sample_weights(labels: Sequence[str], temperature: float) -> np.ndarray:
     """Per-sample sampling probabilities count(label)^-t (sum 1): t=0 natural frequency, t=1 equal per class.
 
     A class is then drawn with probability proportional to count^(1 - t).
@@ -329,7 +329,7 @@ def _row_factors(row_weights: Sequence[float] | None, n_rows: int) -> np.ndarray
     return factors
 
 
-def labeled_sample_weights(table: pd.DataFrame, temperature: float = 0.5, rating_weight: bool = False,
+def labeled_sample_weights(table: pd.DataFrame, temperature: float, rating_weight: bool = False,
                            row_weights: Sequence[float] | None = None) -> np.ndarray:
     """Sampling probabilities over `table` rows: class-flattened by `temperature`, optionally x rating weight,
     x `row_weights` (e.g. a sampling weight for external rows); they sum to 1."""
@@ -344,7 +344,7 @@ def labeled_sample_weights(table: pd.DataFrame, temperature: float = 0.5, rating
 
 def make_sampler(
     table: pd.DataFrame,
-    temperature: float = 0.5,
+    temperature: float,  # data.sampler.temperature
     num_samples: int | None = None,
     rating_weight: bool = False,
     seed: int = 0,
