@@ -204,3 +204,18 @@ def test_settings_that_do_nothing_warn_and_recompute_from_logs_where_rounds_went
     assert [name.split(".")[0] for name in kept] == ["round_1", "round_2"] and (tmp_path / "round_0").is_dir()
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert all(str(tmp_path / name) in logged for name in kept)
+
+
+def test_code_version_is_read_once_per_process(monkeypatch):
+    """A manifest names the code a run started with: the checkout changing during the run does not change it."""
+    import subprocess
+
+    from birdrounds import rounds
+
+    answers = iter(["abc1234", "abc1234-dirty"])
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=next(answers) + "\n"))
+    rounds.code_version.cache_clear()
+    try:
+        assert rounds.code_version() == "abc1234" and rounds.code_version() == "abc1234"
+    finally:
+        rounds.code_version.cache_clear()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -91,8 +92,10 @@ log = logging.getLogger(__name__)
 INIT_SEED_TAG = 7919  # keeps the weight-init seed apart from the per-epoch training seeds
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """`git describe` of the checkout this code runs from, or 'unknown' outside git."""
+    """`git describe` of the checkout this code runs from, or 'unknown' outside git; read once per process
+    (`run` reads it first), so a manifest names the code the run started with, not the checkout at its end."""
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
                              capture_output=True, text=True, timeout=10, check=True)
@@ -817,6 +820,7 @@ def log_checks(name: str, metrics: dict[str, Any]) -> None:
 def run(cfg: DictConfig) -> Path:
     """Bring `cfg.run_dir` up to round `cfg.round`; returns the run folder."""
     validate(cfg)
+    code_version()  # the code this process loaded, before anyone edits the checkout during a long run
     # Accelerate logs every file of every epoch checkpoint at INFO; the loop reports checkpoints itself.
     for name in ("accelerate.accelerator", "accelerate.checkpointing"):
         logging.getLogger(name).setLevel(logging.WARNING)
