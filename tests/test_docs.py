@@ -305,3 +305,14 @@ def test_readme_names_what_the_export_folder_needs_to_run():
     named = {m for m in third_party if m in paragraph}
     assert third_party - optional <= named, f"README's export paragraph misses {sorted(third_party - optional - named)}"
     assert third_party - optional == {"numpy", "soundfile", "onnxruntime", "scipy"}  # a new import: name it there
+
+
+def test_readme_code_lists_it_names_exist(readme):
+    """README names the code's lists (e.g. the keys kept out of the config hash: `rounds.NON_RESULT_KEYS`,
+    `config.LEGACY`) instead of copying them, so it cannot go stale: each name must exist in birdrounds."""
+    import importlib
+
+    named = set(re.findall(r"`([a-z_]+)\.([A-Z][A-Z0-9_]+)`", readme))
+    assert {("rounds", "NON_RESULT_KEYS"), ("config", "LEGACY")} <= named
+    for module, name in sorted(named):
+        assert hasattr(importlib.import_module(f"birdrounds.{module}"), name), f"README names {module}.{name}"
