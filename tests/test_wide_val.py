@@ -23,11 +23,13 @@ from wide_val import ValidationSoundscapes, check_same_training_data, round_arms
 
 @pytest.fixture(scope="module")
 def data_cfg(tmp_path_factory):
-    """The smoke data config under one home for the module (the generated folders are shared)."""
+    """The smoke data config under one home for the module, its data generated (the folders are shared: each
+    test may run first on its worker)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BIRDROUNDS_HOME", str(tmp_path_factory.mktemp("home")))
         data = compose(["experiment=smoke"]).data
         OmegaConf.resolve(data)
+    ValidationSoundscapes.build(data)  # generates the data itself
     return data
 
 
