@@ -31,7 +31,9 @@ demo: $(STAMP)
 # --durations=20: CI's log names the 20 slowest tests (and fixtures), so a slow one is seen when it lands.
 # -n: one pytest-xdist worker per CPU core, at most 4 (most slow tests wait on subprocesses that use one
 # core); the shared fixtures are built once for all workers (tests/conftest.py). ARGS="-n 0" runs serially.
-XDIST := -n auto --maxprocesses 4
+# --dist worksteal: a worker that runs out of tests takes queued ones from the other, so the suite does not
+# end on one worker's tail of long end-to-end tests.
+XDIST := -n auto --maxprocesses 4 --dist worksteal
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests $(XDIST) --durations=20 $(ARGS)
 
