@@ -28,12 +28,10 @@ from torch.utils.data import Dataset
 from birdrounds.data.audio import AudioDecodeError
 from birdrounds.data.clips import fit_window
 from birdrounds.contract import SCORED_CHUNK_S
-from birdrounds.rules import STRATEGIES, STRATEGY_ARGS
 from birdrounds.pseudo import file_weights
+from birdrounds.rules import STRATEGIES, STRATEGY_ARGS
 
 log = logging.getLogger(__name__)
-
-
 
 
 class PseudoChunkDataset(Dataset):

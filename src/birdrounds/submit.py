@@ -24,11 +24,11 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from birdrounds import infer
-from birdrounds.audio_io import AUDIO_EXTENSIONS, AudioReadError, list_audio_files, read_audio
-from birdrounds.contract import ModelFormatError
 from birdrounds.artifacts import EXPORT_REPORT_FILE, METRICS_FILE, MODEL_FILE, PREDICT_RECORD, write_json_atomic
+from birdrounds.audio_io import AUDIO_EXTENSIONS, AudioReadError, list_audio_files, read_audio
 from birdrounds.checks import round_checks
 from birdrounds.config import ConfigError
+from birdrounds.contract import ModelFormatError
 from birdrounds.data.layout import data_path
 from birdrounds.metrics import ROW_ID_COLUMN, soundscape_auc
 from birdrounds.report import best_round, completed_rounds, round_rows, write_report
