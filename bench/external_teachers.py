@@ -10,7 +10,9 @@ epoch, export's round) fall from the best by the test soundscapes. `--time-featu
 model on N soundscapes with an empty cache and projects it to BirdCLEF's 9,726 one-minute soundscapes.
 `--oracle-truth CSV --oracle-arms zero_shot` adds, per listed arm, `oracle_<arm>`: the same teacher, but every
 student round trains on the true labels of the train soundscapes (`pseudo.truth`; no controls, which would
-be the arm's own): what perfect pseudo-labels would give the student.
+be the arm's own): what perfect pseudo-labels would give the student. An arm run without controls
+(`control=false`) is compared with the controls of an arm of the same seed whose round-1 student started from
+the same weights: after any external teacher the controls are the same models (labeled data only).
 
     python bench/external_teachers.py --home DIR --data-root DIR/dev0 [--seeds 0 1 2] [--arms cnn probe zero_shot ensemble]
     python bench/external_teachers.py --home DIR --data-root DIR/dev0 --report-only --record --data-name "dev0 ..."
@@ -100,15 +102,33 @@ def epoch_regret(metrics: dict) -> float | None:
     return None if picked is None else max(h[KEY] for h in history) - picked
 
 
+def controls_for(runs: dict[str, dict[int, dict[str, dict]]], arm: str, seed: int) -> tuple[str | None, dict]:
+    """The arm's own controls, else those of another arm of the same seed whose round-1 student started from the
+    same weights (`init_weights_hash`): a control trains on labeled data only, so after an external teacher
+    (round-1 students from scratch) it does not depend on which teacher labeled the soundscapes. An oracle's
+    controls are its arm's. Returns (the arm they come from, its fits), (None, {}) when none fits."""
+    fits_ = runs[arm][seed]
+    if any(name.startswith("control") for name in fits_):
+        return arm, fits_
+    start = fits_.get("student_1", {}).get("init_weights_hash")
+    others = sorted(runs, key=lambda a: a != arm.removeprefix(ORACLE))  # an oracle's own arm first
+    for other in others:
+        theirs = runs[other].get(seed, {})
+        if (other != arm and start is not None and "control_1" in theirs
+                and theirs.get("student_1", {}).get("init_weights_hash") == start):
+            return other, theirs
+    return None, {}
+
+
 def summarise(runs: dict[str, dict[int, dict[str, dict]]], rounds: int) -> dict:
     arms = {}
     for arm, seeds in runs.items():
         entry = {"teacher": mean_std([f["teacher"][KEY] for f in seeds.values()])}
-        # An oracle's controls are its arm's (same teacher, init, schedule and seed: labeled data only).
-        own = runs.get(arm.removeprefix(ORACLE), {}) if arm.startswith(ORACLE) else seeds
+        own = {seed: controls_for(runs, arm, seed) for seed in seeds}
+        entry["controls_from"] = {seed: source for seed, (source, _) in own.items() if source not in (None, arm)}
         for k in range(1, rounds + 1):
             student = [f[f"student_{k}"][KEY] for f in seeds.values()]
-            control = [own.get(seed, {}).get(f"control_{k}", {}).get(KEY) for seed in seeds]
+            control = [fs.get(f"control_{k}", {}).get(KEY) for _, fs in own.values()]
             teacher = [f["teacher"][KEY] for f in seeds.values()]
             entry[f"round_{k}"] = {"student": mean_std(student), "control": mean_std(control),
                                    "gain_vs_control": mean_std([None if c is None else s - c
@@ -199,7 +219,9 @@ def table_record(summary: dict, rounds: int, timing: dict | None) -> list[dict]:
         rows.append([arm, "teacher (round 0)", ms(entry["teacher"]), "–", "–", "–"])
         for k in range(1, rounds + 1):
             r = entry[f"round_{k}"]
-            rows.append([arm, f"round {k} student", ms(r["student"]), ms(r["control"]), ms(r["gain_vs_control"], True),
+            borrowed = sorted(set(entry.get("controls_from", {}).values()))
+            control = ms(r["control"]) + (f" ({', '.join(borrowed)}'s)" if borrowed and r["control"] else "")
+            rows.append([arm, f"round {k} student", ms(r["student"]), control, ms(r["gain_vs_control"], True),
                          ms(r["student_minus_teacher"], True)])
     sel = summary["selection_signal"]
     tables = [{"caption": "Test soundscape AUC, every epoch and round chosen by val_mixed_auc",

@@ -79,24 +79,13 @@ if TYPE_CHECKING:  # onnxruntime is imported where a session is made: most impor
 # The ONNX contract, audio reading, the numpy frontend and post-processing live in modules of their own, which
 # the package imports too; an export copies them beside this file.
 if __package__:  # birdrounds.infer
-    from .audio_io import decode_audio, list_audio_files
-    from .contract import (
-        FORMAT_VERSION, INPUT_KINDS, META_CLASSES, META_FORMAT_VERSION, META_FRONTEND, META_INPUT, META_MEMBERS,
-        META_PREDICT_SETTINGS, META_SAMPLE_RATE_HZ, META_WINDOW_S, OUTPUT_FRAMEWISE, OUTPUT_PROBS, RECORDED_SETTINGS,
-        SCORED_CHUNK_S, ModelFormatError, row_ids,
-    )
-    from .melspec import FrontendConfig, MelFrontendNumpy
-    from .postprocess import overlap_to_chunks, postprocess, validate_kernel
+    from . import audio_io, contract, melspec, postprocess
 else:  # a script in an exported folder: the copies beside it (`python -I` leaves its folder off sys.path)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from audio_io import decode_audio, list_audio_files
-    from contract import (
-        FORMAT_VERSION, INPUT_KINDS, META_CLASSES, META_FORMAT_VERSION, META_FRONTEND, META_INPUT, META_MEMBERS,
-        META_PREDICT_SETTINGS, META_SAMPLE_RATE_HZ, META_WINDOW_S, OUTPUT_FRAMEWISE, OUTPUT_PROBS, RECORDED_SETTINGS,
-        SCORED_CHUNK_S, ModelFormatError, row_ids,
-    )
-    from melspec import FrontendConfig, MelFrontendNumpy
-    from postprocess import overlap_to_chunks, postprocess, validate_kernel
+    import audio_io
+    import contract
+    import melspec
+    import postprocess
 
 try:  # limits BLAS threads at run time when this file is imported as a module; optional
     from threadpoolctl import threadpool_limits as _threadpool_limits
@@ -128,7 +117,7 @@ class ModelInfo:
     sample_rate_hz: int
     window_s: float
     input_kind: str
-    frontend: FrontendConfig | None
+    frontend: melspec.FrontendConfig | None
     members: list[Any]
     predict_settings: dict[str, Any] = field(default_factory=dict)   # recorded at export; {} when none
 
@@ -137,49 +126,49 @@ def parse_metadata(meta: dict[str, str], source: str = "model") -> ModelInfo:
     """Validate and parse the `birdrounds.*` metadata_props of an ONNX graph."""
     def get(key: str) -> str:
         if key not in meta:
-            raise ModelFormatError(f"{source}: metadata {key} missing (not a birdrounds ONNX export?)")
+            raise contract.ModelFormatError(f"{source}: metadata {key} missing (not a birdrounds ONNX export?)")
         return meta[key]
 
     try:
-        version = get(META_FORMAT_VERSION)
-        if version != FORMAT_VERSION:
-            raise ModelFormatError(f"{source}: {META_FORMAT_VERSION} is {version!r}, "
-                                   f"this code reads {FORMAT_VERSION!r}")
-        input_kind = get(META_INPUT)
-        if input_kind not in INPUT_KINDS:
-            raise ModelFormatError(f"{source}: {META_INPUT} must be one of {sorted(INPUT_KINDS)}, got {input_kind!r}")
-        classes = json.loads(get(META_CLASSES))
+        version = get(contract.META_FORMAT_VERSION)
+        if version != contract.FORMAT_VERSION:
+            raise contract.ModelFormatError(f"{source}: {contract.META_FORMAT_VERSION} is {version!r}, "
+                                            f"this code reads {contract.FORMAT_VERSION!r}")
+        input_kind = get(contract.META_INPUT)
+        if input_kind not in contract.INPUT_KINDS:
+            raise contract.ModelFormatError(f"{source}: {contract.META_INPUT} must be one of {sorted(contract.INPUT_KINDS)}, got {input_kind!r}")
+        classes = json.loads(get(contract.META_CLASSES))
         if not isinstance(classes, list) or not classes or len(set(map(str, classes))) != len(classes):
-            raise ModelFormatError(f"{source}: {META_CLASSES} must be a non-empty JSON list of distinct names")
-        frontend_json = meta.get(META_FRONTEND)
+            raise contract.ModelFormatError(f"{source}: {contract.META_CLASSES} must be a non-empty JSON list of distinct names")
+        frontend_json = meta.get(contract.META_FRONTEND)
         if input_kind == "spectrogram" and frontend_json is None:
-            get(META_FRONTEND)  # raises the missing-key error
-        frontend = FrontendConfig.from_dict(json.loads(frontend_json)) if frontend_json is not None else None
+            get(contract.META_FRONTEND)  # raises the missing-key error
+        frontend = melspec.FrontendConfig.from_dict(json.loads(frontend_json)) if frontend_json is not None else None
         info = ModelInfo(
-            classes=[str(c) for c in classes], sample_rate_hz=int(get(META_SAMPLE_RATE_HZ)),
-            window_s=float(get(META_WINDOW_S)), input_kind=input_kind, frontend=frontend,
-            members=json.loads(meta.get(META_MEMBERS, "[]")),
-            predict_settings=parse_predict_settings(meta.get(META_PREDICT_SETTINGS)),
+            classes=[str(c) for c in classes], sample_rate_hz=int(get(contract.META_SAMPLE_RATE_HZ)),
+            window_s=float(get(contract.META_WINDOW_S)), input_kind=input_kind, frontend=frontend,
+            members=json.loads(meta.get(contract.META_MEMBERS, "[]")),
+            predict_settings=parse_predict_settings(meta.get(contract.META_PREDICT_SETTINGS)),
         )
-    except ModelFormatError:
+    except contract.ModelFormatError:
         raise
     except (TypeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
-        raise ModelFormatError(f"{source}: bad birdrounds metadata: {err}") from err
+        raise contract.ModelFormatError(f"{source}: bad birdrounds metadata: {err}") from err
     if info.window_s <= 0 or info.sample_rate_hz <= 0:
-        raise ModelFormatError(f"{source}: window_s and sample_rate_hz must be positive")
+        raise contract.ModelFormatError(f"{source}: window_s and sample_rate_hz must be positive")
     if frontend is not None and frontend.sample_rate_hz != info.sample_rate_hz:
-        raise ModelFormatError(f"{source}: frontend sample rate {frontend.sample_rate_hz} Hz "
-                               f"!= model's {info.sample_rate_hz} Hz")
+        raise contract.ModelFormatError(f"{source}: frontend sample rate {frontend.sample_rate_hz} Hz "
+                                        f"!= model's {info.sample_rate_hz} Hz")
     return info
 
 
 def parse_predict_settings(text: str | None) -> dict[str, Any]:
-    """The META_PREDICT_SETTINGS JSON as InferenceSettings values, validated ({} when absent)."""
+    """The contract.META_PREDICT_SETTINGS JSON as InferenceSettings values, validated ({} when absent)."""
     if text is None:
         return {}
     values = json.loads(text)
-    if not isinstance(values, dict) or set(values) - set(RECORDED_SETTINGS):
-        raise ValueError(f"{META_PREDICT_SETTINGS} must be a JSON dict with keys among {list(RECORDED_SETTINGS)}")
+    if not isinstance(values, dict) or set(values) - set(contract.RECORDED_SETTINGS):
+        raise ValueError(f"{contract.META_PREDICT_SETTINGS} must be a JSON dict with keys among {list(contract.RECORDED_SETTINGS)}")
     if "smoothing" in values:
         values["smoothing"] = tuple(float(w) for w in values["smoothing"] or ())
     InferenceSettings(**values)  # raises ValueError for a bad value
@@ -187,7 +176,7 @@ def parse_predict_settings(text: str | None) -> dict[str, Any]:
 
 
 def recorded_settings(settings: InferenceSettings) -> dict[str, Any]:
-    """The RECORDED_SETTINGS of `settings` as JSON values: what an export stores under META_PREDICT_SETTINGS."""
+    """The contract.RECORDED_SETTINGS of `settings` as JSON values: what an export stores under contract.META_PREDICT_SETTINGS."""
     stride = settings.window_stride_s
     return {"smoothing": [float(w) for w in settings.smoothing], "file_scale_alpha": float(settings.file_scale_alpha),
             "window_stride_s": None if stride is None else float(stride), "tta_shift_s": float(settings.tta_shift_s),
@@ -233,30 +222,30 @@ class OnnxModel:
                                                 providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
             first_line = (str(err).strip().splitlines() or [""])[0]
-            raise ModelFormatError(
+            raise contract.ModelFormatError(
                 f"{self.path}: not a readable ONNX model ({type(err).__name__}: {first_line})") from None
         self.info = parse_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
-        self.input_name = INPUT_KINDS[self.info.input_kind]
+        self.input_name = contract.INPUT_KINDS[self.info.input_kind]
         inputs = {i.name: i for i in self.session.get_inputs()}
         if self.input_name not in inputs:
-            raise ModelFormatError(f"{self.path}: a {self.info.input_kind} graph needs input {self.input_name!r}, "
-                                   f"has {sorted(inputs)}")
+            raise contract.ModelFormatError(f"{self.path}: a {self.info.input_kind} graph needs input {self.input_name!r}, "
+                                            f"has {sorted(inputs)}")
         self.input_shape = list(inputs[self.input_name].shape)
         self.outputs = [o.name for o in self.session.get_outputs()]
-        if OUTPUT_PROBS not in self.outputs:
-            raise ModelFormatError(f"{self.path}: output {OUTPUT_PROBS!r} missing (outputs: {self.outputs})")
+        if contract.OUTPUT_PROBS not in self.outputs:
+            raise contract.ModelFormatError(f"{self.path}: output {contract.OUTPUT_PROBS!r} missing (outputs: {self.outputs})")
 
     @property
     def has_framewise(self) -> bool:
         """Whether the graph has the SED head's `framewise_probs` output."""
-        return OUTPUT_FRAMEWISE in self.outputs
+        return contract.OUTPUT_FRAMEWISE in self.outputs
 
     def run(self, inputs: np.ndarray, framewise: bool = False) -> np.ndarray:
         """Clip probs [B, C], or framewise probs [B, T', C] when `framewise`."""
-        name = OUTPUT_FRAMEWISE if framewise else OUTPUT_PROBS
+        name = contract.OUTPUT_FRAMEWISE if framewise else contract.OUTPUT_PROBS
         out = self.session.run([name], {self.input_name: inputs})[0]
         if out.shape[-1] != len(self.info.classes):
-            raise ModelFormatError(f"{self.path}: {out.shape[-1]} outputs for {len(self.info.classes)} classes")
+            raise contract.ModelFormatError(f"{self.path}: {out.shape[-1]} outputs for {len(self.info.classes)} classes")
         return np.asarray(out, dtype=np.float32)
 
 
@@ -273,10 +262,10 @@ class OpenVinoModel(OnnxModel):
         try:
             import openvino
         except ImportError as err:
-            raise ModelFormatError("engine openvino needs the openvino package (pip install openvino)") from err
+            raise contract.ModelFormatError("engine openvino needs the openvino package (pip install openvino)") from err
         if self.info.input_kind != "spectrogram":
-            raise ModelFormatError(f"{self.path}: OpenVINO runs spectrogram graphs only, this one is "
-                                   f"{self.info.input_kind!r}")
+            raise contract.ModelFormatError(f"{self.path}: OpenVINO runs spectrogram graphs only, this one is "
+                                            f"{self.info.input_kind!r}")
         # `streams` requests run side by side (one per model worker), each on `threads` threads.
         streams = max(1, int(streams))
         config = {"INFERENCE_PRECISION_HINT": precision, "NUM_STREAMS": streams,
@@ -293,7 +282,7 @@ class OpenVinoModel(OnnxModel):
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
-        name = OUTPUT_FRAMEWISE if framewise else OUTPUT_PROBS
+        name = contract.OUTPUT_FRAMEWISE if framewise else contract.OUTPUT_PROBS
         out = request.infer({self.input_name: inputs})[self.compiled.output(name)]
         return np.array(out, dtype=np.float32)  # a copy: the request reuses its output memory
 
@@ -351,10 +340,10 @@ def ensemble_classes(models: Sequence[OnnxModel]) -> tuple[list[str], list[np.nd
     orders = []
     for model in models:
         if model.info.sample_rate_hz != models[0].info.sample_rate_hz:
-            raise ModelFormatError(f"models disagree on sample rate: {models[0].path} "
-                                   f"{models[0].info.sample_rate_hz} Hz, {model.path} {model.info.sample_rate_hz} Hz")
+            raise contract.ModelFormatError(f"models disagree on sample rate: {models[0].path} "
+                                            f"{models[0].info.sample_rate_hz} Hz, {model.path} {model.info.sample_rate_hz} Hz")
         if set(model.info.classes) != set(classes):
-            raise ModelFormatError(f"{model.path} has other classes than {models[0].path}")
+            raise contract.ModelFormatError(f"{model.path} has other classes than {models[0].path}")
         position = {c: i for i, c in enumerate(model.info.classes)}
         orders.append(np.array([position[c] for c in classes]))
     return classes, orders
@@ -367,7 +356,7 @@ def ensemble_classes(models: Sequence[OnnxModel]) -> tuple[list[str], list[np.nd
 class InferenceSettings:
     """How to run: chunking, windows, threads, batching and post-processing (defaults: BirdCLEF, no TTA)."""
 
-    chunk_s: float = SCORED_CHUNK_S        # scored chunk length; row ids end at multiples of it
+    chunk_s: float = contract.SCORED_CHUNK_S        # scored chunk length; row ids end at multiples of it
     batch_size: int = 4                    # windows per model call (bench/inference.py: 4 fastest on 2 cores)
     intra_op_threads: int | None = 1       # onnxruntime threads per model call (None: one per core)
     model_workers: int | None = None       # model calls run side by side, on their own batches (None: one per core)
@@ -395,7 +384,7 @@ class InferenceSettings:
         if not 0.0 <= self.file_scale_alpha <= 1.0:
             raise ValueError(f"file_scale_alpha must be in [0, 1], got {self.file_scale_alpha}")
         if self.smoothing:
-            validate_kernel(self.smoothing)
+            postprocess.validate_kernel(self.smoothing)
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
 
@@ -433,7 +422,7 @@ def _decode(path: Path, sample_rate_hz: int, settings: InferenceSettings) -> tup
     min_chunks = _n_chunks(round(settings.min_duration_s * sample_rate_hz), chunk) if settings.min_duration_s else 1
     expected_chunks = _n_chunks(round(settings.expected_duration_s * sample_rate_hz), chunk)
     try:
-        audio = decode_audio(path, sample_rate_hz)
+        audio = audio_io.decode_audio(path, sample_rate_hz)
     except Exception as err:  # whatever goes wrong with one file, the others and its rows go on
         n_chunks = max(expected_chunks, min_chunks)
         log.warning("cannot read %s (%s); writing %d rows of zeros", path, err, n_chunks)
@@ -496,7 +485,7 @@ class _Stream:
     stride: int                                   # samples between windows (framewise streams)
     chunk: int                                    # samples per scored chunk
     shifts: np.ndarray                            # TTA offsets in samples, 0 first
-    frontend: MelFrontendNumpy | None
+    frontend: melspec.MelFrontendNumpy | None
 
     @property
     def framewise(self) -> bool:
@@ -519,7 +508,7 @@ class _Stream:
     def to_chunks(self, outputs: np.ndarray, starts: np.ndarray, chunk_of: np.ndarray, n_chunks: int) -> np.ndarray:
         """Chunk probs [n_chunks, C] (float64) from one model's outputs for all windows of a file."""
         if self.framewise:
-            return overlap_to_chunks(outputs, starts, self.window, n_chunks, self.chunk)
+            return postprocess.overlap_to_chunks(outputs, starts, self.window, n_chunks, self.chunk)
         total = np.zeros((n_chunks, outputs.shape[-1]), dtype=np.float64)
         np.add.at(total, chunk_of, outputs)
         return total / np.bincount(chunk_of, minlength=n_chunks)[:, None]
@@ -538,14 +527,14 @@ def _build_streams(models: Sequence[OnnxModel], orders: Sequence[np.ndarray],
         window = round(info.window_s * sr)
         stride = round(settings.window_stride_s * sr) if settings.window_stride_s else min(chunk, window)
         if window != chunk and not model.has_framewise:
-            raise ModelFormatError(f"{model.path}: window {info.window_s} s differs from the {settings.chunk_s}-s "
-                                   "chunk, which needs the framewise_probs output (SED head)")
+            raise contract.ModelFormatError(f"{model.path}: window {info.window_s} s differs from the {settings.chunk_s}-s "
+                                            "chunk, which needs the framewise_probs output (SED head)")
         if stride > window:
             raise ValueError(f"window stride {stride / sr} s leaves gaps between {info.window_s}-s windows")
         frontend = info.frontend if info.input_kind == "spectrogram" else None
         key = (info.input_kind, frontend, window, stride)
         if key not in streams:
-            numpy_frontend = MelFrontendNumpy(frontend, settings.fft_workers) if frontend is not None else None
+            numpy_frontend = melspec.MelFrontendNumpy(frontend, settings.fft_workers) if frontend is not None else None
             streams[key] = _Stream([], window, stride, chunk, shifts, numpy_frontend)
         _check_input_shape(model, streams[key])
         streams[key].models.append((model, order))
@@ -561,7 +550,7 @@ def _check_input_shape(model: OnnxModel, stream: _Stream) -> None:
         want = [None, stream.window]
     got = model.input_shape
     if len(got) != len(want) or any(isinstance(g, int) and w is not None and g != w for g, w in zip(got, want)):
-        raise ModelFormatError(f"{model.path}: input {model.input_name} has shape {got}, expected {want}")
+        raise contract.ModelFormatError(f"{model.path}: input {model.input_name} has shape {got}, expected {want}")
 
 
 # ---------------------------------------------------------------- the producer / consumer pipeline
@@ -810,9 +799,9 @@ def predict_files(models: Sequence[OnnxModel], files: Sequence[str | os.PathLike
     probs = [p for p in collector.results if p is not None]
     raw = np.concatenate(probs) if probs else np.zeros((0, len(classes)), dtype=np.float32)
     file_index = np.repeat(np.arange(len(infos)), [info.n_chunks for info in infos])
-    ids = [rid for info in infos for rid in row_ids(info.stem, info.n_chunks, settings.chunk_s)]
+    ids = [rid for info in infos for rid in contract.row_ids(info.stem, info.n_chunks, settings.chunk_s)]
     result = Predictions(classes, ids, file_index, raw,
-                         postprocess(raw, file_index, settings.smoothing, settings.file_scale_alpha),
+                         postprocess.postprocess(raw, file_index, settings.smoothing, settings.file_scale_alpha),
                          infos, time.perf_counter() - start)
     log.info("done: %s", result.summary())
     return result
@@ -821,7 +810,7 @@ def predict_files(models: Sequence[OnnxModel], files: Sequence[str | os.PathLike
 def check_run(models: Sequence[OnnxModel], settings: InferenceSettings) -> list[str]:
     """The ensemble's classes, once the models are known to run together with `settings` (before any file).
 
-    Raises ModelFormatError (models that cannot be ensembled) or ValueError (settings they cannot use).
+    Raises contract.ModelFormatError (models that cannot be ensembled) or ValueError (settings they cannot use).
     """
     classes, orders = ensemble_classes(models)
     _build_streams(models, orders, settings)
@@ -858,7 +847,7 @@ def check_output(path: str | os.PathLike) -> Path:
 def predict_folder(model_paths: Sequence[str | os.PathLike], inputs: str | os.PathLike | Sequence[str | os.PathLike],
                    settings: InferenceSettings = InferenceSettings()) -> Predictions:
     """Load the models and predict every audio file of a folder (or an explicit list of files)."""
-    files = list_audio_files(inputs) if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
+    files = audio_io.list_audio_files(inputs) if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
     models = load_models(model_paths, settings.intra_op_threads, settings.inter_op_threads, settings.allow_spinning,
                          settings.engine, settings.n_model_workers)
     return predict_files(models, files, settings)
@@ -924,14 +913,14 @@ def _kernel_arg(text: str) -> tuple[float, ...]:
         return ()
     try:
         kernel = tuple(float(v) for v in text.split(",") if v.strip())
-        validate_kernel(kernel)
+        postprocess.validate_kernel(kernel)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
     return kernel
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line; the RECORDED_SETTINGS flags default to what the model's export recorded."""
+    """The command line; the contract.RECORDED_SETTINGS flags default to what the model's export recorded."""
     p = argparse.ArgumentParser(description="Predict BirdCLEF chunk probabilities with birdrounds ONNX models.")
     p.add_argument("--model", action="append", required=True, help="ONNX file; repeat to average several models")
     p.add_argument("--input-dir", required=True, help="folder of soundscapes (.ogg/.wav/.flac/.mp3)")
@@ -951,7 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime for the model: onnxruntime (default) or OpenVINO f32/bf16 (spectrogram graphs)")
     recorded = p.add_argument_group(
         "settings recorded at export", "default: the `birdrounds predict` settings the first model was exported with "
-        f"(its {META_PREDICT_SETTINGS} metadata), else the value shown")
+        f"(its {contract.META_PREDICT_SETTINGS} metadata), else the value shown")
     recorded.add_argument("--smooth", dest="smoothing", type=_kernel_arg, default=None,
                           help="kernel along chunks, e.g. 0.1,0.8,0.1; 'off' (or 1) disables it (default: off)")
     recorded.add_argument("--file-scale-alpha", type=float, default=None,
@@ -994,16 +983,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         models = load_models(args.model, settings.intra_op_threads, settings.inter_op_threads, engine=settings.engine,
                              model_workers=settings.n_model_workers)
-        given = {name: getattr(args, name) for name in RECORDED_SETTINGS if getattr(args, name) is not None}
+        given = {name: getattr(args, name) for name in contract.RECORDED_SETTINGS if getattr(args, name) is not None}
         settings = replace(settings, **{**exported_settings(models), **given})
         log.info("settings: %s", recorded_settings(settings))
         classes = check_run(models, settings)
         if args.sample_submission is not None:  # fail before the long run, not after it
             align_columns(classes, np.zeros((0, len(classes))), read_submission_header(args.sample_submission))
         check_output(args.output)
-        result = predict_files(models, list_audio_files(args.input_dir), settings)
+        result = predict_files(models, audio_io.list_audio_files(args.input_dir), settings)
         write_submission(args.output, result.row_ids, result.classes, result.probs, args.sample_submission)
-    except (ValueError, OSError) as err:  # ModelFormatError and OutputError are ValueErrors
+    except (ValueError, OSError) as err:  # contract.ModelFormatError and OutputError are ValueErrors
         message = (str(err).strip().splitlines() or [type(err).__name__])[0]
         print(f"infer: error: {message}", file=sys.stderr)
         return 2

@@ -135,7 +135,7 @@ class DropLowest:
 class FileScale:
     """p * (1 - alpha + alpha * m), m = the class's max over the chunks of the same soundscape file.
 
-    The file-level scaling of `birdrounds predict` (`infer.scale_by_file_max`), applied to the teacher's
+    The file-level scaling of `birdrounds predict` (`postprocess.scale_by_file_max`), applied to the teacher's
     labels: a class the teacher hears nowhere in a file is damped in all its chunks, one it hears clearly
     somewhere keeps its chunk probabilities. alpha = 1 multiplies by the file max.
     """
@@ -301,7 +301,7 @@ def _overlap_average(frames: np.ndarray, windows: pd.DataFrame, chunks: pd.DataF
                      chunk_s: float) -> np.ndarray:
     """Chunk probs aligned with `chunks` from framewise window probs, file by file.
 
-    `infer.overlap_to_chunks` does the averaging (the same code the exported model's inference uses):
+    `postprocess.overlap_to_chunks` does the averaging (the same code the exported model's inference uses):
     overlapping frames are averaged on a per-file grid of step window_s / T', and a chunk takes the
     max over the grid cells whose centre lies in it. Chunk rows lie on the grid [c * chunk_s, (c + 1) * chunk_s).
     """
