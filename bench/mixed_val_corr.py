@@ -11,6 +11,8 @@ of val_clip_auc with val_soundscape_auc (the synthetic data's labeled validation
     python bench/mixed_val_corr.py --runs ... --val-soundscapes 40
     # design knobs, one column each ("name:key=value;key=value", values in YAML):
     python bench/mixed_val_corr.py --runs ... --variant "snr-10..5:snr_db=[-10,5]" --variant "quiet0.2:quiet_fraction=0.2"
+    # backgrounds from soundscapes no model trained on (only their audio is read, never their labels):
+    python bench/mixed_val_corr.py --runs ... --variant "unseen:background_dir=DIR/test_soundscapes"
     # the tables as a record, results/mixed-val-corr-<date>.json: the --json table, correlations, ceiling
     python bench/mixed_val_corr.py --runs ... --record
 
@@ -50,13 +52,27 @@ from omegaconf import DictConfig, OmegaConf
 from scipy.stats import spearmanr
 
 from birdrounds.artifacts import CONTROL_DIR, METRICS_FILE, MODEL_FILE, ROUND_CONFIG_FILE
+from birdrounds.audio_io import list_audio_files
+from birdrounds.contract import SCORED_CHUNK_S
 from birdrounds.data.mixed_val import mixed_validation_from_config
 from birdrounds.data.prepare import prepare_data, split_seed
 from birdrounds.data.soundscapes import SoundscapeChunks
-from birdrounds.contract import SCORED_CHUNK_S
 from birdrounds.metrics import soundscape_auc
 from birdrounds.model import checkpoint_hash, load_checkpoint
 from records import add_record_option, model_folders, record_result
+
+
+# A --variant key the bench reads itself: the mixed set's background segments come from the soundscapes of this
+# folder instead of the run's train soundscapes (which its students were trained on).
+BACKGROUND_DIR = "background_dir"
+
+
+def variant_backgrounds(overrides: dict, soundscapes: list) -> tuple[dict, list]:
+    """A variant's data.mixed_val overrides without `background_dir`, and the soundscapes its backgrounds come
+    from: that folder's audio files where it names one, else the run's train soundscapes."""
+    overrides = dict(overrides)
+    folder = overrides.pop(BACKGROUND_DIR, None)
+    return overrides, (list_audio_files(folder) if folder else list(soundscapes))
 
 
 def run_mixed_cfg(cfg: DictConfig) -> dict:
@@ -282,12 +298,12 @@ def main() -> None:
                "val_clip_auc": metrics.get("val_clip_auc"), "val_soundscape_auc": metrics.get("val_soundscape_auc"),
                **facts}
         for name, overrides in variants:
+            overrides, backgrounds = variant_backgrounds(overrides, prepared.data.soundscapes)
             mixed_cfg = {**base, **overrides, "enabled": True}
-            set_key = (data_key, json.dumps(mixed_cfg, sort_keys=True))
+            set_key = (data_key, json.dumps(mixed_cfg, sort_keys=True), json.dumps([str(b) for b in backgrounds]))
             if set_key not in sets_cache:
                 sets_cache[set_key] = mixed_validation_from_config(OmegaConf.create(mixed_cfg), val_table,
-                                                                   prepared.data.soundscapes, prepared.audio,
-                                                                   prepared.data.classes)
+                                                                   backgrounds, prepared.audio, prepared.data.classes)
             mixed = sets_cache[set_key]
             probs = predict(model, mixed, args.batch_size, args.device)
             row[f"val_{name}_auc"] = mixed.score(probs, np.arange(len(mixed)), prepared.data.classes)

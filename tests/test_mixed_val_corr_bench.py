@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from mixed_val_corr import merge_tables, reference_scores, parse_variant, run_facts, run_mixed_cfg, split_half_reliability, within_run_rho  # noqa: E402
+from mixed_val_corr import merge_tables, reference_scores, parse_variant, run_facts, run_mixed_cfg, split_half_reliability, variant_backgrounds, within_run_rho  # noqa: E402
 from records import model_folders  # noqa: E402  (shared with bench/snr_tiers.py)
 
 
@@ -44,6 +44,17 @@ def test_model_folders_finished_only_once_each_in_run_round_order(tmp_path):
 def test_parse_variant_reads_yaml_values():
     assert parse_variant("far:distance=[1,4];quiet_fraction=0.2") == ("far", {"distance": [1, 4], "quiet_fraction": 0.2})
     assert parse_variant("plain") == ("plain", {})
+
+
+def test_a_variant_can_take_its_backgrounds_from_another_folder(tmp_path):
+    own = [tmp_path / "train_soundscapes" / "a.ogg"]
+    other = tmp_path / "unseen"
+    other.mkdir()
+    for name in ("b.ogg", "c.wav", "notes.txt"):
+        (other / name).write_bytes(b"")
+    name, overrides = parse_variant(f"unseen:background_dir={other};quiet_fraction=0.2")
+    assert variant_backgrounds(overrides, own) == ({"quiet_fraction": 0.2}, [other / "b.ogg", other / "c.wav"])
+    assert variant_backgrounds({"quiet_fraction": 0.2}, own) == ({"quiet_fraction": 0.2}, own)
 
 
 def toy_scores(noise: list[float], seed: int = 0, n_files: int = 24, rows: int = 12, n_classes: int = 4):
