@@ -246,7 +246,11 @@ def main() -> None:
                              "instead of predicting the soundscapes again, e.g. to score new --variant designs")
     parser.add_argument("--splits", type=int, default=30, help="random half splits for the reliability ceiling")
     add_record_option(parser)
+    parser.add_argument("--data-name", default=None, help="with --record: how the record names the runs' data set")
+    parser.add_argument("--note", default=None, help="with --record: a sentence the record keeps about the runs")
     args = parser.parse_args()
+    described = {"title": f"val_mixed_auc against the soundscape score on {args.data_name}", "data": args.data_name,
+                 "note": args.note} if args.data_name else {}
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -257,7 +261,7 @@ def main() -> None:
                 row.update(run_facts(OmegaConf.load(Path(row["model"]) / ROUND_CONFIG_FILE)))
         rows = print_correlations(table, metric_columns(table[0]))
         if args.record:  # the merged table and its correlations
-            record_result("mixed_val_corr", {"table": table, "correlations": rows})
+            record_result("mixed_val_corr", {"table": table, "correlations": rows}, **described)
         return
     if not args.runs:
         raise SystemExit("--runs (or --from-json) is required")
@@ -354,7 +358,8 @@ def main() -> None:
         record_result("mixed_val_corr", {"reference_val_soundscapes": wide.n_files if wide is not None else None,
                                          "seconds": round(seconds), "table": table, "correlations": correlation_rows,
                                          "ceiling": ceiling,
-                                         "variants": {name: overrides for name, overrides in variants if overrides}})
+                                         "variants": {name: overrides for name, overrides in variants if overrides}},
+                      **described)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Benchmark records, and the few helpers the scripts of bench/ share: bench/'s one shared module.
 
-A record says what was measured and how to measure it again: the code version (git SHA), the date, the
+A record says what was measured and how to measure it again: the code version (git SHA, read when the script
+starts), the date, the
 machine (CPU model and core count), the exact command, and the figures, per seed where there are seeds.
 `bench/render_results.py` (`make results`) turns the folder into docs/results.md; records are never
 edited after the fact, a new measurement is a new file.
@@ -47,6 +48,10 @@ def git_sha(repo: Path = REPO) -> str | None:
     return f"{sha}-dirty" if dirty else sha
 
 
+# The code version a benchmark started with: a long one may outlast the checkout it was started from.
+STARTED_AT_SHA = git_sha()
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
     try:
@@ -79,7 +84,7 @@ def write_record(benchmark: str, name: str, results: dict[str, Any], overrides: 
     today = dt.datetime.now(dt.timezone.utc)
     folder = Path(folder or os.environ.get("BIRDROUNDS_RESULTS_DIR") or RESULTS_DIR)
     record = {"schema": SCHEMA, "name": name, "benchmark": benchmark, "measured": today.date().isoformat(),
-              "measured_at": today.isoformat(timespec="seconds"), "git_sha": git_sha(),
+              "measured_at": today.isoformat(timespec="seconds"), "git_sha": STARTED_AT_SHA,
               "machine": machine(), "command": command_line(), "overrides": list(overrides or []),
               "source": "written by the benchmark", "reproducible_by_one_command": True, **fields,
               "results": results}
