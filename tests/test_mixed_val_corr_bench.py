@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from mixed_val_corr import merge_tables, reference_scores, parse_variant, run_facts, run_mixed_cfg, split_half_reliability, variant_backgrounds, within_run_rho  # noqa: E402
+from mixed_val_corr import merge_tables, reference_scores, parse_variant, run_facts, run_mixed_cfg, split_half_reliability, teacher_solution, variant_backgrounds, within_run_rho  # noqa: E402
 from records import model_folders  # noqa: E402  (shared with bench/snr_tiers.py)
 
 
@@ -55,6 +55,33 @@ def test_a_variant_can_take_its_backgrounds_from_another_folder(tmp_path):
     name, overrides = parse_variant(f"unseen:background_dir={other};quiet_fraction=0.2")
     assert variant_backgrounds(overrides, own) == ({"quiet_fraction": 0.2}, [other / "b.ogg", other / "c.wav"])
     assert variant_backgrounds({"quiet_fraction": 0.2}, own) == ({"quiet_fraction": 0.2}, own)
+
+
+def test_teacher_solution_is_the_external_models_zero_shot_labels_above_the_threshold(tmp_path):
+    """val_teacher_auc's labels: each chunk's matched external probability against the threshold; unknown classes 0."""
+    import tiny_audio_model
+    from birdrounds.data.audio import DirectAudio, write_audio
+    from birdrounds.data.soundscapes import SoundscapeChunks
+    from birdrounds.external import load_external
+
+    model = load_external("onnx", path=str(tiny_audio_model.build(tmp_path / "models", ["Turdus merula", "Parus major"])))
+    taxonomy = pd.DataFrame({"primary_label": ["blackbird", "greti1", "frog1"],
+                             "scientific_name": ["Turdus merula", "Parus major", "Rana temporaria"]})
+    rng = np.random.default_rng(0)
+    files = [tmp_path / f"S{i}.ogg" for i in range(2)]
+    for f in files:
+        write_audio(f, 0.1 * rng.standard_normal(32_000 * 15).astype(np.float32), 32_000)
+    audio = DirectAudio(32_000)
+    chunks = SoundscapeChunks(files, audio, window_s=5.0, stride_s=5.0)
+    classes = ["blackbird", "frog1", "greti1"]
+    solutions = {t: teacher_solution(model, taxonomy, classes, chunks, audio, tmp_path / "cache", t)
+                 for t in (0.0, 0.5, 1.01)}
+    assert list(solutions[0.0]["row_id"]) == list(chunks.rows["row_id"]) and len(chunks.rows) == 6
+    assert solutions[0.0][["blackbird", "greti1"]].to_numpy().all()  # every probability reaches 0
+    assert not solutions[0.0]["frog1"].any() and not solutions[1.01][classes].to_numpy().any()
+    middle = solutions[0.5][classes].to_numpy()
+    assert (middle <= solutions[0.0][classes].to_numpy()).all()
+    assert any((tmp_path / "cache" / "features").rglob("*.npz"))  # read through the runs' feature cache
 
 
 def toy_scores(noise: list[float], seed: int = 0, n_files: int = 24, rows: int = 12, n_classes: int = 4):
