@@ -163,12 +163,15 @@ def render_mixed_val(name: str, record: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def described(record: dict[str, Any]) -> list[str]:
+    """The record's data set and its note on how the runs were made, a paragraph each, where it has them."""
+    return [line for key, label in (("data", "Data"), ("note", "How the runs were made")) if record.get(key)
+            for line in (f"{label}: {str(record[key]).rstrip('.')}.", "")]
+
+
 def render_tables(name: str, record: dict[str, Any]) -> list[str]:
     """A record of plain tables (cells as text), each under its caption, after its data set and note if any."""
-    lines = [f"### {record.get('title') or name}", "", provenance(name, record), ""]
-    for key, label in (("data", "Data"), ("note", "How the runs were made")):
-        if record.get(key):
-            lines += [f"{label}: {record[key]}.", ""]
+    lines = [f"### {record.get('title') or name}", "", provenance(name, record), "", *described(record)]
     for table in record["results"]["tables"]:
         lines += [table["caption"] + ":", "", "| " + " | ".join(map(cell, table["columns"])) + " |",
                   "| " + " | ".join("---" for _ in table["columns"]) + " |"]
@@ -204,7 +207,7 @@ def render_generic(name: str, record: dict[str, Any]) -> list[str]:
     (dicts) as a table with the union of their keys as columns, anything else as a JSON block; each under its key."""
     r = record["results"]
     overrides = f" Overrides `{' '.join(record['overrides'])}`." if record.get("overrides") else ""
-    lines = [f"### {record.get('title') or name}", "", provenance(name, record) + overrides, ""]
+    lines = [f"### {record.get('title') or name}", "", provenance(name, record) + overrides, "", *described(record)]
     scalars = {k: v for k, v in r.items() if plain(v)}
     if scalars:
         lines += [f"- {k}: {number(v)}" for k, v in scalars.items()] + [""]

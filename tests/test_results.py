@@ -149,8 +149,10 @@ def test_a_benchmark_record_without_a_template_renders_its_results(tmp_path):
     # mixed_val_corr's own record goes to its section; its transcribed summary keeps that template.
     sections = {r["benchmark"]: render.section_of(r) for _, r in loaded}
     assert sections.pop("mixed_val_corr") == "mixed_val" and set(sections.values()) == {"other"}
-    transcribed = [(n, r) for n, r in render.load_records(REPO / "results") if r["benchmark"] == "mixed_val_corr"]
-    assert transcribed and all(render.renderer(r) is render.render_mixed_val for _, r in transcribed)
+    records = [r for _, r in render.load_records(REPO / "results") if r["benchmark"] == "mixed_val_corr"]
+    transcribed = [r for r in records if r["source"] != "written by the benchmark"]
+    assert transcribed and all(render.renderer(r) is render.render_mixed_val for r in transcribed)
+    assert all(render.renderer(r) is render.render_generic for r in records if r not in transcribed)
     # A benchmark that is neither: listed by name, as before.
     other = {**loaded[0][1], "benchmark": "something_else"}
     assert render.render([("other.json", other)]).count("- [`other.json`](../results/other.json)") == 1
