@@ -339,12 +339,12 @@ def main() -> None:
                "val_clip_auc": metrics.get("val_clip_auc"), "val_soundscape_auc": metrics.get("val_soundscape_auc"),
                **facts}
         for name, overrides in variants:
-            overrides, backgrounds = variant_backgrounds(overrides, prepared.data.soundscapes)
-            mixed_cfg = {**base, **overrides, "enabled": True}
-            set_key = (data_key, json.dumps(mixed_cfg, sort_keys=True), json.dumps([str(b) for b in backgrounds]))
+            set_key = (data_key, json.dumps({**base, **overrides}, sort_keys=True))  # background_dir included
             if set_key not in sets_cache:
-                sets_cache[set_key] = mixed_validation_from_config(OmegaConf.create(mixed_cfg), val_table,
-                                                                   backgrounds, prepared.audio, prepared.data.classes)
+                design, backgrounds = variant_backgrounds(overrides, prepared.data.soundscapes)
+                mixed_cfg = OmegaConf.create({**base, **design, "enabled": True})
+                sets_cache[set_key] = mixed_validation_from_config(mixed_cfg, val_table, backgrounds, prepared.audio,
+                                                                   prepared.data.classes)
             mixed = sets_cache[set_key]
             probs = predict(model, mixed, args.batch_size, args.device)
             row[f"val_{name}_auc"] = mixed.score(probs, np.arange(len(mixed)), prepared.data.classes)

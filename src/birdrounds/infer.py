@@ -87,6 +87,8 @@ else:  # a script in an exported folder: the copies beside it (`python -I` leave
     import melspec
     import postprocess
 
+ModelFormatError = contract.ModelFormatError  # raised throughout this file
+
 try:  # limits BLAS threads at run time when this file is imported as a module; optional
     from threadpoolctl import threadpool_limits as _threadpool_limits
 except ImportError:  # pragma: no cover
@@ -126,20 +128,22 @@ def parse_metadata(meta: dict[str, str], source: str = "model") -> ModelInfo:
     """Validate and parse the `birdrounds.*` metadata_props of an ONNX graph."""
     def get(key: str) -> str:
         if key not in meta:
-            raise contract.ModelFormatError(f"{source}: metadata {key} missing (not a birdrounds ONNX export?)")
+            raise ModelFormatError(f"{source}: metadata {key} missing (not a birdrounds ONNX export?)")
         return meta[key]
 
     try:
         version = get(contract.META_FORMAT_VERSION)
         if version != contract.FORMAT_VERSION:
-            raise contract.ModelFormatError(f"{source}: {contract.META_FORMAT_VERSION} is {version!r}, "
-                                            f"this code reads {contract.FORMAT_VERSION!r}")
+            raise ModelFormatError(f"{source}: {contract.META_FORMAT_VERSION} is {version!r}, "
+                                   f"this code reads {contract.FORMAT_VERSION!r}")
         input_kind = get(contract.META_INPUT)
         if input_kind not in contract.INPUT_KINDS:
-            raise contract.ModelFormatError(f"{source}: {contract.META_INPUT} must be one of {sorted(contract.INPUT_KINDS)}, got {input_kind!r}")
+            raise ModelFormatError(f"{source}: {contract.META_INPUT} must be one of {sorted(contract.INPUT_KINDS)}, "
+                                   f"got {input_kind!r}")
         classes = json.loads(get(contract.META_CLASSES))
         if not isinstance(classes, list) or not classes or len(set(map(str, classes))) != len(classes):
-            raise contract.ModelFormatError(f"{source}: {contract.META_CLASSES} must be a non-empty JSON list of distinct names")
+            raise ModelFormatError(f"{source}: {contract.META_CLASSES} must be a non-empty JSON list of "
+                                   "distinct names")
         frontend_json = meta.get(contract.META_FRONTEND)
         if input_kind == "spectrogram" and frontend_json is None:
             get(contract.META_FRONTEND)  # raises the missing-key error
@@ -150,25 +154,26 @@ def parse_metadata(meta: dict[str, str], source: str = "model") -> ModelInfo:
             members=json.loads(meta.get(contract.META_MEMBERS, "[]")),
             predict_settings=parse_predict_settings(meta.get(contract.META_PREDICT_SETTINGS)),
         )
-    except contract.ModelFormatError:
+    except ModelFormatError:
         raise
     except (TypeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
-        raise contract.ModelFormatError(f"{source}: bad birdrounds metadata: {err}") from err
+        raise ModelFormatError(f"{source}: bad birdrounds metadata: {err}") from err
     if info.window_s <= 0 or info.sample_rate_hz <= 0:
-        raise contract.ModelFormatError(f"{source}: window_s and sample_rate_hz must be positive")
+        raise ModelFormatError(f"{source}: window_s and sample_rate_hz must be positive")
     if frontend is not None and frontend.sample_rate_hz != info.sample_rate_hz:
-        raise contract.ModelFormatError(f"{source}: frontend sample rate {frontend.sample_rate_hz} Hz "
-                                        f"!= model's {info.sample_rate_hz} Hz")
+        raise ModelFormatError(f"{source}: frontend sample rate {frontend.sample_rate_hz} Hz "
+                               f"!= model's {info.sample_rate_hz} Hz")
     return info
 
 
 def parse_predict_settings(text: str | None) -> dict[str, Any]:
-    """The contract.META_PREDICT_SETTINGS JSON as InferenceSettings values, validated ({} when absent)."""
+    """The `contract.META_PREDICT_SETTINGS` JSON as InferenceSettings values, validated ({} when absent)."""
     if text is None:
         return {}
     values = json.loads(text)
     if not isinstance(values, dict) or set(values) - set(contract.RECORDED_SETTINGS):
-        raise ValueError(f"{contract.META_PREDICT_SETTINGS} must be a JSON dict with keys among {list(contract.RECORDED_SETTINGS)}")
+        raise ValueError(f"{contract.META_PREDICT_SETTINGS} must be a JSON dict with keys among "
+                         f"{list(contract.RECORDED_SETTINGS)}")
     if "smoothing" in values:
         values["smoothing"] = tuple(float(w) for w in values["smoothing"] or ())
     InferenceSettings(**values)  # raises ValueError for a bad value
@@ -176,7 +181,8 @@ def parse_predict_settings(text: str | None) -> dict[str, Any]:
 
 
 def recorded_settings(settings: InferenceSettings) -> dict[str, Any]:
-    """The contract.RECORDED_SETTINGS of `settings` as JSON values: what an export stores under contract.META_PREDICT_SETTINGS."""
+    """The `contract.RECORDED_SETTINGS` of `settings` as JSON values: what an export stores under
+    `contract.META_PREDICT_SETTINGS`."""
     stride = settings.window_stride_s
     return {"smoothing": [float(w) for w in settings.smoothing], "file_scale_alpha": float(settings.file_scale_alpha),
             "window_stride_s": None if stride is None else float(stride), "tta_shift_s": float(settings.tta_shift_s),
@@ -222,18 +228,18 @@ class OnnxModel:
                                                 providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
             first_line = (str(err).strip().splitlines() or [""])[0]
-            raise contract.ModelFormatError(
+            raise ModelFormatError(
                 f"{self.path}: not a readable ONNX model ({type(err).__name__}: {first_line})") from None
         self.info = parse_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
         self.input_name = contract.INPUT_KINDS[self.info.input_kind]
         inputs = {i.name: i for i in self.session.get_inputs()}
         if self.input_name not in inputs:
-            raise contract.ModelFormatError(f"{self.path}: a {self.info.input_kind} graph needs input {self.input_name!r}, "
-                                            f"has {sorted(inputs)}")
+            raise ModelFormatError(f"{self.path}: a {self.info.input_kind} graph needs input {self.input_name!r}, "
+                                   f"has {sorted(inputs)}")
         self.input_shape = list(inputs[self.input_name].shape)
         self.outputs = [o.name for o in self.session.get_outputs()]
         if contract.OUTPUT_PROBS not in self.outputs:
-            raise contract.ModelFormatError(f"{self.path}: output {contract.OUTPUT_PROBS!r} missing (outputs: {self.outputs})")
+            raise ModelFormatError(f"{self.path}: output {contract.OUTPUT_PROBS!r} missing (outputs: {self.outputs})")
 
     @property
     def has_framewise(self) -> bool:
@@ -245,7 +251,7 @@ class OnnxModel:
         name = contract.OUTPUT_FRAMEWISE if framewise else contract.OUTPUT_PROBS
         out = self.session.run([name], {self.input_name: inputs})[0]
         if out.shape[-1] != len(self.info.classes):
-            raise contract.ModelFormatError(f"{self.path}: {out.shape[-1]} outputs for {len(self.info.classes)} classes")
+            raise ModelFormatError(f"{self.path}: {out.shape[-1]} outputs for {len(self.info.classes)} classes")
         return np.asarray(out, dtype=np.float32)
 
 
@@ -262,10 +268,10 @@ class OpenVinoModel(OnnxModel):
         try:
             import openvino
         except ImportError as err:
-            raise contract.ModelFormatError("engine openvino needs the openvino package (pip install openvino)") from err
+            raise ModelFormatError("engine openvino needs the openvino package (pip install openvino)") from err
         if self.info.input_kind != "spectrogram":
-            raise contract.ModelFormatError(f"{self.path}: OpenVINO runs spectrogram graphs only, this one is "
-                                            f"{self.info.input_kind!r}")
+            raise ModelFormatError(f"{self.path}: OpenVINO runs spectrogram graphs only, this one is "
+                                   f"{self.info.input_kind!r}")
         # `streams` requests run side by side (one per model worker), each on `threads` threads.
         streams = max(1, int(streams))
         config = {"INFERENCE_PRECISION_HINT": precision, "NUM_STREAMS": streams,
@@ -340,10 +346,10 @@ def ensemble_classes(models: Sequence[OnnxModel]) -> tuple[list[str], list[np.nd
     orders = []
     for model in models:
         if model.info.sample_rate_hz != models[0].info.sample_rate_hz:
-            raise contract.ModelFormatError(f"models disagree on sample rate: {models[0].path} "
-                                            f"{models[0].info.sample_rate_hz} Hz, {model.path} {model.info.sample_rate_hz} Hz")
+            raise ModelFormatError(f"models disagree on sample rate: {models[0].path} "
+                                   f"{models[0].info.sample_rate_hz} Hz, {model.path} {model.info.sample_rate_hz} Hz")
         if set(model.info.classes) != set(classes):
-            raise contract.ModelFormatError(f"{model.path} has other classes than {models[0].path}")
+            raise ModelFormatError(f"{model.path} has other classes than {models[0].path}")
         position = {c: i for i, c in enumerate(model.info.classes)}
         orders.append(np.array([position[c] for c in classes]))
     return classes, orders
@@ -356,7 +362,7 @@ def ensemble_classes(models: Sequence[OnnxModel]) -> tuple[list[str], list[np.nd
 class InferenceSettings:
     """How to run: chunking, windows, threads, batching and post-processing (defaults: BirdCLEF, no TTA)."""
 
-    chunk_s: float = contract.SCORED_CHUNK_S        # scored chunk length; row ids end at multiples of it
+    chunk_s: float = contract.SCORED_CHUNK_S  # scored chunk length; row ids end at multiples of it
     batch_size: int = 4                    # windows per model call (bench/inference.py: 4 fastest on 2 cores)
     intra_op_threads: int | None = 1       # onnxruntime threads per model call (None: one per core)
     model_workers: int | None = None       # model calls run side by side, on their own batches (None: one per core)
@@ -527,8 +533,8 @@ def _build_streams(models: Sequence[OnnxModel], orders: Sequence[np.ndarray],
         window = round(info.window_s * sr)
         stride = round(settings.window_stride_s * sr) if settings.window_stride_s else min(chunk, window)
         if window != chunk and not model.has_framewise:
-            raise contract.ModelFormatError(f"{model.path}: window {info.window_s} s differs from the {settings.chunk_s}-s "
-                                            "chunk, which needs the framewise_probs output (SED head)")
+            raise ModelFormatError(f"{model.path}: window {info.window_s} s differs from the {settings.chunk_s}-s "
+                                   "chunk, which needs the framewise_probs output (SED head)")
         if stride > window:
             raise ValueError(f"window stride {stride / sr} s leaves gaps between {info.window_s}-s windows")
         frontend = info.frontend if info.input_kind == "spectrogram" else None
@@ -550,7 +556,7 @@ def _check_input_shape(model: OnnxModel, stream: _Stream) -> None:
         want = [None, stream.window]
     got = model.input_shape
     if len(got) != len(want) or any(isinstance(g, int) and w is not None and g != w for g, w in zip(got, want)):
-        raise contract.ModelFormatError(f"{model.path}: input {model.input_name} has shape {got}, expected {want}")
+        raise ModelFormatError(f"{model.path}: input {model.input_name} has shape {got}, expected {want}")
 
 
 # ---------------------------------------------------------------- the producer / consumer pipeline
@@ -810,7 +816,7 @@ def predict_files(models: Sequence[OnnxModel], files: Sequence[str | os.PathLike
 def check_run(models: Sequence[OnnxModel], settings: InferenceSettings) -> list[str]:
     """The ensemble's classes, once the models are known to run together with `settings` (before any file).
 
-    Raises contract.ModelFormatError (models that cannot be ensembled) or ValueError (settings they cannot use).
+    Raises ModelFormatError (models that cannot be ensembled) or ValueError (settings they cannot use).
     """
     classes, orders = ensemble_classes(models)
     _build_streams(models, orders, settings)
@@ -992,7 +998,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_output(args.output)
         result = predict_files(models, audio_io.list_audio_files(args.input_dir), settings)
         write_submission(args.output, result.row_ids, result.classes, result.probs, args.sample_submission)
-    except (ValueError, OSError) as err:  # contract.ModelFormatError and OutputError are ValueErrors
+    except (ValueError, OSError) as err:  # ModelFormatError and OutputError are ValueErrors
         message = (str(err).strip().splitlines() or [type(err).__name__])[0]
         print(f"infer: error: {message}", file=sys.stderr)
         return 2
